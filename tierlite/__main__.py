@@ -1,0 +1,5 @@
+import sys
+
+from tierlite.cli import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""The model bundle: TFLite segments (end, edge, cloud) plus a manifest that every tier trusts.
+
+Layout: a directory with manifest.json and the files it names, or the same directory as a
+single .tar.gz archive. Loading verifies the schema and every file's sha256; any mismatch is a
+BundleError with one clear line.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierlite.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TIERS = ("end", "edge", "cloud")
+FEATURE_KINDS = ("int8", "binary")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float
+    zero_point: int
+    role: str = ""  # outputs: "feature" or "logits"
+    index: int = 0  # position in the interpreter's output list
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> "TensorInfo":
+        try:
+            return cls(
+                name=str(d["name"]), shape=tuple(int(x) for x in d["shape"]), dtype=str(d["dtype"]),
+                scale=float(d.get("scale", 0.0)), zero_point=int(d.get("zero_point", 0)),
+                role=str(d.get("role", "")), index=int(d.get("index", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest: bad tensor entry in {where}: {e!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+             "scale": self.scale, "zero_point": self.zero_point}
+        if self.role:
+            d.update(role=self.role, index=self.index)
+        return d
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    tier: str
+    file: str
+    sha256: str
+    bytes: int
+    exit_index: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def output(self, role: str) -> TensorInfo | None:
+        return next((o for o in self.outputs if o.role == role), None)
+
+
+class Bundle:
+    """A verified bundle on disk. `Bundle.load(path)` is the only way tiers get one."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], segments: dict[str, SegmentInfo]):
+        self.root = root
+        self.manifest = manifest
+        self.segments = segments
+
+    # -- identity -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input"]["shape"])
+
+    @property
+    def feature_encoding(self) -> dict[str, Any]:
+        return dict(self.manifest["feature_encoding"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.manifest.get("thresholds", {}).items()}
+
+    def segment_path(self, tier: str) -> Path:
+        return self.root / self.segment(tier).file
+
+    def segment(self, tier: str) -> SegmentInfo:
+        try:
+            return self.segments[tier]
+        except KeyError:
+            raise BundleError(f"bundle {self.name} v{self.version} has no '{tier}' segment") from None
+
+    # -- loading --------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        if not path.exists():
+            raise BundleError(f"bundle not found: {path}")
+        if path.is_file():
+            path = _extract_archive(path)
+        mfile = path / MANIFEST
+        if not mfile.is_file():
+            raise BundleError(f"not a bundle (no {MANIFEST}): {path}")
+        try:
+            manifest = json.loads(mfile.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mfile}: manifest is not valid JSON ({e})") from None
+        segments = validate_manifest(manifest, str(mfile))
+        bundle = cls(path, manifest, segments)
+        if verify:
+            bundle.verify_files()
+        return bundle
+
+    def verify_files(self) -> None:
+        for rel, digest in self.file_hashes().items():
+            f = self.root / rel
+            if not f.is_file():
+                raise BundleError(f"bundle {self.root}: file missing: {rel}")
+            actual = sha256_file(f)
+            if actual != digest:
+                raise BundleError(f"bundle {self.root}: sha256 mismatch for {rel} "
+                                  f"(manifest {digest[:12]}..., file {actual[:12]}...): tampered or corrupt")
+
+    def file_hashes(self) -> dict[str, str]:
+        hashes = {s.file: s.sha256 for s in self.segments.values()}
+        hashes.update({e["file"]: e["sha256"] for e in self.manifest.get("files", [])})
+        return hashes
+
+    def archive(self, dest: str | Path) -> Path:
+        """Write the bundle as one .tar.gz file (manifest first, so a reader can stop early)."""
+        return write_archive(self.root, dest)
+
+
+def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
+    if not isinstance(m, dict):
+        raise BundleError(f"{where}: manifest must be a JSON object")
+    if m.get("schema") != SCHEMA_VERSION:
+        raise BundleError(f"{where}: unsupported schema {m.get('schema')!r} (this tierlite reads {SCHEMA_VERSION})")
+    for key, typ in (("name", str), ("version", int), ("labels", list), ("input", dict),
+                     ("segments", list), ("feature_encoding", dict)):
+        if not isinstance(m.get(key), typ):
+            raise BundleError(f"{where}: '{key}' missing or not a {typ.__name__}")
+    if m["version"] < 1:
+        raise BundleError(f"{where}: version must be >= 1")
+    kind = m["feature_encoding"].get("kind")
+    if kind not in FEATURE_KINDS:
+        raise BundleError(f"{where}: feature_encoding.kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    segments: dict[str, SegmentInfo] = {}
+    for i, s in enumerate(m["segments"]):
+        at = f"{where} segments[{i}]"
+        try:
+            tier = s["tier"]
+            if tier not in TIERS:
+                raise BundleError(f"{at}: tier must be one of {TIERS}, got {tier!r}")
+            if tier in segments:
+                raise BundleError(f"{at}: duplicate tier {tier!r}")
+            file = str(s["file"])
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise BundleError(f"{at}: file must be a plain relative name, got {file!r}")
+            segments[tier] = SegmentInfo(
+                tier=tier, file=file, sha256=str(s["sha256"]), bytes=int(s.get("bytes", 0)),
+                exit_index=int(s.get("exit_index", TIERS.index(tier))),
+                inputs=tuple(TensorInfo.from_json(t, at) for t in s["inputs"]),
+                outputs=tuple(TensorInfo.from_json(t, at) for t in s["outputs"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{at}: missing or bad field {e}") from None
+    if "end" not in segments:
+        raise BundleError(f"{where}: a bundle needs at least an 'end' segment")
+    return segments
+
+
+def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
+    """Fill in sha256/bytes of every segment and extra file, validate, and write manifest.json."""
+    root = Path(root)
+    for s in manifest["segments"]:
+        f = root / s["file"]
+        s["sha256"], s["bytes"] = sha256_file(f), f.stat().st_size
+    for e in manifest.get("files", []):
+        e["sha256"] = sha256_file(root / e["file"])
+    manifest.setdefault("schema", SCHEMA_VERSION)
+    validate_manifest(manifest, str(root / MANIFEST))
+    out = root / MANIFEST
+    out.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def write_archive(root: str | Path, dest: str | Path) -> Path:
+    root, dest = Path(root), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(root / MANIFEST, arcname=MANIFEST)
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.name != MANIFEST:
+                tar.add(f, arcname=str(f.relative_to(root)))
+    return dest
+
+
+def _extract_archive(path: Path) -> Path:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise BundleError(f"bundle archive {path}: unsafe member {member.name!r}")
+            out = Path(tempfile.mkdtemp(prefix="tierlite-bundle-"))
+            tar.extractall(out)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise BundleError(f"bundle archive {path} is unreadable: {e}") from None
+    return out
+
+
+def read_archive_manifest(data: bytes) -> dict[str, Any]:
+    """Manifest of an in-memory archive (used to vet an update before unpacking it)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            f = tar.extractfile(MANIFEST)
+            if f is None:
+                raise BundleError("archive has no manifest.json")
+            return json.loads(f.read())
+    except (tarfile.TarError, KeyError, json.JSONDecodeError, EOFError, OSError) as e:
+        raise BundleError(f"archive unreadable: {e}") from None
+
