@@ -1,0 +1,154 @@
+"""Publishing a signed update to the fleet, in stages.
+
+1. Pack the new bundle as an artifact (a delta against the version the fleet runs, xz-compressed)
+   and sign its manifest (tierlite.update).
+2. Publish the chunks and a signed announcement, retained, with rollout share = the canary share
+   (or 1.0 without a canary): only nodes whose stable hash falls below the share take it.
+3. Canary: watch the nodes' update reports (<prefix>/update/<model>/report/<node>). When the canary
+   nodes that applied it have all confirmed it (their post-swap watch held: error and escalation
+   rates within bounds) and none rolled back or refused it, re-announce with share 1.0. If one
+   rolls back or refuses it, or none confirms within the hold time, halt: clear the retained
+   announcement so no further node takes it (nodes that confirmed keep it: it passed their checks).
+4. Clear the retained chunks of the version it replaces.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierlite.bundle import Bundle
+from tierlite.errors import ConfigError
+from tierlite.update import (
+    DEFAULT_CHUNK_BYTES, ArtifactReport, UpdateError, build_artifact, chunk_artifact, clear_chunks,
+    make_announcement, publish_update, report_topic, update_topic,
+)
+
+log = logging.getLogger("tierlite.cloud.rollout")
+
+
+@dataclass
+class RolloutResult:
+    artifact: ArtifactReport
+    stage: str  # "published" (no canary), "complete", "halted"
+    reason: str = ""
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.to_json(), "stage": self.stage, "reason": self.reason,
+                "reports": self.reports}
+
+
+def connect(broker: str, client_id: str | None = None, timeout: float = 10.0):
+    """A connected paho client (network loop in a background thread) for host:port."""
+    from tierlite.mqtt import connect_client
+
+    return connect_client(broker, client_id or f"tierlite-publish-{uuid.uuid4().hex[:8]}", timeout=timeout)
+
+
+class _Reports:
+    """Collects node reports and the currently retained announcement."""
+
+    def __init__(self, client, prefix: str, model: str):
+        self.prefix, self.model = prefix, model
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.retained: dict[str, Any] | None = None
+        self.got_retained = threading.Event()
+        self.changed = threading.Condition()
+        client.message_callback_add(report_topic(prefix, model), self._on_report)
+        client.message_callback_add(update_topic(prefix, model), self._on_announcement)
+        client.subscribe([(report_topic(prefix, model), 1), (update_topic(prefix, model), 1)])
+
+    def _on_report(self, client, userdata, msg) -> None:
+        try:
+            doc = json.loads(msg.payload)
+            node = str(doc["node"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            log.warning("dropped a malformed update report on %s", msg.topic)
+            return
+        with self.changed:
+            self.reports[node] = doc
+            self.changed.notify_all()
+
+    def _on_announcement(self, client, userdata, msg) -> None:
+        if msg.retain and not self.got_retained.is_set():
+            try:
+                self.retained = json.loads(msg.payload) if msg.payload else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.retained = None
+        self.got_retained.set()
+
+
+def rollout(client, bundle_dir: str | Path, private_key, prefix: str = "tierlite", parent: Bundle | None = None,
+            full: bool = False, canary: float = 0.0, canary_nodes: list[str] | None = None,
+            hold_s: float = 120.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+            artifact_out: str | Path | None = None) -> RolloutResult:
+    """Publish bundle_dir as an update on a connected paho client; see the module docstring."""
+    if not 0.0 <= canary < 1.0:
+        raise ConfigError(f"--canary must be a share in [0, 1), got {canary}")
+    data, rep = build_artifact(bundle_dir, parent=parent, full=full, private_key=private_key)
+    log.info("%s", rep.summary())
+    if artifact_out:
+        Path(artifact_out).write_bytes(data)
+    chunks = len(chunk_artifact(data, chunk_bytes))
+    reports = _Reports(client, prefix, rep.name)
+    reports.got_retained.wait(1.0)  # a retained announcement arrives at once if there is one
+    old = reports.retained
+    if old and isinstance(old.get("version"), int) and old["version"] >= rep.version:
+        raise UpdateError(f"the broker already announces {rep.name} v{old['version']}; "
+                          f"publish a version newer than that (this bundle is v{rep.version})")
+    staged = canary > 0.0 or bool(canary_nodes)
+    share = canary if staged else 1.0
+    ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=share, nodes=canary_nodes or [])
+    publish_update(client, prefix, data, ann, chunk_bytes)
+    log.info("published %s v%s to %s (%d chunk(s), rollout share %.0f %%%s)", rep.name, rep.version,
+             update_topic(prefix, rep.name), chunks, 100 * share,
+             f", canary nodes {', '.join(canary_nodes)}" if canary_nodes else "")
+    result = RolloutResult(rep, "published")
+    if staged:
+        ok, reason = _watch_canary(reports, rep.version, hold_s)
+        result.reports = {n: r for n, r in reports.reports.items()}
+        if ok:
+            ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=1.0)
+            client.publish(update_topic(prefix, rep.name), json.dumps(ann).encode(), qos=1, retain=True).wait_for_publish(10)
+            result.stage, result.reason = "complete", reason
+            log.info("canary held (%s); v%s announced to every node", reason, rep.version)
+        else:
+            # Withdraw: no further node takes it. Put the previous announcement back, if any, so
+            # that nodes which come back online still converge on the last good version.
+            payload = json.dumps(old).encode() if old else b""
+            client.publish(update_topic(prefix, rep.name), payload, qos=1, retain=True).wait_for_publish(10)
+            clear_chunks(client, prefix, rep.name, rep.version, chunks)
+            result.stage, result.reason = "halted", reason
+            log.warning("rollout of v%s halted: %s", rep.version, reason)
+            return result
+    if old and isinstance(old.get("version"), int) and isinstance(old.get("artifact"), dict):
+        clear_chunks(client, prefix, rep.name, old["version"], int(old["artifact"].get("chunks", 0)))
+    return result
+
+
+def _watch_canary(reports: _Reports, version: int, hold_s: float) -> tuple[bool, str]:
+    """Wait (at most hold_s) until every canary node that applied `version` has confirmed it."""
+    deadline = time.monotonic() + hold_s
+    with reports.changed:
+        while True:
+            about = {n: r for n, r in reports.reports.items() if (r.get("last_event") or {}).get("version") == version}
+            states = {n: r["last_event"]["state"] for n, r in about.items()}
+            bad = {n: about[n]["last_event"].get("detail", "") for n, s in states.items() if s in ("rolled_back", "refused")}
+            if bad:
+                node, detail = next(iter(bad.items()))
+                return False, f"{len(bad)} canary node(s) rejected it, e.g. {node}: {detail}"
+            confirmed = [n for n, s in states.items() if s == "confirmed"]
+            if confirmed and len(confirmed) == len(states):
+                return True, f"{len(confirmed)} canary node(s) confirmed: {', '.join(sorted(confirmed))}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pending = sorted(n for n, s in states.items() if s != "confirmed")
+                return False, (f"no verdict within {hold_s:.0f} s "
+                               f"({len(confirmed)} confirmed, waiting on {', '.join(pending) or 'any canary node'})")
+            reports.changed.wait(min(left, 1.0))

@@ -1,0 +1,173 @@
+"""Exit calibration: choose the normalized-entropy thresholds of the end and edge exits.
+
+Pure numpy (no TensorFlow), so the cloud retraining job can re-calibrate a retrained bundle:
+
+    from tierlite.converters.calibrate import search_thresholds
+    op = search_thresholds([end_logits, edge_logits, cloud_logits], labels,
+                           feature_bytes=(end_feature_bytes, edge_feature_bytes), max_drop=0.005)
+    op.thresholds  # {"end": ..., "edge": ...}
+
+Rule: among all threshold pairs whose system accuracy is at most `max_drop` below cloud-only
+accuracy, take the one deciding the most frames on the camera, then the one with the fewest
+uplink bytes per frame, then the most accurate. A frame exits at a tier when the normalized
+entropy of that exit's softmax is <= the tier's threshold (tierlite.policy).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tierlite.policy import chain_decisions, normalized_entropy, softmax
+
+DEFAULT_DROPS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
+
+
+@dataclass
+class OperatingPoint:
+    thresholds: dict          # {"end": t1, "edge": t2}
+    accuracy: float           # system (cascade) top-1
+    cloud_only_accuracy: float
+    fractions: dict           # share of frames decided at each tier
+    camera_uplink_bytes: float  # mean bytes per frame camera -> edge (feature payloads)
+    edge_uplink_bytes: float    # mean bytes per frame edge -> cloud
+    max_drop: float | None = None
+    frames: int = 0
+
+    @property
+    def camera_fraction(self) -> float:
+        return self.fractions["end"]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _entropies(exit_logits: list[np.ndarray]) -> list[np.ndarray]:
+    return [normalized_entropy(softmax(l)) for l in exit_logits]
+
+
+def evaluate(exit_logits: list[np.ndarray], labels: np.ndarray, thresholds: dict,
+             feature_bytes: tuple[int, int], max_drop: float | None = None) -> OperatingPoint:
+    """Cascade figures for given thresholds (e.g. calibrated on validation, measured on test)."""
+    labels = np.asarray(labels)
+    tier, pred = chain_decisions(exit_logits, [thresholds["end"], thresholds["edge"]])
+    n = len(labels)
+    frac = {t: float((tier == i).mean()) for i, t in enumerate(("end", "edge", "cloud"))}
+    return OperatingPoint(
+        thresholds={k: float(v) for k, v in thresholds.items()},
+        accuracy=float((pred == labels).mean()),
+        cloud_only_accuracy=float((exit_logits[-1].argmax(1) == labels).mean()),
+        fractions=frac,
+        camera_uplink_bytes=float((1 - frac["end"]) * feature_bytes[0]),
+        edge_uplink_bytes=float(frac["cloud"] * feature_bytes[1]),
+        max_drop=max_drop, frames=n)
+
+
+def _candidates(h: np.ndarray, grid: int) -> np.ndarray:
+    """Thresholds worth trying: entropy quantiles, plus -1 (the exit never decides)."""
+    q = np.unique(np.quantile(h, np.linspace(0.0, 1.0, grid)))
+    return np.concatenate([[-1.0], q])
+
+
+def frontier(exit_logits: list[np.ndarray], labels: np.ndarray, feature_bytes: tuple[int, int],
+             grid: int = 201) -> dict[str, np.ndarray]:
+    """Every (end, edge) threshold pair on a quantile grid with its accuracy and costs.
+
+    For each end threshold, frames left to the edge are sorted by edge entropy, so all edge
+    thresholds are scored with one cumulative sum (exact, O(grid * N log N)).
+    """
+    labels = np.asarray(labels)
+    h_end, h_edge, _ = _entropies(exit_logits)
+    correct = [l.argmax(1) == labels for l in exit_logits]
+    n = len(labels)
+    t_end, t_edge = _candidates(h_end, grid), _candidates(h_edge, grid)
+    rows = {k: [] for k in ("t_end", "t_edge", "accuracy", "end", "edge", "cloud")}
+    for te in t_end:
+        at_end = h_end <= te
+        rest = np.flatnonzero(~at_end)
+        order = rest[np.argsort(h_edge[rest], kind="stable")]
+        hs = h_edge[order]
+        c2 = np.concatenate([[0], np.cumsum(correct[1][order])])
+        c3 = np.concatenate([[0], np.cumsum(correct[2][order])])
+        k = np.searchsorted(hs, t_edge, side="right")  # frames decided at the edge
+        base = int(correct[0][at_end].sum())
+        rows["t_end"].append(np.full(len(t_edge), te))
+        rows["t_edge"].append(t_edge)
+        rows["accuracy"].append((base + c2[k] + c3[-1] - c3[k]) / n)  # rest after k: cloud
+        rows["end"].append(np.full(len(t_edge), at_end.sum() / n))
+        rows["edge"].append(k / n)
+        rows["cloud"].append((len(rest) - k) / n)
+    out = {key: np.concatenate(v) for key, v in rows.items()}
+    out["camera_uplink_bytes"] = (1 - out["end"]) * feature_bytes[0]
+    out["edge_uplink_bytes"] = out["cloud"] * feature_bytes[1]
+    return out
+
+
+def search_thresholds(exit_logits: list[np.ndarray], labels: np.ndarray, feature_bytes: tuple[int, int],
+                      max_drop: float = 0.005, grid: int = 201, table: dict | None = None) -> OperatingPoint:
+    """Best thresholds for a maximum accuracy drop (fraction, 0.005 = 0.5 pt) vs cloud-only."""
+    labels = np.asarray(labels)
+    table = table if table is not None else frontier(exit_logits, labels, feature_bytes, grid)
+    cloud_only = float((exit_logits[-1].argmax(1) == labels).mean())
+    ok = table["accuracy"] >= cloud_only - max_drop - 1e-12
+    if not ok.any():  # cannot happen: (-1, -1) is cloud-only; kept for safety
+        raise ValueError("no threshold pair meets the accuracy constraint")
+    idx = np.flatnonzero(ok)
+    total_bytes = table["camera_uplink_bytes"] + table["edge_uplink_bytes"]
+    # lexsort: last key is primary -> most on camera, then fewest bytes, then most accurate.
+    best = idx[np.lexsort((-table["accuracy"][idx], total_bytes[idx], -table["end"][idx]))[0]]
+    thresholds = {"end": float(table["t_end"][best]), "edge": float(table["t_edge"][best])}
+    return evaluate(exit_logits, labels, thresholds, feature_bytes, max_drop)
+
+
+def sweep(exit_logits: list[np.ndarray], labels: np.ndarray, feature_bytes: tuple[int, int],
+          drops=DEFAULT_DROPS, grid: int = 201) -> tuple[list[OperatingPoint], dict]:
+    table = frontier(exit_logits, labels, feature_bytes, grid)
+    return [search_thresholds(exit_logits, labels, feature_bytes, d, grid, table) for d in drops], table
+
+
+def write_report(path: str | Path, report: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str = "",
+         jpeg_bytes: float | None = None) -> Path:
+    """Accuracy vs camera-exit fraction (colour: camera uplink bytes/frame) and vs bytes/frame."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # Pareto frontier: best accuracy for each camera fraction.
+    order = np.argsort(-table["end"])
+    sc = ax1.scatter(table["end"][order] * 100, table["accuracy"][order] * 100, s=3,
+                     c=table["camera_uplink_bytes"][order], cmap="viridis", alpha=0.5)
+    fig.colorbar(sc, ax=ax1, label="camera uplink bytes / frame")
+    cam = [p.camera_fraction * 100 for p in points]
+    acc = [p.accuracy * 100 for p in points]
+    ax1.plot(cam, acc, "r.-", label="chosen per max drop")
+    for p in points:
+        ax1.annotate(f"-{p.max_drop * 100:g}pt", (p.camera_fraction * 100, p.accuracy * 100),
+                     fontsize=7, xytext=(3, -8), textcoords="offset points")
+    ax1.axhline(points[0].cloud_only_accuracy * 100, color="k", ls="--", lw=0.8, label="cloud only")
+    ax1.set_xlabel("frames decided on the camera (%)")
+    ax1.set_ylabel("system top-1 (%)")
+    ax1.set_ylim(max(0.0, min(acc) - 5), 100)
+    ax1.legend(fontsize=8)
+    ax2.plot([p.camera_uplink_bytes for p in points], acc, "bo-", label="camera -> edge")
+    if jpeg_bytes:
+        ax2.axvline(jpeg_bytes, color="gray", ls=":", label=f"JPEG frame ({jpeg_bytes:.0f} B)")
+    ax2.set_xlabel("uplink bytes / frame (mean)")
+    ax2.set_ylabel("system top-1 (%)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or "exit calibration sweep")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,94 @@
+"""Named training presets: a model architecture plus a training recipe.
+
+"small": digits-sized data, about a minute end to end on a 2-core CPU (tests, demo).
+"full":  the CIFAR-10 JPEG benchmark (see docs/CONVERTERS.md for measured time and figures).
+"mobilenet-96": the depthwise-separable family at 96x96 (larger camera frames).
+Any field of ArchConfig or TrainConfig can be overridden by name.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from tierlite.converters.models import ArchConfig
+from tierlite.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"            # "sgd" (nesterov) or "adamw"
+    lr: float = 0.1                   # peak learning rate of the one-cycle schedule
+    warmup: float = 0.15              # fraction of steps spent warming up
+    weight_decay: float = 5e-4
+    loss_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0])  # end, edge, cloud
+    label_smoothing: float = 0.1
+    distill: float = 0.0              # weight of self-distillation of early exits from the cloud exit
+    temperature: float = 3.0          # softening temperature of the distillation targets
+    pad: int = 4                      # pad-and-crop augmentation (pixels); 0 disables
+    flip: bool = True                 # horizontal flips (off for digits: mirrored digits are not digits)
+    val_fraction: float = 0.1         # stratified validation split carved from the training folder
+    limit: int | None = None          # use at most this many training images (quick runs)
+    mixed_precision: bool = False     # bfloat16 compute (AMX/AVX512-BF16 CPUs); weights stay float32
+    calibration_frames: int = 300     # representative frames for int8 export
+    max_drop: float = 0.005           # accuracy drop (fraction) allowed vs cloud-only when calibrating
+    log_every_s: float = 20.0         # progress line interval
+
+    def validate(self) -> "TrainConfig":
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
+            raise ConfigError(f"loss_weights must be 3 non-negative numbers (end, edge, cloud), got {self.loss_weights}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {
+        "arch": dict(family="resnet", input_size=32, stem=8, end=[[12, 2], [16, 2]], boundary=8,
+                     edge=[[32, 1]], cloud=[[48, 2]], binary_end=[[24, 2], [32, 2]]),
+        "train": dict(epochs=8, batch_size=64, lr=0.1, flip=False, pad=2, distill=0.5,
+                      calibration_frames=150, val_fraction=0.2, log_every_s=30.0),
+    },
+    "full": {
+        # End: ~40k params (<64 KB int8); boundary 8x8x4 int8 = 256 B (binary: 8x8x16 bits = 128 B).
+        "arch": dict(family="resnet", input_size=32, stem=24, end=[[24, 1], [40, 2], [56, 2]], boundary=4,
+                     edge=[[128, 1], [128, 1]], cloud=[[256, 2], [256, 1]],
+                     binary_end=[[64, 2], [128, 2]]),
+        "train": dict(epochs=15, batch_size=128, lr=0.2, distill=0.5, mixed_precision=True,
+                      calibration_frames=500),
+    },
+    "mobilenet-96": {
+        "arch": dict(family="mobilenet", input_size=96, stem=16, end=[[32, 2], [48, 2], [48, 1]], boundary=8,
+                     edge=[[96, 2], [96, 1]], cloud=[[192, 2], [192, 1]], binary_end=[[32, 2], [64, 2], [64, 2]]),
+        "train": dict(epochs=15, batch_size=64, lr=0.1, distill=0.5, pad=8),
+    },
+}
+
+
+def resolve(preset: str, binarized: bool = False, **overrides) -> tuple[ArchConfig, TrainConfig]:
+    """Preset + overrides (any ArchConfig/TrainConfig field by name) -> validated configs."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    arch = dict(PRESETS[preset]["arch"], binarized=binarized)
+    train = dict(PRESETS[preset]["train"])
+    arch_keys = {f.name for f in fields(ArchConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in arch_keys:
+            arch[key] = value
+        elif key in train_keys:
+            train[key] = value
+        else:
+            raise ConfigError(f"unknown option {key!r} (not a model or training setting)")
+    return ArchConfig(**arch).validate(), TrainConfig(**train).validate()
+
+
+def train_config_json(t: TrainConfig) -> dict[str, Any]:
+    return asdict(t)

@@ -1,0 +1,250 @@
+"""Joint training of the three exits, and the checkpoint format the cloud retraining job reloads.
+
+Loss = sum_i w_i * CE(exit_i, label; label smoothing)
+     + distill * sum_{i<cloud} T^2 * KL(softmax(cloud/T) || softmax(exit_i/T))   (self-distillation)
+SGD-nesterov (or AdamW) with a one-cycle schedule (linear warm-up, cosine decay), pad-crop + flip
+augmentation done on the batch inside the compiled step, a progress line every few seconds, and a
+checkpoint after every epoch:
+
+    <workdir>/checkpoint/model.keras   the joint Keras model (end, edge, cloud sub-models)
+    <workdir>/checkpoint/model.json    arch config, train config, classes, history (load_checkpoint)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierlite.converters.models import ArchConfig, _custom_layers, build_joint, clip_latent_weights
+from tierlite.converters.presets import TrainConfig
+from tierlite.errors import BundleError, ConfigError
+
+log = logging.getLogger("tierlite.converters")
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _one_cycle(peak: float, total: int, warmup: float):
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="tierlite")
+    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak, total, warmup):
+            self.peak, self.total, self.warmup = float(peak), int(total), float(warmup)
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            w = max(1.0, self.warmup * self.total)
+            up = self.peak * (0.1 + 0.9 * step / w)
+            t = ops.clip((step - w) / max(1.0, self.total - w), 0.0, 1.0)
+            down = self.peak * 0.5 * (1.0 + ops.cos(math.pi * t))
+            return ops.where(step < w, up, down)
+
+        def get_config(self):
+            return {"peak": self.peak, "total": self.total, "warmup": self.warmup}
+
+    return OneCycle(peak, total, warmup)
+
+
+def _augment(x, pad: int, flip: bool, seed_gen):
+    """Random pad-crop (reflect padding) and horizontal flip of a (B,H,W,C) float batch."""
+    import tensorflow as tf
+    b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+    if pad:
+        x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        oy = seed_gen.uniform([b], 0, 2 * pad + 1, dtype=tf.int32)
+        ox = seed_gen.uniform([b], 0, 2 * pad + 1, dtype=tf.int32)
+        rows = oy[:, None] + tf.range(h)[None]
+        cols = ox[:, None] + tf.range(w)[None]
+        x = tf.gather(x, rows, axis=1, batch_dims=1)
+        x = tf.gather(x, cols, axis=2, batch_dims=1)
+    if flip:
+        mask = seed_gen.uniform([b], 0, 2, dtype=tf.int32) > 0
+        x = tf.where(mask[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    return x
+
+
+def predict_logits(model, images: np.ndarray, batch: int = 500) -> list[np.ndarray]:
+    """Float logits of every exit: [end (N,C), edge (N,C), cloud (N,C)]."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def fwd(x):
+        return model(tf.cast(x, tf.float32), training=False)
+
+    outs: list[list[np.ndarray]] = [[], [], []]
+    for i in range(0, len(images), batch):
+        for k, o in enumerate(fwd(images[i:i + batch])):
+            outs[k].append(np.asarray(o, dtype=np.float32))
+    return [np.concatenate(o) for o in outs]
+
+
+def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_labels: np.ndarray,
+          val_images: np.ndarray, val_labels: np.ndarray, classes: list[str], workdir: str | Path,
+          seed: int = 0, init_from: Any = None):
+    """Train the joint model; returns it. Saves a checkpoint after every epoch.
+
+    init_from: a joint model whose weights seed the layers with matching names and shapes
+    (e.g. the int8 model when training a binarized end: edge and cloud start trained).
+    """
+    import keras
+    import tensorflow as tf
+
+    workdir = Path(workdir)
+    keras.utils.set_random_seed(seed)
+    if tc.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_joint(arch)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if init_from is not None:
+        _copy_matching_weights(init_from, model)
+
+    n = len(train_labels)
+    steps_per_epoch = max(1, n // tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    lr = _one_cycle(tc.lr, total, tc.warmup)
+    if tc.optimizer == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=tc.weight_decay)
+    else:
+        opt = keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
+    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    opt.build(model.trainable_variables)
+    weights = [float(w) for w in tc.loss_weights]
+    smooth, temp, distill = tc.label_smoothing, tc.temperature, tc.distill
+    num_classes = arch.num_classes
+    seed_gen = tf.random.Generator.from_seed(seed)
+    has_binary = arch.binarized
+
+    @tf.function(jit_compile=False)
+    def step(x, y):
+        x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen)
+        onehot = tf.one_hot(y, num_classes)
+        target = onehot * (1.0 - smooth) + smooth / num_classes
+        with tf.GradientTape() as tape:
+            outs = [tf.cast(o, tf.float32) for o in model(x, training=True)]
+            ces = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, o)) for o in outs]
+            loss = tf.add_n([w * c for w, c in zip(weights, ces)])
+            if distill:
+                teacher = tf.stop_gradient(tf.nn.softmax(outs[-1] / temp))
+                kd = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, o / temp))
+                      - tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, tf.math.log(teacher + 1e-8)))
+                      for o in outs[:-1]]
+                loss += distill * temp * temp * tf.add_n(kd)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        correct = [tf.reduce_sum(tf.cast(tf.argmax(o, 1, output_type=tf.int32) == y, tf.float32)) for o in outs]
+        return loss, tf.stack(correct)
+
+    rng = np.random.default_rng(seed)
+    history: list[dict[str, Any]] = []
+    log.info("training %s (%s%s): %d train / %d val images, %d epochs x %d steps, batch %d",
+             model.name, arch.family, ", binarized end" if has_binary else "", n, len(val_labels),
+             tc.epochs, steps_per_epoch, tc.batch_size)
+    t_start = time.monotonic()
+    for epoch in range(1, tc.epochs + 1):
+        order = rng.permutation(n)
+        t_epoch, t_log = time.monotonic(), time.monotonic()
+        loss_sum, correct_sum, seen = 0.0, np.zeros(3), 0
+        for s in range(steps_per_epoch):
+            idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
+            loss, correct = step(train_images[idx], train_labels[idx].astype(np.int32))
+            if has_binary:
+                clip_latent_weights(model)
+            loss_sum += float(loss) * len(idx)
+            correct_sum += correct.numpy()
+            seen += len(idx)
+            now = time.monotonic()
+            if now - t_log >= tc.log_every_s:
+                t_log = now
+                done = (epoch - 1) * steps_per_epoch + s + 1
+                rate = seen / (now - t_epoch)
+                eta = (total - done) * tc.batch_size / rate
+                log.info("epoch %d/%d step %d/%d loss %.3f acc end/edge/cloud %s  %.0f img/s  eta %s",
+                         epoch, tc.epochs, s + 1, steps_per_epoch, loss_sum / seen,
+                         "/".join(f"{c / seen:.3f}" for c in correct_sum), rate, _hms(eta))
+        val_logits = predict_logits(model, val_images)
+        val_acc = [float((l.argmax(1) == val_labels).mean()) for l in val_logits]
+        record = {"epoch": epoch, "loss": loss_sum / max(seen, 1),
+                  "train_acc": [float(c / max(seen, 1)) for c in correct_sum], "val_acc": val_acc,
+                  "seconds": round(time.monotonic() - t_epoch, 1)}
+        history.append(record)
+        log.info("epoch %d/%d done in %s: loss %.3f, train acc %s, val acc end %.4f edge %.4f cloud %.4f",
+                 epoch, tc.epochs, _hms(record["seconds"]), record["loss"],
+                 "/".join(f"{a:.3f}" for a in record["train_acc"]), *val_acc)
+        save_checkpoint(model, workdir, arch, tc, classes, history, seed)
+    log.info("training finished in %s", _hms(time.monotonic() - t_start))
+    return model
+
+
+def _copy_matching_weights(src, dst) -> None:
+    from tierlite.converters.models import _all_layers
+    by_name = {l.name: l for l in _all_layers(src)}
+    copied = 0
+    for layer in _all_layers(dst):
+        other = by_name.get(layer.name)
+        if other is None or not layer.weights:
+            continue
+        ws = other.get_weights()
+        if [w.shape for w in ws] == [tuple(v.shape) for v in layer.weights]:
+            layer.set_weights(ws)
+            copied += 1
+    log.info("initialised %d layers from the given model", copied)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint: the trained Keras model lives next to the bundle, never inside it.
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(model, workdir: str | Path, arch: ArchConfig, tc: TrainConfig,
+                    classes: list[str], history: list[dict], seed: int, extra: dict | None = None) -> Path:
+    ckpt = Path(workdir) / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / "model.tmp.keras"
+    model.save(tmp)
+    tmp.replace(ckpt / "model.keras")
+    meta = {"arch": arch.to_json(), "train": asdict(tc), "classes": classes, "history": history,
+            "seed": seed, "input": {"shape": [1, arch.input_size, arch.input_size, 3], "dtype": "uint8",
+                                    "color": "RGB", "scaling": "x/255 inside the end segment"}}
+    meta.update(extra or {})
+    (ckpt / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path):
+    """(joint keras model, metadata dict) from a workdir, its checkpoint/ folder, or model.keras.
+
+    The float32 model is rebuilt from the JSON arch config and the saved weights loaded into it,
+    so a model trained in bfloat16 comes back in float32 (what export and distillation want).
+    """
+    import keras
+
+    path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    if path.is_dir():
+        path = path / "model.keras"
+    meta_file = path.with_suffix(".json")
+    if not path.is_file() or not meta_file.is_file():
+        raise BundleError(f"no trained checkpoint at {path} (expected model.keras + model.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        arch = ArchConfig.from_json(meta["arch"])
+    except (json.JSONDecodeError, KeyError, ConfigError) as e:
+        raise BundleError(f"{meta_file}: unreadable checkpoint metadata ({e})") from None
+    _custom_layers()
+    saved = keras.models.load_model(path, compile=False)
+    model = build_joint(arch)
+    model.set_weights(saved.get_weights())
+    return model, meta

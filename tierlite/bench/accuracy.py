@@ -1,0 +1,510 @@
+"""`tierlite bench accuracy`: accuracy, uplink bytes and latency of every configuration on the
+same frames, in one run.
+
+Configurations (rows): tierlite co-inference with the int8 bundle at calibrated operating points
+(max accuracy drop 0.5 / 1 / 2 points against the full chain); tierlite with the binarized end
+model; camera-only (the end exit decides every frame); cloud-only offload as Sedna-style systems
+do it (every frame sent as its JPEG, the full end->edge->cloud chain run in the cloud); optionally
+MLPerf Tiny reference models run on the camera (--reference).
+
+How the figures are obtained:
+- offline chain, every frame: each frame is run through every tier of every bundle once
+  (frame-major, so background load hits all configurations alike); a configuration is then the
+  exit policy (tierlite.policy.chain_decisions) applied to those logits at its thresholds.
+  Camera decision latency = end segment invoke + exit entropy, per frame. Offline end-to-end
+  latency = compute of the tiers a frame visits (no network), plus JPEG decode for cloud-only.
+- real runtime, a subset (--e2e-frames): the same frames through real processes and a real
+  Mosquitto on loopback (tierlite.bench.e2e); end-to-end = frame in hand -> result at the camera.
+- uplink bytes: camera -> first hop. Payload = the feature (tierlite) or the JPEG file (offload);
+  "with MQTT" adds the real wire header, topic, properties and MQTT fixed header of each message.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierlite.bench.report import Progress, Report, Target, fmt_num, latency_ms, markdown_table, say
+from tierlite.errors import ConfigError, DataError
+
+log = logging.getLogger("tierlite.bench.accuracy")
+
+DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
+DEFAULT_DROPS = "0.5,1,2"
+
+# Targets from the brief (reported against, never asserted).
+T_END_ACC = Target("end model standalone top-1", 80.0, True, " %")
+T_END_BYTES = Target("end model bytes", 64 * 1024, False, " B")
+T_SYSTEM_ACC = Target("system top-1", 90.0, True, " %")
+T_CAMERA_SHARE = Target("frames decided on camera (within 0.5 pt of cloud-only)", 75.0, True, " %")
+T_WITHIN = Target("top-1 gap to cloud-only", 0.5, False, " pt")
+T_UPLINK = Target("uplink reduction vs JPEG offload", 10.0, True, "x")
+T_CAMERA_P50 = Target("camera decision p50", 0.2, False, " ms")
+T_ESCALATION_P99 = Target("escalation round trip p99", 10.0, False, " ms")
+
+
+def configure_accuracy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="int8 bundle (directory or .tar.gz)")
+    p.add_argument("--binary-bundle", help="bundle with the binarized end segment (adds its rows)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"image folder <class>/*.jpg, the test frames (default {DEFAULT_DATA})")
+    p.add_argument("--limit", type=int, help="use a stratified sample of this many frames (quick runs)")
+    p.add_argument("--drops", default=DEFAULT_DROPS,
+                   help="operating points: max top-1 drop in points vs the full chain, from the bundle's "
+                        f"calibration on validation data (default {DEFAULT_DROPS})")
+    p.add_argument("--reference", action="append", default=[], metavar="TFLITE_OR_DIR",
+                   help="reference model(s) run on the camera, int8 input pixel-128 (e.g. "
+                        "../shared/reference_models/mlperf-tiny-ic); repeatable")
+    p.add_argument("--e2e-frames", type=int, default=300,
+                   help="frames per configuration sent through the real runtime (Mosquitto + processes); 0 skips")
+    p.add_argument("--runtime", default="litert", help="runtime plugin for every model (default litert)")
+    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1, like a camera)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit and --e2e-frames samples")
+    p.add_argument("--out", default="bench-results", help="output folder (results.json, accuracy.md, PNGs)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+# -- frames --------------------------------------------------------------------------------------
+@dataclass
+class Frames:
+    images: np.ndarray  # (N, H, W, 3) uint8 RGB
+    labels: np.ndarray  # (N,)
+    classes: list[str]
+    paths: list[Path]
+    jpeg_bytes: np.ndarray  # (N,) size of each frame's file: what offload sends
+
+
+def load_frames(data: str | Path, size: tuple[int, int], limit: int | None, seed: int, progress: bool) -> Frames:
+    from tierlite.data import load_image_folder
+
+    data = Path(data)
+    if not data.is_dir():
+        raise DataError(f"test frames not found: {data} (pass --data DIR, an image folder <class>/*.jpg)")
+    s = load_image_folder(data, size=size, limit=limit, seed=seed, progress=progress)
+    return Frames(s.images, s.labels, s.classes, s.paths, np.array([p.stat().st_size for p in s.paths]))
+
+
+# -- offline trace: every tier of a bundle on every frame ----------------------------------------
+@dataclass
+class ChainTrace:
+    """What one bundle's chain does on every frame, independent of thresholds."""
+    name: str
+    tiers: list[str]
+    logits: list[np.ndarray]  # per tier, (N, C)
+    seconds: list[np.ndarray]  # per tier, (N,) compute time; end includes the exit decision
+    feature_bytes: list[int]  # encoded size of the feature each tier sends up (last tier: 0)
+    camera_model_bytes: int
+    thresholds: dict[str, float]  # the bundle's own (manifest) thresholds
+    bundle: Any = None
+
+
+class ChainRunner:
+    """Runs one bundle's segments frame by frame, timing each tier, through the wire codec."""
+
+    def __init__(self, name: str, bundle, runtime: str, threads: int, n: int):
+        from tierlite.segment import Segment
+
+        self.name, self.bundle = name, bundle
+        self.tiers = [t for t in ("end", "edge", "cloud") if t in bundle.segments]
+        opts = {"threads": threads}
+        self.segments = [Segment(bundle, t, runtime=runtime, options=opts) for t in self.tiers]
+        self.encoding = bundle.feature_encoding
+        classes = len(bundle.labels)
+        self.logits = [np.zeros((n, classes), np.float32) for _ in self.tiers]
+        self.seconds = [np.zeros(n) for _ in self.tiers]
+        self.feature_bytes = [0] * len(self.tiers)
+
+    def run(self, i: int, image: np.ndarray) -> None:
+        from tierlite.policy import normalized_entropy, softmax
+        from tierlite.segment import decode_feature, encode_feature
+
+        x = image[None]
+        for k, seg in enumerate(self.segments):
+            t0 = time.perf_counter()
+            out = seg.run(x)
+            normalized_entropy(softmax(out.logits))  # the exit decision is part of the tier's work
+            self.seconds[k][i] = time.perf_counter() - t0
+            self.logits[k][i] = out.logits
+            if out.feature is None:
+                break
+            # The end tier's feature goes over the wire in the bundle's encoding (binary: 1 bit);
+            # the next tier sees exactly what the wire delivers.
+            enc = self.encoding if k == 0 else {"kind": "int8"}
+            payload = encode_feature(out.feature, enc)
+            self.feature_bytes[k] = len(payload)
+            x = decode_feature(payload, out.feature.shape, enc)
+
+    def trace(self) -> ChainTrace:
+        return ChainTrace(self.name, self.tiers, self.logits, self.seconds, self.feature_bytes,
+                          self.bundle.segment("end").bytes, self.bundle.thresholds, self.bundle)
+
+
+class ReferenceRunner:
+    """A single-model reference (e.g. MLPerf Tiny ResNet-8) on the camera: int8 input pixel-128."""
+
+    def __init__(self, path: Path, runtime: str, threads: int, n: int):
+        from tierlite.runtimes import open_runtime
+
+        self.path, self.name = path, path.stem
+        self.rt = open_runtime(path, runtime, {"threads": threads}, fallback=True)
+        self.input = self.rt.inputs[0]
+        self.logits: np.ndarray | None = None
+        self.seconds = np.zeros(n)
+        self.n = n
+
+    def run(self, i: int, image: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        if self.input.dtype == np.int8:
+            x = (image.astype(np.int16) - 128).astype(np.int8)[None]
+        else:
+            x = image.astype(self.input.dtype)[None]
+        scores = self.rt.run([x.reshape(self.input.shape)])[0].reshape(-1)
+        int(scores.argmax())  # the decision is part of the camera's work
+        self.seconds[i] = time.perf_counter() - t0
+        if self.logits is None:
+            self.logits = np.zeros((self.n, scores.size), np.float32)
+        self.logits[i] = scores
+
+
+def reference_paths(specs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for s in specs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("*.tflite"))
+            if not found:
+                raise ConfigError(f"--reference {p}: no .tflite files in this folder")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise ConfigError(f"--reference {p}: no such file or folder")
+    return paths
+
+
+def run_offline(frames: Frames, chains: list[ChainRunner], refs: list[ReferenceRunner],
+                progress: bool) -> np.ndarray:
+    """Frame-major pass over every model; returns per-frame JPEG decode seconds (offload's cloud cost)."""
+    from tierlite.data import decode_image
+
+    n = len(frames.labels)
+    decode_s = np.zeros(n)
+    size = frames.images.shape[1:3]
+    bar = Progress(n, "offline chain (all models, every frame)", enabled=progress)
+    for i in range(n):
+        jpeg = frames.paths[i].read_bytes()
+        t0 = time.perf_counter()
+        decode_image(jpeg, size)
+        decode_s[i] = time.perf_counter() - t0
+        for runner in (*chains, *refs):
+            runner.run(i, frames.images[i])
+        bar.update()
+    bar.close()
+    return decode_s
+
+
+# -- operating points -------------------------------------------------------------------------------
+def operating_points(bundle, drops: list[float]) -> list[tuple[float, dict[str, float]]]:
+    """Thresholds for each max-drop, from the bundle's calibration (validation data, never test).
+
+    Drops not stored in the manifest are recomputed from the validation split with the converters'
+    calibration code (needs TensorFlow-free LiteRT only)."""
+    from tierlite.bench import calibration_points
+
+    return calibration_points(bundle, drops)
+
+
+# -- metrics per configuration ----------------------------------------------------------------------
+@dataclass
+class ConfigResult:
+    name: str
+    kind: str  # tierlite | camera-only | cloud-only | reference
+    tier: np.ndarray  # (N,) index of the tier that decided
+    labels: np.ndarray  # (N,) predicted class
+    uplink_payload: np.ndarray  # (N,) camera uplink payload bytes per frame
+    uplink_mqtt: np.ndarray  # (N,) the same as MQTT PUBLISH packets on the wire
+    camera_s: np.ndarray | None  # (N,) camera decision latency (None: the camera decides nothing)
+    e2e_s: np.ndarray  # (N,) offline end-to-end compute latency
+    camera_model_bytes: int
+    thresholds: dict[str, float] = field(default_factory=dict)
+    drop: float | None = None
+    bundle_dir: Path | None = None  # for the real-runtime pass
+    tiers: tuple[str, ...] = ("end", "edge", "cloud")
+
+    def row(self, truth: np.ndarray) -> dict[str, Any]:
+        n = len(truth)
+        share = {t: 100.0 * float(np.mean(self.tier == k)) for k, t in enumerate(self.tiers)}
+        cam = latency_ms(self.camera_s) if self.camera_s is not None else latency_ms([])
+        e2e = latency_ms(self.e2e_s)
+        return {
+            "config": self.name, "kind": self.kind, "frames": n,
+            "drop_pt": self.drop, "thresholds": self.thresholds,
+            "top1": 100.0 * float(np.mean(self.labels == truth)),
+            "share_end": share.get("end", 0.0), "share_edge": share.get("edge", 0.0),
+            "share_cloud": share.get("cloud", 0.0),
+            "uplink_payload_B": float(self.uplink_payload.mean()),
+            "uplink_mqtt_B": float(self.uplink_mqtt.mean()),
+            "camera_p50_ms": cam["p50_ms"], "camera_p99_ms": cam["p99_ms"],
+            "e2e_offline_p50_ms": e2e["p50_ms"], "e2e_offline_p99_ms": e2e["p99_ms"],
+            "camera_model_B": self.camera_model_bytes,
+        }
+
+
+def cascade(trace: ChainTrace, name: str, kind: str, thresholds: dict[str, float], escalation_wire: int,
+            drop: float | None = None) -> ConfigResult:
+    """Apply the exit policy at `thresholds` to a traced chain. escalation_wire: MQTT bytes of one
+    escalation message around the feature payload (header + topic + properties + fixed header)."""
+    from tierlite.policy import chain_decisions
+
+    thr = [thresholds[t] for t in trace.tiers[:-1]]
+    tier, labels = chain_decisions(trace.logits, thr)
+    escalated = tier > 0
+    payload = np.where(escalated, trace.feature_bytes[0], 0)
+    mqtt = np.where(escalated, trace.feature_bytes[0] + escalation_wire, 0)
+    # Offline e2e: a frame pays for every tier up to the one that decides it.
+    spent = np.stack(trace.seconds, axis=1)
+    visited = np.arange(len(trace.tiers))[None, :] <= tier[:, None]
+    e2e = (spent * visited).sum(axis=1)
+    return ConfigResult(name, kind, tier, labels, payload, mqtt, trace.seconds[0], e2e, trace.camera_model_bytes,
+                        dict(thresholds), drop, tiers=tuple(trace.tiers))
+
+
+def camera_only(trace: ChainTrace, name: str) -> ConfigResult:
+    n = trace.logits[0].shape[0]
+    zero = np.zeros(n)
+    return ConfigResult(name, "camera-only", np.zeros(n, np.int64), trace.logits[0].argmax(1), zero, zero,
+                        trace.seconds[0], trace.seconds[0].copy(), trace.camera_model_bytes,
+                        tiers=tuple(trace.tiers))
+
+
+def cloud_only(trace: ChainTrace, frames: Frames, decode_s: np.ndarray, offload_wire: int) -> ConfigResult:
+    """Sedna-style offload: the JPEG goes up; the cloud decodes it and runs the whole chain."""
+    n = len(frames.labels)
+    last = len(trace.tiers) - 1
+    e2e = decode_s + np.stack(trace.seconds, axis=1).sum(axis=1)
+    return ConfigResult("cloud-only offload (JPEG, full chain in cloud)", "cloud-only", np.full(n, last),
+                        trace.logits[-1].argmax(1), frames.jpeg_bytes.astype(float),
+                        frames.jpeg_bytes + offload_wire, None, e2e, 0, tiers=tuple(trace.tiers))
+
+
+def reference_config(ref: ReferenceRunner) -> ConfigResult:
+    n = ref.n
+    zero = np.zeros(n)
+    return ConfigResult(f"reference {ref.name} (camera)", "reference", np.zeros(n, np.int64), ref.logits.argmax(1),
+                        zero, zero, ref.seconds, ref.seconds.copy(), ref.path.stat().st_size)
+
+
+# -- MQTT framing --------------------------------------------------------------------------------
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def mqtt_publish_bytes(topic: str, payload_len: int, qos: int = 0, properties: bytes | None = None) -> int:
+    """Bytes of one MQTT PUBLISH packet: fixed header (type byte + remaining length), topic,
+    packet id (QoS > 0), MQTT 5 properties (`properties` = the packed block incl. its length;
+    None for MQTT 3.1.1) and the payload."""
+    variable = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + (len(properties) if properties is not None else 0)
+    remaining = variable + payload_len
+    return 1 + _varint_len(remaining) + remaining
+
+
+# -- the command ------------------------------------------------------------------------------------
+def parse_drops(text: str) -> list[float]:
+    try:
+        drops = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--drops must be comma-separated numbers of points, got {text!r}") from None
+    if not drops or any(d < 0 for d in drops):
+        raise ConfigError(f"--drops must be non-negative numbers of points, got {text!r}")
+    return drops
+
+
+def run_accuracy(args: argparse.Namespace) -> int:
+    from tierlite.bundle import Bundle
+    from tierlite.data import stratified_sample
+
+    drops = parse_drops(args.drops)
+    if args.limit is not None and args.limit < 2:
+        raise ConfigError("--limit must be at least 2 frames")
+    progress = not args.quiet
+    bundle = Bundle.load(args.bundle)
+    binary = Bundle.load(args.binary_bundle) if args.binary_bundle else None
+    if binary is not None and binary.input_shape != bundle.input_shape:
+        raise ConfigError(f"--binary-bundle input {binary.input_shape} differs from --bundle {bundle.input_shape}")
+    refs_paths = reference_paths(args.reference)
+    report = Report("accuracy", args.out)
+
+    say(f"loading frames from {args.data} ...")
+    frames = load_frames(args.data, tuple(bundle.input_shape[1:3]), args.limit, args.seed, progress)
+    if frames.classes != bundle.labels:
+        raise DataError(f"{args.data}: class folders {frames.classes} do not match the bundle's labels {bundle.labels}")
+    n = len(frames.labels)
+    say(f"{n} frames, {len(frames.classes)} classes; running every model on every frame")
+
+    chains = [ChainRunner("int8", bundle, args.runtime, args.threads, n)]
+    if binary is not None:
+        chains.append(ChainRunner("binary", binary, args.runtime, args.threads, n))
+    refs = [ReferenceRunner(p, args.runtime, args.threads, n) for p in refs_paths]
+    decode_s = run_offline(frames, chains, refs, progress)
+    traces = {c.name: c.trace() for c in chains}
+
+    from tierlite.bench.wirecost import escalation_overhead, offload_overhead
+
+    configs: list[ConfigResult] = []
+    for trace in traces.values():
+        overhead = escalation_overhead(trace.bundle, trace.feature_bytes[0])
+        for drop, thr in operating_points(trace.bundle, drops):
+            config = cascade(trace, f"tierlite {trace.name} @ max drop {fmt_num(drop)} pt", "tierlite", thr,
+                             overhead, drop)
+            config.bundle_dir = trace.bundle.root
+            configs.append(config)
+    for trace in traces.values():
+        configs.append(camera_only(trace, f"camera-only {trace.name} (end exit decides all)"))
+    configs.append(cloud_only(traces["int8"], frames, decode_s, offload_overhead()))
+    configs += [reference_config(r) for r in refs]
+
+    rows = [c.row(frames.labels) for c in configs]
+    jpeg_mqtt = next(r["uplink_mqtt_B"] for r in rows if r["kind"] == "cloud-only")
+    for r in rows:
+        r["uplink_reduction_x"] = jpeg_mqtt / r["uplink_mqtt_B"] if r["uplink_mqtt_B"] > 0 else None
+
+    e2e_n = min(args.e2e_frames, n)
+    if e2e_n > 0:
+        from tierlite.bench.e2e import measure_e2e
+
+        idx = np.sort(stratified_sample(frames.labels, e2e_n, args.seed))
+        real = measure_e2e([c for c in configs if c.kind in ("tierlite", "cloud-only")], frames, idx, args)
+        for r in rows:
+            r.update(real.get(r["config"], {}))
+
+    targets = check_targets(rows)
+    report.results.update(frames=n, data=str(args.data), e2e_frames=e2e_n, rows=rows, targets=targets,
+                          notes=NOTES)
+    write_accuracy_report(report, rows, targets, e2e_n)
+    print_summary(rows, targets)
+    paths = report.write()
+    say(f"wrote {paths['results']} and {paths['markdown']}")
+    return 0
+
+
+NOTES = [
+    "uplink = camera -> first hop, mean over all frames (frames decided on the camera send nothing).",
+    "camera decision = end segment invoke + exit entropy on a decoded frame, 1 thread.",
+    "e2e offline = compute of every tier a frame visits (cloud-only: JPEG decode + full chain), no network.",
+    "e2e real = frame in hand -> result back at the camera through Mosquitto on loopback and real worker "
+    "processes, on the stratified subset of frames given by --e2e-frames.",
+]
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _ms(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def _pair(a: str, b: str, f=_ms):
+    return lambda r: f"{f(r.get(a))} / {f(r.get(b))}"
+
+
+COLUMNS = [
+    ("config", "configuration", str),
+    ("top1", "top-1 %", _pct),
+    ("shares", "decided end / edge / cloud %", None),
+    ("uplink_payload_B", "uplink B/frame (payload)", None),
+    ("uplink_mqtt_B", "uplink B/frame (MQTT)", None),
+    ("uplink_reduction_x", "vs JPEG offload", lambda x: "–" if x is None else f"{x:.1f}x"),
+    ("camera", "camera decision p50 / p99 ms", None),
+    ("e2e_offline", "e2e offline p50 / p99 ms", None),
+    ("e2e_real", "e2e real p50 / p99 ms (n)", None),
+    ("camera_model_B", "model bytes on camera", None),
+]
+
+
+def _display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        d = dict(r)
+        d["shares"] = f"{r['share_end']:.1f} / {r['share_edge']:.1f} / {r['share_cloud']:.1f}"
+        d["camera"] = _pair("camera_p50_ms", "camera_p99_ms")(r)
+        d["e2e_offline"] = _pair("e2e_offline_p50_ms", "e2e_offline_p99_ms")(r)
+        d["e2e_real"] = (f"{_ms(r['e2e_real_p50_ms'])} / {_ms(r['e2e_real_p99_ms'])} ({r['e2e_real_n']})"
+                         if r.get("e2e_real_n") else "–")
+        if r["kind"] == "cloud-only":
+            d["camera_model_B"] = "0 (camera sends JPEG)"
+        out.append(d)
+    return out
+
+
+def _first(rows, **match) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The brief's targets, each against the row it is about (the most accurate tierlite int8
+    operating point = smallest drop)."""
+    out: list[dict[str, Any]] = []
+    cam = _first(rows, kind="camera-only")
+    cloud = _first(rows, kind="cloud-only")
+    ops = sorted((r for r in rows if r["kind"] == "tierlite" and r["config"].startswith("tierlite int8")),
+                 key=lambda r: r["drop_pt"])
+    op = ops[0] if ops else None
+
+    def add(target: Target, value, where: str):
+        out.append({**target.check(value), "config": where})
+
+    if cam:
+        add(T_END_ACC, cam["top1"], cam["config"])
+        add(T_END_BYTES, float(cam["camera_model_B"]), cam["config"])
+        add(T_CAMERA_P50, cam["camera_p50_ms"], cam["config"])
+    bin_cam = _first(rows, config="camera-only binary (end exit decides all)")
+    if bin_cam:
+        add(T_END_ACC, bin_cam["top1"], bin_cam["config"])
+        add(T_END_BYTES, float(bin_cam["camera_model_B"]), bin_cam["config"])
+        add(T_CAMERA_P50, bin_cam["camera_p50_ms"], bin_cam["config"])
+    if op:
+        add(T_SYSTEM_ACC, op["top1"], op["config"])
+        add(T_CAMERA_SHARE, op["share_end"], op["config"])
+        if cloud:
+            add(T_WITHIN, cloud["top1"] - op["top1"], f"{op['config']} vs cloud-only")
+        add(T_UPLINK, op.get("uplink_reduction_x"), op["config"] + " (MQTT bytes)")
+        add(T_ESCALATION_P99, op.get("escalation_real_p99_ms"), op["config"] + " (real runtime, escalated frames)")
+    return out
+
+
+TARGET_COLUMNS = [("target", "target", str), ("config", "measured on", str), ("goal", "goal", str),
+                  ("measured", "measured", None), ("status", "status", str)]
+
+
+def write_accuracy_report(report: Report, rows: list[dict[str, Any]], targets: list[dict[str, Any]],
+                          e2e_n: int) -> None:
+    report.add_markdown(f"{rows[0]['frames']:,} frames; real-runtime end-to-end on a stratified subset of "
+                        f"{e2e_n} frames per networked configuration.\n")
+    report.add_markdown(markdown_table(COLUMNS, _display_rows(rows)))
+    report.add_markdown("Targets (from the brief; reported, not asserted):\n\n" + markdown_table(TARGET_COLUMNS, targets))
+    report.add_markdown("\n".join(f"- {n}" for n in NOTES))
+    plot_rows = [r for r in rows if r["uplink_mqtt_B"] > 0] or rows
+    report.bar_plot("uplink", [r["config"] for r in plot_rows], [r["uplink_mqtt_B"] for r in plot_rows],
+                    "mean uplink bytes / frame (MQTT)", "Camera uplink per frame", log=True)
+    report.bar_plot("top1", [r["config"] for r in rows], [r["top1"] for r in rows], "top-1 %",
+                    "Top-1 on the same frames", hline=T_SYSTEM_ACC.goal)
+    report.bar_plot("camera-latency", [r["config"] for r in rows if r["camera_p50_ms"] is not None],
+                    [r["camera_p50_ms"] for r in rows if r["camera_p50_ms"] is not None],
+                    "camera decision p50 (ms)", "Camera decision latency", hline=T_CAMERA_P50.goal)
+
+
+def print_summary(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
+    cols = [c for c in COLUMNS if c[0] in ("config", "top1", "shares", "uplink_mqtt_B", "camera", "e2e_real")]
+    print(markdown_table(cols, _display_rows(rows)))
+    print()
+    print(markdown_table(TARGET_COLUMNS, targets))

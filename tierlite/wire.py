@@ -1,0 +1,355 @@
+"""The binary wire format between tiers: a small versioned header plus raw tensor bytes.
+
+Two tensor messages carry a boundary feature up the chain:
+  FEATURE   node -> edge   end segment's feature (int8, or bit-packed binary) + end exit logits
+  ESCALATE  edge -> cloud  edge segment's feature (int8) + end and edge exit logits
+                           (+ optionally the node's end feature, for the hard-example store)
+Two small fixed-size messages come back down to the node:
+  ANSWER    edge|cloud -> node   tier, label, confidence, entropy for one frame
+  REJECT    edge|cloud -> node   "I cannot run this" (wrong bundle, quantization...), so the node
+                                 falls back to its own answer at once instead of at its deadline
+
+Every message names the bundle (crc32 of its name) and bundle version, and tensor messages carry
+the feature's quantization and shape: a tier refuses features from a model it does not run.
+Decoders raise WireError with a short `.reason` (a metrics label); callers drop, count and log.
+The layout is documented byte by byte in docs/protocol.md.
+"""
+from __future__ import annotations
+
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from tierlite.bundle import Bundle, TensorInfo
+from tierlite.errors import WireError
+from tierlite.segment import encode_feature, encoded_size
+
+MAGIC = b"TL"
+WIRE_VERSION = 1
+
+
+class Kind(IntEnum):
+    FEATURE = 1
+    ESCALATE = 2
+    ANSWER = 3
+    REJECT = 4
+
+
+TIER_CODES = {"end": 0, "edge": 1, "cloud": 2}
+TIER_NAMES = {v: k for k, v in TIER_CODES.items()}
+ENCODING_CODES = {"int8": 0, "binary": 1}
+FLAG_END_FEATURE = 0x01  # ESCALATE: the node's end feature follows the edge feature
+MAX_NDIM = 6
+
+# magic, version, kind, encoding, flags, n_exits, ndim, bundle_id, bundle_version, frame_id,
+# sent_us, scale, zero_point, n_classes; then ndim x uint16 dims. Little-endian throughout.
+TENSOR_HEADER = struct.Struct("<2sBBBBBBIIIQfhH")
+# magic, version, kind, tier, reason, label, bundle_id, bundle_version, frame_id, confidence, entropy
+ANSWER_STRUCT = struct.Struct("<2sBBBBHIIIff")
+
+
+class RejectReason(IntEnum):
+    OTHER = 0
+    BUNDLE = 1  # bundle name or version differs from what this tier runs
+    QUANTIZATION = 2
+    SHAPE = 3
+    ENCODING = 4
+    SIZE = 5
+
+
+_REASON_OF = {"bundle": RejectReason.BUNDLE, "quantization": RejectReason.QUANTIZATION,
+              "shape": RejectReason.SHAPE, "encoding": RejectReason.ENCODING,
+              "truncated": RejectReason.SIZE, "oversized": RejectReason.SIZE}
+
+
+def wire_error(reason: str, message: str) -> WireError:
+    err = WireError(message)
+    err.reason = reason  # type: ignore[attr-defined]  # short label for counters
+    return err
+
+
+def reason_of(err: WireError) -> str:
+    return getattr(err, "reason", "invalid")
+
+
+def bundle_id(name: str) -> int:
+    """A bundle's name as 4 bytes on the wire (crc32)."""
+    return zlib.crc32(name.encode("utf-8")) & 0xFFFFFFFF
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+# -- topics ---------------------------------------------------------------------------------
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NODE_IDS = {"update"}  # <prefix>/update/<model> belongs to model updates
+TOPIC_SUFFIXES = ("feature", "escalate", "answer", "result", "status")
+
+
+def valid_node_id(node: str) -> bool:
+    return bool(NODE_ID_RE.match(node)) and node not in RESERVED_NODE_IDS
+
+
+def topic(prefix: str, node: str, suffix: str) -> str:
+    """<prefix>/<node>/<suffix>, suffix one of TOPIC_SUFFIXES."""
+    return f"{prefix}/{node}/{suffix}"
+
+
+def node_of(topic_name: str, prefix: str) -> str:
+    """The node id in <prefix>/<node>/<suffix>; WireError for anything else."""
+    parts = topic_name.split("/")
+    head = prefix.split("/")
+    if len(parts) != len(head) + 2 or parts[: len(head)] != head or not valid_node_id(parts[-2]):
+        raise wire_error("topic", f"unexpected topic {topic_name[:80]!r}")
+    return parts[-2]
+
+
+# -- logits blocks: each exit's raw output quantization (int8 -> 1 byte per class) ----------
+@dataclass(frozen=True)
+class LogitsCodec:
+    info: TensorInfo
+
+    @property
+    def n_classes(self) -> int:
+        return int(np.prod(self.info.shape))
+
+    @property
+    def quantized(self) -> bool:
+        return self.info.scale > 0 and self.info.dtype in ("int8", "uint8")
+
+    @property
+    def size(self) -> int:
+        return self.n_classes * (1 if self.quantized else 4)
+
+    def encode(self, logits: np.ndarray) -> bytes:
+        if not self.quantized:
+            return np.asarray(logits, dtype="<f4").tobytes()
+        # Segment.run dequantized the model's int8 output; this is the exact inverse.
+        q = np.round(np.asarray(logits, np.float32) / self.info.scale) + self.info.zero_point
+        return np.clip(q, -128 if self.info.dtype == "int8" else 0,
+                       127 if self.info.dtype == "int8" else 255).astype(self.info.dtype).tobytes()
+
+    def decode(self, data: bytes | memoryview) -> np.ndarray:
+        if not self.quantized:
+            return np.frombuffer(data, dtype="<f4").astype(np.float32)
+        q = np.frombuffer(data, dtype=self.info.dtype).astype(np.float32)
+        return (q - self.info.zero_point) * self.info.scale
+
+
+# -- what one boundary carries, derived from the bundle this tier runs ----------------------
+@dataclass(frozen=True)
+class BoundarySpec:
+    """Everything a tensor message must match. Producer and consumer derive it from the same
+    bundle; `input_info` is the consumer's input (its quantization is what the header must say)."""
+
+    kind: Kind
+    bundle_name: str
+    bundle_version: int
+    encoding: dict[str, Any]
+    feature: TensorInfo  # producer's feature output
+    input_info: TensorInfo  # consumer's input
+    exits: tuple[LogitsCodec, ...]  # earlier exits' logits carried along, in tier order
+    end_feature: TensorInfo | None = None  # ESCALATE: the node's feature, when forwarded
+    end_encoding: dict[str, Any] | None = None
+
+    @property
+    def bundle_id(self) -> int:
+        return bundle_id(self.bundle_name)
+
+    @property
+    def encoding_code(self) -> int:
+        return ENCODING_CODES[self.encoding["kind"]]
+
+    @property
+    def feature_size(self) -> int:
+        return encoded_size(self.feature.shape, self.encoding)
+
+    @property
+    def end_feature_size(self) -> int:
+        return encoded_size(self.end_feature.shape, self.end_encoding) if self.end_feature else 0
+
+    @property
+    def n_classes(self) -> int:
+        return self.exits[0].n_classes
+
+    def max_size(self) -> int:
+        return (TENSOR_HEADER.size + 2 * len(self.feature.shape) + sum(c.size for c in self.exits)
+                + self.feature_size + self.end_feature_size)
+
+
+INT8 = {"kind": "int8"}
+
+
+def boundary_spec(bundle: Bundle, kind: Kind) -> BoundarySpec:
+    """FEATURE: end -> edge (the bundle's feature encoding). ESCALATE: edge -> cloud (int8)."""
+    if kind == Kind.FEATURE:
+        producer, consumer, encoding = bundle.segment("end"), bundle.segment("edge"), bundle.feature_encoding
+        exits = (producer,)
+    elif kind == Kind.ESCALATE:
+        producer, consumer, encoding = bundle.segment("edge"), bundle.segment("cloud"), INT8
+        exits = (bundle.segment("end"), producer)
+    else:
+        raise ValueError(f"not a tensor message kind: {kind!r}")
+    feature = producer.output("feature")
+    if feature is None:
+        from tierlite.errors import BundleError
+
+        raise BundleError(f"bundle {bundle.name} v{bundle.version}: {producer.tier} segment has no feature output")
+    end_feature = bundle.segment("end").output("feature") if kind == Kind.ESCALATE else None
+    return BoundarySpec(
+        kind=kind, bundle_name=bundle.name, bundle_version=bundle.version, encoding=dict(encoding),
+        feature=feature, input_info=consumer.inputs[0],
+        exits=tuple(LogitsCodec(s.output("logits")) for s in exits),
+        end_feature=end_feature, end_encoding=dict(bundle.feature_encoding) if end_feature else None)
+
+
+# -- tensor messages --------------------------------------------------------------------------
+@dataclass
+class TensorMessage:
+    kind: Kind
+    frame_id: int
+    sent_us: int
+    bundle_version: int
+    scale: float
+    zero_point: int
+    shape: tuple[int, ...]
+    exit_logits: list[np.ndarray]  # float32 (C,) per earlier exit, tier order
+    feature: memoryview  # encoded feature bytes (decode with tierlite.segment.decode_feature)
+    end_feature: memoryview | None = None
+
+
+def encode_tensor_message(spec: BoundarySpec, frame_id: int, feature_q: np.ndarray,
+                          exit_logits: list[np.ndarray], sent_us: int | None = None,
+                          end_feature: bytes | None = None) -> bytes:
+    """Build a FEATURE/ESCALATE payload. feature_q: the producer's quantized feature tensor."""
+    if len(exit_logits) != len(spec.exits):
+        raise ValueError(f"{spec.kind.name} carries {len(spec.exits)} exits' logits, got {len(exit_logits)}")
+    f = spec.feature
+    flags = FLAG_END_FEATURE if end_feature is not None else 0
+    header = TENSOR_HEADER.pack(
+        MAGIC, WIRE_VERSION, spec.kind, spec.encoding_code, flags, len(spec.exits), len(f.shape),
+        spec.bundle_id, spec.bundle_version, frame_id & 0xFFFFFFFF, now_us() if sent_us is None else sent_us,
+        f.scale, f.zero_point, spec.n_classes)
+    parts = [header, struct.pack(f"<{len(f.shape)}H", *f.shape)]
+    parts += [codec.encode(lg) for codec, lg in zip(spec.exits, exit_logits)]
+    parts.append(encode_feature(feature_q, spec.encoding))
+    if end_feature is not None:
+        parts.append(bytes(end_feature))
+    return b"".join(parts)
+
+
+def peek_frame(payload: bytes | memoryview) -> tuple[Kind, int] | None:
+    """(kind, frame_id) of a payload whose header at least parses; None otherwise. Lets a tier
+    send a REJECT for a frame it cannot run (so the node stops waiting)."""
+    if len(payload) < TENSOR_HEADER.size:
+        return None
+    h = TENSOR_HEADER.unpack_from(payload)
+    if h[0] != MAGIC or h[1] != WIRE_VERSION or h[2] not in (Kind.FEATURE, Kind.ESCALATE):
+        return None
+    return Kind(h[2]), h[9]
+
+
+def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> TensorMessage:
+    """Parse and check a FEATURE/ESCALATE payload against what this tier runs."""
+    n = len(payload)
+    if n < TENSOR_HEADER.size:
+        raise wire_error("truncated", f"message is {n} bytes, shorter than the {TENSOR_HEADER.size}-byte header")
+    if n > spec.max_size():
+        raise wire_error("oversized", f"message is {n} bytes, at most {spec.max_size()} expected")
+    (magic, version, kind, enc, flags, n_exits, ndim, b_id, b_ver, frame_id, sent_us,
+     scale, zp, n_classes) = TENSOR_HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise wire_error("magic", f"not a tierlite message (magic {magic!r})")
+    if version != WIRE_VERSION:
+        raise wire_error("version", f"wire version {version}, this tier speaks {WIRE_VERSION}")
+    if kind != spec.kind:
+        raise wire_error("kind", f"message kind {kind}, expected {spec.kind.name}")
+    if b_id != spec.bundle_id or b_ver != spec.bundle_version:
+        raise wire_error("bundle", f"feature from bundle id {b_id:08x} v{b_ver}, this tier runs "
+                                   f"{spec.bundle_name} ({spec.bundle_id:08x}) v{spec.bundle_version}")
+    if enc != spec.encoding_code:
+        raise wire_error("encoding", f"feature encoding {enc}, expected {spec.encoding['kind']}")
+    want = spec.input_info
+    if not np.isclose(scale, want.scale, rtol=1e-6, atol=0) or zp != want.zero_point:
+        raise wire_error("quantization", f"feature quantization ({scale:g}, {zp}) differs from this "
+                                         f"tier's input ({want.scale:g}, {want.zero_point})")
+    if n_exits != len(spec.exits) or n_classes != spec.n_classes:
+        raise wire_error("shape", f"{n_exits} exits x {n_classes} classes, expected "
+                                  f"{len(spec.exits)} x {spec.n_classes}")
+    if ndim > MAX_NDIM or n < TENSOR_HEADER.size + 2 * ndim:
+        raise wire_error("truncated", f"bad rank {ndim} or header cut short")
+    off = TENSOR_HEADER.size
+    shape = struct.unpack_from(f"<{ndim}H", payload, off)
+    off += 2 * ndim
+    if shape != tuple(want.shape) or shape != tuple(spec.feature.shape):
+        raise wire_error("shape", f"feature shape {shape}, this tier expects {tuple(want.shape)}")
+    has_end = bool(flags & FLAG_END_FEATURE)
+    if has_end and spec.end_feature is None:
+        raise wire_error("shape", "unexpected end feature block")
+    expected = off + sum(c.size for c in spec.exits) + spec.feature_size + (spec.end_feature_size if has_end else 0)
+    if n != expected:
+        raise wire_error("truncated" if n < expected else "oversized",
+                         f"message is {n} bytes, header says {expected}")
+    view = memoryview(payload)
+    logits = []
+    for codec in spec.exits:
+        logits.append(codec.decode(view[off: off + codec.size]))
+        off += codec.size
+    if not all(np.isfinite(lg).all() for lg in logits):
+        raise wire_error("invalid", "non-finite logits")
+    feature = view[off: off + spec.feature_size]
+    off += spec.feature_size
+    end_feature = view[off:] if has_end else None
+    return TensorMessage(Kind(kind), frame_id, sent_us, b_ver, float(scale), zp, shape, logits, feature, end_feature)
+
+
+# -- answers ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    kind: Kind  # ANSWER or REJECT
+    tier: str
+    frame_id: int
+    label: int
+    confidence: float
+    entropy: float
+    bundle_id: int
+    bundle_version: int
+    reason: RejectReason = RejectReason.OTHER
+
+
+def encode_answer(tier: str, frame_id: int, label: int, confidence: float, entropy: float,
+                  bundle_name: str, bundle_version: int) -> bytes:
+    return ANSWER_STRUCT.pack(MAGIC, WIRE_VERSION, Kind.ANSWER, TIER_CODES[tier], 0, label,
+                              bundle_id(bundle_name), bundle_version, frame_id & 0xFFFFFFFF,
+                              confidence, entropy)
+
+
+def encode_reject(tier: str, frame_id: int, err: WireError, bundle_name: str, bundle_version: int) -> bytes:
+    reason = _REASON_OF.get(reason_of(err), RejectReason.OTHER)
+    return ANSWER_STRUCT.pack(MAGIC, WIRE_VERSION, Kind.REJECT, TIER_CODES[tier], reason, 0,
+                              bundle_id(bundle_name), bundle_version, frame_id & 0xFFFFFFFF, 0.0, 1.0)
+
+
+def decode_answer(payload: bytes | memoryview) -> Answer:
+    if len(payload) != ANSWER_STRUCT.size:
+        raise wire_error("truncated" if len(payload) < ANSWER_STRUCT.size else "oversized",
+                         f"answer is {len(payload)} bytes, expected {ANSWER_STRUCT.size}")
+    magic, version, kind, tier, reason, label, b_id, b_ver, frame_id, conf, ent = ANSWER_STRUCT.unpack(payload)
+    if magic != MAGIC:
+        raise wire_error("magic", f"not a tierlite message (magic {magic!r})")
+    if version != WIRE_VERSION:
+        raise wire_error("version", f"wire version {version}, this node speaks {WIRE_VERSION}")
+    if kind not in (Kind.ANSWER, Kind.REJECT) or tier not in TIER_NAMES:
+        raise wire_error("kind", f"answer kind {kind} tier {tier} invalid")
+    try:
+        reason = RejectReason(reason)
+    except ValueError:
+        reason = RejectReason.OTHER
+    return Answer(Kind(kind), TIER_NAMES[tier], frame_id, label, conf, ent, b_id, b_ver, reason)
