@@ -44,51 +44,61 @@ class RolloutResult:
                 "reports": self.reports}
 
 
-def connect(broker: str, client_id: str | None = None, timeout: float = 10.0):
-    """A connected paho client (network loop in a background thread) for host:port."""
-    from tierlite.mqtt import connect_client
+def connect(broker: str, prefix: str = "tierlite", timeout: float = 10.0):
+    """A started tierlite.mqtt.MqttClient connected to host:port (UpdateError if unreachable)."""
+    from tierlite.config import BrokerConfig
+    from tierlite.mqtt import MqttClient, default_client_id
 
-    return connect_client(broker, client_id or f"tierlite-publish-{uuid.uuid4().hex[:8]}", timeout=timeout)
+    host, _, port = broker.rpartition(":")
+    try:
+        cfg = BrokerConfig(host=host or broker, port=int(port) if host else 1883)
+        cfg.check("--broker")
+    except ValueError:
+        raise ConfigError(f"--broker: expected host:port, got {broker!r}") from None
+    mqtt = MqttClient(cfg, default_client_id("publish"))
+    mqtt.start()
+    if not mqtt.wait_connected(timeout):
+        mqtt.stop()
+        raise UpdateError(f"cannot reach the MQTT broker at {broker} within {timeout:.0f} s")
+    return mqtt
 
 
 class _Reports:
-    """Collects node reports and the currently retained announcement."""
+    """Collects node reports (retained: each node's latest) and the announcement the broker holds."""
 
-    def __init__(self, client, prefix: str, model: str):
-        self.prefix, self.model = prefix, model
+    def __init__(self, mqtt, prefix: str, model: str):
         self.reports: dict[str, dict[str, Any]] = {}
         self.retained: dict[str, Any] | None = None
         self.got_retained = threading.Event()
         self.changed = threading.Condition()
-        client.message_callback_add(report_topic(prefix, model), self._on_report)
-        client.message_callback_add(update_topic(prefix, model), self._on_announcement)
-        client.subscribe([(report_topic(prefix, model), 1), (update_topic(prefix, model), 1)])
+        mqtt.subscribe(report_topic(prefix, model), self._on_report, qos=1)
+        mqtt.subscribe(update_topic(prefix, model), self._on_announcement, qos=1)
 
-    def _on_report(self, client, userdata, msg) -> None:
+    def _on_report(self, topic: str, payload: bytes) -> None:
         try:
-            doc = json.loads(msg.payload)
+            doc = json.loads(payload)
             node = str(doc["node"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            log.warning("dropped a malformed update report on %s", msg.topic)
+            log.warning("dropped a malformed update report on %s", topic)
             return
         with self.changed:
             self.reports[node] = doc
             self.changed.notify_all()
 
-    def _on_announcement(self, client, userdata, msg) -> None:
-        if msg.retain and not self.got_retained.is_set():
+    def _on_announcement(self, topic: str, payload: bytes) -> None:
+        if not self.got_retained.is_set():  # the first message after subscribing: the retained one
             try:
-                self.retained = json.loads(msg.payload) if msg.payload else None
+                self.retained = json.loads(payload) if payload else None
             except (json.JSONDecodeError, UnicodeDecodeError):
                 self.retained = None
-        self.got_retained.set()
+            self.got_retained.set()
 
 
-def rollout(client, bundle_dir: str | Path, private_key, prefix: str = "tierlite", parent: Bundle | None = None,
+def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite", parent: Bundle | None = None,
             full: bool = False, canary: float = 0.0, canary_nodes: list[str] | None = None,
             hold_s: float = 120.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             artifact_out: str | Path | None = None) -> RolloutResult:
-    """Publish bundle_dir as an update on a connected paho client; see the module docstring."""
+    """Publish bundle_dir as an update on a connected MqttClient; see the module docstring."""
     if not 0.0 <= canary < 1.0:
         raise ConfigError(f"--canary must be a share in [0, 1), got {canary}")
     data, rep = build_artifact(bundle_dir, parent=parent, full=full, private_key=private_key)
@@ -96,7 +106,7 @@ def rollout(client, bundle_dir: str | Path, private_key, prefix: str = "tierlite
     if artifact_out:
         Path(artifact_out).write_bytes(data)
     chunks = len(chunk_artifact(data, chunk_bytes))
-    reports = _Reports(client, prefix, rep.name)
+    reports = _Reports(mqtt, prefix, rep.name)
     reports.got_retained.wait(1.0)  # a retained announcement arrives at once if there is one
     old = reports.retained
     if old and isinstance(old.get("version"), int) and old["version"] >= rep.version:
@@ -105,7 +115,7 @@ def rollout(client, bundle_dir: str | Path, private_key, prefix: str = "tierlite
     staged = canary > 0.0 or bool(canary_nodes)
     share = canary if staged else 1.0
     ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=share, nodes=canary_nodes or [])
-    publish_update(client, prefix, data, ann, chunk_bytes)
+    publish_update(mqtt, prefix, data, ann, chunk_bytes)
     log.info("published %s v%s to %s (%d chunk(s), rollout share %.0f %%%s)", rep.name, rep.version,
              update_topic(prefix, rep.name), chunks, 100 * share,
              f", canary nodes {', '.join(canary_nodes)}" if canary_nodes else "")
@@ -115,20 +125,20 @@ def rollout(client, bundle_dir: str | Path, private_key, prefix: str = "tierlite
         result.reports = {n: r for n, r in reports.reports.items()}
         if ok:
             ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=1.0)
-            client.publish(update_topic(prefix, rep.name), json.dumps(ann).encode(), qos=1, retain=True).wait_for_publish(10)
+            mqtt.publish_and_wait(update_topic(prefix, rep.name), json.dumps(ann).encode(), qos=1, retain=True)
             result.stage, result.reason = "complete", reason
             log.info("canary held (%s); v%s announced to every node", reason, rep.version)
         else:
             # Withdraw: no further node takes it. Put the previous announcement back, if any, so
             # that nodes which come back online still converge on the last good version.
             payload = json.dumps(old).encode() if old else b""
-            client.publish(update_topic(prefix, rep.name), payload, qos=1, retain=True).wait_for_publish(10)
-            clear_chunks(client, prefix, rep.name, rep.version, chunks)
+            mqtt.publish_and_wait(update_topic(prefix, rep.name), payload, qos=1, retain=True)
+            clear_chunks(mqtt, prefix, rep.name, rep.version, chunks)
             result.stage, result.reason = "halted", reason
             log.warning("rollout of v%s halted: %s", rep.version, reason)
             return result
     if old and isinstance(old.get("version"), int) and isinstance(old.get("artifact"), dict):
-        clear_chunks(client, prefix, rep.name, old["version"], int(old["artifact"].get("chunks", 0)))
+        clear_chunks(mqtt, prefix, rep.name, old["version"], int(old["artifact"].get("chunks", 0)))
     return result
 
 

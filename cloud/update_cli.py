@@ -78,14 +78,13 @@ def publish(bundle_dir, parent, args) -> dict:
     from tierlite.cloud.rollout import connect, rollout
 
     nodes = [n for n in args.canary_nodes.split(",") if n]
-    client = connect(args.broker)
+    mqtt = connect(args.broker)
     try:
-        result = rollout(client, bundle_dir, key, prefix=args.prefix, parent=parent, full=args.full,
+        result = rollout(mqtt, bundle_dir, key, prefix=args.prefix, parent=parent, full=args.full,
                          canary=args.canary, canary_nodes=nodes, hold_s=args.hold, chunk_bytes=args.chunk_bytes,
                          artifact_out=args.artifact_out)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        mqtt.stop()
     print(result.artifact.summary())
     print(f"rollout: {result.stage}" + (f" ({result.reason})" if result.reason else ""))
     return result.to_json()
@@ -103,8 +102,10 @@ def configure_retrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--privacy", default="",
                    help="YAML/JSON file: {default: features|raw, nodes: {node-id: features|raw}}; "
                         "raw lets that node's uploaded frames retrain the whole end exit")
+    p.add_argument("--frames", help="frames uploaded by opted-in nodes (default: <store stem>.frames.sqlite)")
     p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (default 3)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs over the hard examples (default 30)")
+    p.add_argument("--steps", type=int, default=300, help="full-batch optimizer steps per head (default 300)")
+    p.add_argument("--min-examples", type=int, default=50, help="refuse to run on fewer hard examples")
     p.add_argument("--margin", type=float, default=1.0,
                    help="publish only if the candidate beats the parent by this many points on the "
                         "held-out store slice (default 1.0)")

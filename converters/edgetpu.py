@@ -32,6 +32,7 @@ EIGHT_BIT = ("INT8", "UINT8")
 class EdgeTPUReport:
     ready: bool
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     cpu_ops: list[str] = field(default_factory=list)  # ops the compiler would leave to the CPU
     compiled: str | None = None  # path of the *_edgetpu.tflite when compiled
     compiler_log: str = ""
@@ -70,26 +71,55 @@ def edgetpu_check(data: bytes, where: str = "model") -> EdgeTPUReport:
     return EdgeTPUReport(ready=not problems, problems=problems, cpu_ops=cpu_ops)
 
 
+def static_batch(data: bytes) -> tuple[bytes, int]:
+    """The same model with a dynamic batch dimension (shape_signature -1, as Keras exports it)
+    fixed to 1, which is all the Edge TPU compiler needs; returns (model, tensors changed)."""
+    import flatbuffers
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    model = tflm.convert_bytearray_to_object(bytearray(data))
+    changed = 0
+    for sg in model.subgraphs:
+        for t in sg.tensors or []:
+            sig = t.shapeSignature
+            if sig is not None and len(sig) and int(sig[0]) == -1 and t.shape is not None and int(t.shape[0]) == 1:
+                sig[0] = 1
+                changed += 1
+    if not changed:
+        return data, 0
+    builder = flatbuffers.Builder(len(data) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), changed
+
+
 def compiler_path() -> str | None:
     return shutil.which(COMPILER)
 
 
-def compile_edgetpu(model_path: Path, out_dir: Path, timeout_s: float = 300) -> tuple[Path, str]:
-    """Run edgetpu_compiler; returns the compiled model's path and the compiler's log."""
+def compile_edgetpu(data: bytes, stem: str, out_dir: Path, timeout_s: float = 300) -> tuple[Path, str]:
+    """Run edgetpu_compiler on `data` (named <stem>.tflite); returns <out_dir>/<stem>_edgetpu.tflite
+    and the compiler's log."""
+    import tempfile
+
     exe = compiler_path()
     if exe is None:
         raise ConfigError(f"{COMPILER} is not on PATH")
     out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tierlite-edgetpu-"))
+    model_path = work / f"{stem}.tflite"
+    model_path.write_bytes(data)
     try:
         proc = subprocess.run([exe, "-s", "-o", str(out_dir), str(model_path)], capture_output=True,
                               text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"{COMPILER} did not finish within {timeout_s:.0f} s on {model_path.name}") from None
+        raise ConfigError(f"{COMPILER} did not finish within {timeout_s:.0f} s on {stem}.tflite") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     log = (proc.stdout + proc.stderr).strip()
-    compiled = out_dir / f"{model_path.stem}_edgetpu.tflite"
+    compiled = out_dir / f"{stem}_edgetpu.tflite"
     if proc.returncode != 0 or not compiled.is_file():
         last = log.splitlines()[-1] if log else f"exit code {proc.returncode}"
-        raise ConfigError(f"{COMPILER} failed on {model_path.name}: {last}")
+        raise ConfigError(f"{COMPILER} failed on {stem}.tflite: {last}")
     return compiled, log
 
 

@@ -207,13 +207,13 @@ def fold_binary_end(end, arch: ArchConfig):
     limit = 255.0 * np.abs(kernel).sum(axis=(0, 1, 2)) + peak  # beyond this, bias alone decides
     bias = np.clip(c, -limit, limit) * gain
     x = L.Conv2D(arch.stem, 3, stem_stride(arch), padding="same", activation="relu6",
-                 name="end_stem_binstep")(inp)
+                 name="end_stem_step")(inp)
     weights = [(x, kernel * gain, bias)]
     for i, (ch, stride) in enumerate(arch.binary_end):
         x = L.Conv2D(int(ch), 3, int(stride), padding="same", activation="relu6", name=f"end_bin{i}")(x)
         weights.append((x, *_fold_binary(layer(f"end_bin{i}_conv"), layer(f"end_bin{i}_bn"))))
     trunk = x
-    feature = L.Conv2D(arch.boundary, 1, padding="same", activation="relu6", name="end_feature")(trunk)
+    feature = L.Conv2D(arch.boundary, 1, padding="same", activation="relu6", name="end_binfeature")(trunk)
     weights.append((feature, *_fold_binary(layer("end_binfeat_conv"), layer("end_binfeat_bn"))))
     gap = L.GlobalAveragePooling2D(name="end_gap")(trunk)
     logits = L.Dense(arch.num_classes, name="end_logits")(gap)

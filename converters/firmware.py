@@ -990,7 +990,8 @@ def firmware_for_mcu(check: MicroCheck, board: Board, out: Path | None, node_id:
 def firmware_for_linux(model: EndModel, board: Board, out: Path | None, src: str | Path = "") -> dict[str, Any]:
     """Linux nodes run the bundle with `tierlite device --board`: check the budget, that LiteRT loads
     the model here, and for Edge TPU boards readiness (+ compile when edgetpu_compiler is present)."""
-    from tierlite.converters.edgetpu import add_to_bundle, compile_edgetpu, compiler_path, edgetpu_check
+    from tierlite.converters.edgetpu import (add_to_bundle, compile_edgetpu, compiler_path, edgetpu_check,
+                                             static_batch)
     from tierlite.runtimes import open_runtime
 
     fit = check_fit(board, len(model.data), None, model.path.name)
@@ -1011,15 +1012,18 @@ def firmware_for_linux(model: EndModel, board: Board, out: Path | None, src: str
         times.append(time.perf_counter() - t0)
     report["litert_latency_ms_host"] = round(statistics.median(times) * 1000, 3)
     if board.runtime == "edgetpu":
-        etpu = edgetpu_check(model.data, model.path.name)
+        data, fixed = static_batch(model.data)
+        etpu = edgetpu_check(data, model.path.name)
+        if fixed:
+            etpu.notes.append(f"dynamic batch dimension fixed to 1 for the Edge TPU ({fixed} tensors)")
         if etpu.ready:
             if compiler_path() is None:
-                etpu.message = ("edgetpu_compiler is not on PATH: the model is Edge TPU-ready but not compiled; "
-                                "install edgetpu-compiler (x86-64 Debian/Ubuntu) and re-run, or the node "
-                                "runs it on the CPU with LiteRT")
+                etpu.message = ("edgetpu_compiler is not on PATH, nothing compiled: install edgetpu-compiler "
+                                "(x86-64 Debian/Ubuntu) and re-run to add the compiled model to the bundle "
+                                "(until then the node runs the end segment on its CPU)")
             else:
                 dest = model.bundle_root or out or model.path.parent
-                compiled, etpu.compiler_log = compile_edgetpu(model.path, Path(dest))
+                compiled, etpu.compiler_log = compile_edgetpu(data, model.path.stem, Path(dest))
                 etpu.compiled = str(compiled)
                 if model.bundle_root is not None:
                     add_to_bundle(model.bundle_root, compiled)
@@ -1106,7 +1110,9 @@ def _print_report(r: dict[str, Any]) -> None:
     if "edgetpu" in r:
         e = r["edgetpu"]
         print(f"  Edge TPU: {'ready' if e['ready'] else 'NOT ready: ' + '; '.join(e['problems'])}"
-              + (f"; {e['message']}" if e["message"] else ""))
+              + "".join(f"; {n}" for n in e["notes"]))
+        if e["message"]:
+            print(f"  {e['message']}")
     if r.get("files"):
         print(f"  wrote {', '.join(r['files'])}")
 

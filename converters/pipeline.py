@@ -50,20 +50,10 @@ def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "smal
     init_from: workdir/checkpoint of a trained model whose matching layers seed this one.
     Returns out_dir (a directory Bundle.load accepts).
     """
-    from tierlite.converters.datasets import load_splits
-    from tierlite.converters.train import load_checkpoint, train
-
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     workdir = Path(workdir) if workdir else default_workdir(out_dir)
-    arch, tc = resolve(preset, binarized=binarized, **overrides)
-    splits = load_splits(train_dir, arch.input_size, tc.val_fraction, seed, tc.limit, workdir / "cache")
-    arch.num_classes = len(splits.classes)
-    if splits.skipped:
-        log.warning("%d unreadable training image(s) skipped", len(splits.skipped))
-    seed_model = load_checkpoint(init_from)[0] if init_from else None
-    model = train(arch, tc, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                  splits.classes, workdir, seed=seed, init_from=seed_model)
+    model, arch, tc, splits = train_model(train_dir, workdir, preset, binarized, seed, init_from, **overrides)
     rng = np.random.default_rng(seed)
     rep = splits.train.images[rng.choice(len(splits.train.labels),
                                          min(tc.calibration_frames, len(splits.train.labels)), replace=False)]
@@ -81,6 +71,25 @@ def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "smal
         write_archive(out, archive)
     log.info("bundle %s written in %.0f s", out, time.monotonic() - t0)
     return out
+
+
+def train_model(train_dir: str | Path, workdir: str | Path, preset: str = "small", binarized: bool = False,
+                seed: int = 0, init_from: str | Path | None = None, **overrides):
+    """Train only (checkpoint in <workdir>/checkpoint). Returns (model, arch, train config, splits)."""
+    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.train import load_checkpoint, train
+
+    workdir = Path(workdir)
+    arch, tc = resolve(preset, binarized=binarized, **overrides)
+    splits = load_splits(train_dir, arch.input_size, tc.val_fraction, seed, tc.limit, workdir / "cache")
+    arch.num_classes = len(splits.classes)
+    if splits.skipped:
+        log.warning("%d unreadable training image(s) skipped, e.g. %s (%s)", len(splits.skipped), *splits.skipped[0])
+    seed_model = load_checkpoint(init_from)[0] if init_from else None
+    model = train(arch, tc, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                  splits.classes, workdir, seed=seed, init_from=seed_model,
+                  extra={"preset": preset, "train_dir": str(Path(train_dir).resolve())})
+    return model, arch, tc, splits
 
 
 def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classes: list[str],

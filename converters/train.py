@@ -87,7 +87,7 @@ def predict_logits(model, images: np.ndarray, batch: int = 500) -> list[np.ndarr
 
 def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_labels: np.ndarray,
           val_images: np.ndarray, val_labels: np.ndarray, classes: list[str], workdir: str | Path,
-          seed: int = 0, init_from: Any = None):
+          seed: int = 0, init_from: Any = None, extra: dict | None = None):
     """Train the joint model; returns it. Saves a checkpoint after every epoch.
 
     init_from: a joint model whose weights seed the layers with matching names and shapes
@@ -115,7 +115,11 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=tc.weight_decay)
     else:
         opt = keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
-    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    # No decay on BN/bias, nor on binary layers' latent weights (only their sign matters).
+    BinaryConv2D, _ = _custom_layers()
+    from tierlite.converters.models import _all_layers
+    binary_kernels = [l.kernel for l in _all_layers(model) if isinstance(l, BinaryConv2D)]
+    opt.exclude_from_weight_decay(var_list=binary_kernels, var_names=["gamma", "beta", "bias"])
     opt.build(model.trainable_variables)
     weights = [float(w) for w in tc.loss_weights]
     smooth, temp, distill = tc.label_smoothing, tc.temperature, tc.distill
@@ -179,7 +183,7 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         log.info("epoch %d/%d done in %s: loss %.3f, train acc %s, val acc end %.4f edge %.4f cloud %.4f",
                  epoch, tc.epochs, _hms(record["seconds"]), record["loss"],
                  "/".join(f"{a:.3f}" for a in record["train_acc"]), *val_acc)
-        save_checkpoint(model, workdir, arch, tc, classes, history, seed)
+        save_checkpoint(model, workdir, arch, tc, classes, history, seed, extra)
     log.info("training finished in %s", _hms(time.monotonic() - t_start))
     return model
 

@@ -21,7 +21,7 @@ from tierlite.bundle import Bundle, write_manifest
 from tierlite.errors import ConfigError
 from tierlite.segment import SegmentOutput
 from tierlite.update import (
-    ChunkAssembler, UpdateError, UpdateManager, UpdatePolicy, VersionStore, build_artifact, chunk_artifact,
+    ChunkAssembler, UpdateConfig, UpdateError, UpdateManager, VersionStore, build_artifact, chunk_artifact,
     generate_keypair, in_rollout, load_private_key, load_public_key, make_announcement, parse_announcement,
     read_artifact, sign_bundle, sign_document, verify_document, vet_artifact,
 )
@@ -239,18 +239,21 @@ def test_announcement_is_signed_and_rollout_share_is_stable(tmp_path, keys):
     assert all(in_rollout(n, dict(doc["rollout"], share=1.0)) for n in nodes)
 
 
-def test_policy_config_errors(tmp_path, keys):
-    with pytest.raises(ConfigError, match="trusted_keys"):
-        UpdatePolicy.from_dict({"state_dir": "s"}, tmp_path)
-    with pytest.raises(ConfigError, match="unknown key"):
-        UpdatePolicy.from_dict({"state_dir": "s", "trusted_keys": [str(keys["pub_path"])], "watch": 3}, tmp_path)
-    with pytest.raises(ConfigError, match="min_agreement"):
-        UpdatePolicy.from_dict({"state_dir": "s", "trusted_keys": [str(keys["pub_path"])], "min_agreement": 2},
-                               tmp_path)
+def test_update_config_errors(tmp_path, keys):
+    from tierlite.config import config_from_dict
+
+    pub = str(keys["pub_path"])
+    with pytest.raises(ConfigError, match="trusted_keys: required key missing"):
+        config_from_dict({"state_dir": "s"}, UpdateConfig, "update", tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'watch_frames'"):
+        config_from_dict({"state_dir": "s", "trusted_keys": pub, "watch_frame": 3}, UpdateConfig, "update", tmp_path)
+    with pytest.raises(ConfigError, match="min_agreement: a share in"):
+        config_from_dict({"state_dir": "s", "trusted_keys": pub, "min_agreement": 2}, UpdateConfig, "update", tmp_path)
     with pytest.raises(ConfigError, match="cannot read public key"):
-        UpdatePolicy.from_dict({"state_dir": "s", "trusted_keys": ["nope.pub"]}, tmp_path)
-    p = UpdatePolicy.from_dict({"state_dir": "s", "trusted_keys": str(keys["pub_path"])}, tmp_path)
-    assert p.state_dir == tmp_path / "s" and p.watch_frames == 100
+        config_from_dict({"state_dir": "s", "trusted_keys": "nope.pub"}, UpdateConfig, "update", tmp_path)
+    cfg = config_from_dict({"state_dir": "s", "trusted_keys": str(keys["pub_path"].parent)}, UpdateConfig,
+                           "update", tmp_path)
+    assert cfg.state_dir == str(tmp_path / "s") and len(cfg.public_keys()) == 2  # a folder: key rotation
 
 
 def test_version_store_stages_delta_from_kept_files(tmp_path, keys):
@@ -293,7 +296,7 @@ class Node:
     def __init__(self, tmp_path: Path, keys, **policy):
         self.v1 = Bundle.load(make_bundle(tmp_path / "v1", 1))
         self.swaps: list[int] = []
-        self.policy = UpdatePolicy(state_dir=tmp_path / "state", trusted_keys=[keys["pub_path"]],
+        self.policy = UpdateConfig(state_dir=str(tmp_path / "state"), trusted_keys=str(keys["pub_path"]),
                                    **{"watch_frames": 20, **policy})
         self.mgr = UpdateManager(self.policy, "cam-1", ["end"], self.swap, segment_factory=FakeSegment)
         self.running = self.mgr.startup(self.v1)
@@ -394,3 +397,17 @@ def test_manager_startup_rolls_back_when_current_fails_to_load(tmp_path, keys):
     assert again.startup(node.v1).version == 1
     assert 2 in again.status()["rejected"]
     again.close()
+
+
+def test_manager_restart_during_probation_resumes_then_rolls_back(tmp_path, keys):
+    node = Node(tmp_path, keys)
+    node.mgr.submit(_publish(tmp_path, keys, 2, node.v1))
+    assert node.mgr.wait_idle() and node.swaps == [2]
+    node.mgr.close()  # the process dies during the watch ...
+    second = UpdateManager(node.policy, "cam-1", ["end"], node.swap, segment_factory=FakeSegment)
+    assert second.startup(node.v1).version == 2  # ... once: v2 resumes its probation
+    assert second.status()["watching"]["version"] == 2
+    second.close()  # ... and again: v2 is taken to be what brings the process down
+    third = UpdateManager(node.policy, "cam-1", ["end"], node.swap, segment_factory=FakeSegment)
+    assert third.startup(node.v1).version == 1 and 2 in third.status()["rejected"]
+    third.close()

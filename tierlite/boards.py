@@ -144,14 +144,14 @@ class _Fields:
                 raise self.error(key, "missing")
             return default
         value = self.data[key]
-        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+        if not isinstance(value, typ) or (isinstance(value, bool) and bool not in (typ, object)):
             names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise self.error(key, f"expected {names}, got {value!r}")
         return value
 
     def text(self, key: str, default: Any = ..., choices: tuple[str, ...] | None = None) -> str:
         value = self.get(key, str, default)
-        if choices and value not in choices:
+        if choices and value not in choices and (default is ... or value != default):
             raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
@@ -175,7 +175,10 @@ class _Fields:
         return n
 
     def sub(self, key: str) -> "_Fields":
-        return _Fields(self.get(key, dict), self.where, f"{self.prefix}{key}.")
+        value = self.get(key, object)
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a mapping, got {value!r}")
+        return _Fields(value, self.where, f"{self.prefix}{key}.")
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from tierlite.errors import ConfigError
+from tierlite.update import UpdateConfig
 from tierlite.wire import valid_node_id
 
 RUNTIMES = ("litert", "tflite-runtime", "edgetpu", "tflm")
@@ -93,7 +94,7 @@ class BrokerConfig:
     qos: QoSConfig = field(default_factory=QoSConfig)
     discovery_timeout: float = 3.0  # `auto`: seconds per zeroconf browse attempt
     discovery_interfaces: list[str] | None = None  # `auto`: e.g. ["127.0.0.1"]; None = all
-    discovery_bundle: str | None = None  # `auto`: only gateways advertising this bundle name
+    discovery_match: dict[str, str] | None = None  # `auto`: TXT records the gateway must have, e.g. {bundle: digits-small}
 
     @property
     def auto(self) -> bool:
@@ -164,6 +165,7 @@ class DeviceConfig:
     max_pending: int = 256  # escalations in flight; beyond this a frame falls back at once
     results_file: str | None = None  # also append every result event as one JSON line here
     home_assistant: bool = False  # publish a retained Home Assistant MQTT discovery config
+    update: UpdateConfig | None = None  # accept signed model updates (docs/UPDATES.md)
 
     _paths = ("bundle", "results_file")
 
@@ -179,6 +181,8 @@ class DeviceConfig:
         _threshold(f"{where}.threshold", self.threshold)
         if self.threads < 1 or self.deadline_ms <= 0 or self.max_pending < 1:
             raise ConfigError(f"{where}: threads >= 1, deadline_ms > 0 and max_pending >= 1")
+        if self.update is not None:
+            self.update.check(f"{where}.update")
 
 
 def _existing_path(where: str, value: str) -> None:
@@ -285,9 +289,6 @@ class EdgeConfig:
             raise ConfigError(f"{where}.workers: 1..64, got {self.workers}")
         if self.workers > 1 and self.broker.protocol != "5":
             raise ConfigError(f"{where}.workers: several workers need MQTT 5 shared subscriptions (broker.protocol: '5')")
-        if self.cloud.mode == "bridge" and not self.mosquitto.managed:
-            raise ConfigError(f"{where}.cloud: a generated bridge needs mosquitto.managed: true "
-                              "(for an existing broker, add the bridge from `tierlite edge --print-bridge`)")
         if not self.share_group or any(c in self.share_group for c in "/+#"):
             raise ConfigError(f"{where}.share_group: a single topic level without + or #")
         if not valid_node_id(self.gateway_id):
@@ -411,6 +412,11 @@ def _coerce(tp: Any, value: Any, where: str, base: Path) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(args[0], k, f"{where} key", base): _coerce(args[1], v, f"{where}.{k}", base)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")

@@ -60,6 +60,7 @@ ARTIFACT_FORMAT = "tierlite-update/1"
 SIG_ALG = "ed25519"
 DEFAULT_CHUNK_BYTES = 64 * 1024  # well under the 128-256 KiB message caps of small MQTT stacks
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+MAX_UNCONFIRMED_STARTS = 1  # restarts tolerated while a new version is on probation
 CHUNK_MAGIC = b"TLU1"
 _CHUNK_HEADER = struct.Struct(">4sIII32s")  # magic, index, count, artifact bytes, artifact sha256
 
@@ -422,6 +423,37 @@ def chunk_topic(prefix: str, model: str, version: int, index: int | str) -> str:
     return f"{prefix}/update/{model}/v{version}/{index}"
 
 
+def frames_topic(prefix: str, model: str, node_id: str = "+") -> str:
+    return f"{prefix}/update/{model}/frames/{node_id}"
+
+
+FRAME_MAGIC = b"TLF1"
+MAX_FRAME_JPEG_BYTES = 1 << 20
+
+
+def encode_frame_upload(jpeg: bytes, version: int) -> bytes:
+    """An opted-in node's frame upload: b"TLF1" | u32 header length | {"version","ts"} JSON | JPEG."""
+    header = json.dumps({"version": int(version), "ts": round(time.time(), 3)}).encode()
+    return FRAME_MAGIC + struct.pack(">I", len(header)) + header + jpeg
+
+
+def decode_frame_upload(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    if len(payload) < 8 or payload[:4] != FRAME_MAGIC:
+        raise UpdateError("frame upload: bad magic")
+    (n,) = struct.unpack_from(">I", payload, 4)
+    if n > 4096 or 8 + n > len(payload):
+        raise UpdateError("frame upload: bad header length")
+    try:
+        header = json.loads(payload[8:8 + n])
+        int(header["version"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UpdateError("frame upload: header is not the expected JSON") from None
+    jpeg = bytes(payload[8 + n:])
+    if not 0 < len(jpeg) <= MAX_FRAME_JPEG_BYTES or not jpeg.startswith(b"\xff\xd8"):
+        raise UpdateError(f"frame upload: not a JPEG of at most {MAX_FRAME_JPEG_BYTES} bytes")
+    return header, jpeg
+
+
 def report_topic(prefix: str, model: str, node_id: str = "+") -> str:
     return f"{prefix}/update/{model}/report/{node_id}"
 
@@ -472,28 +504,23 @@ def in_rollout(node_id: str, rollout: dict[str, Any]) -> bool:
     return int.from_bytes(h[:8], "big") / 2 ** 64 < share
 
 
-def publish_update(client, prefix: str, data: bytes, announcement: dict[str, Any],
+def publish_update(mqtt, prefix: str, data: bytes, announcement: dict[str, Any],
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 30.0) -> None:
-    """Publish chunks (retained, QoS 1) then the announcement (retained) on a connected paho client."""
+    """Publish the chunks (retained, QoS 1), then the announcement (retained), on a connected
+    tierlite.mqtt.MqttClient, each acknowledged by the broker before the next."""
     model, version = announcement["model"], announcement["version"]
-    infos = [client.publish(chunk_topic(prefix, model, version, i), c, qos=1, retain=True)
-             for i, c in enumerate(chunk_artifact(data, chunk_bytes))]
-    infos.append(client.publish(update_topic(prefix, model), json.dumps(announcement).encode(), qos=1, retain=True))
-    _wait_published(infos, timeout)
-
-
-def clear_chunks(client, prefix: str, model: str, version: int, count: int, timeout: float = 10.0) -> None:
-    """Delete an old version's retained chunks (an empty retained payload clears a topic)."""
-    _wait_published([client.publish(chunk_topic(prefix, model, version, i), b"", qos=1, retain=True)
-                     for i in range(count)], timeout)
-
-
-def _wait_published(infos, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    for info in infos:
-        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        if not info.is_published():
-            raise UpdateError(f"broker did not acknowledge the update within {timeout:.0f} s")
+    messages = [(chunk_topic(prefix, model, version, i), c) for i, c in enumerate(chunk_artifact(data, chunk_bytes))]
+    messages.append((update_topic(prefix, model), json.dumps(announcement).encode()))
+    for topic, payload in messages:
+        if not mqtt.publish_and_wait(topic, payload, qos=1, retain=True, timeout=max(0.5, deadline - time.monotonic())):
+            raise UpdateError(f"broker did not acknowledge {topic} within {timeout:.0f} s")
+
+
+def clear_chunks(mqtt, prefix: str, model: str, version: int, count: int, timeout: float = 10.0) -> None:
+    """Delete a version's retained chunks (an empty retained payload clears a topic)."""
+    for i in range(count):
+        mqtt.publish_and_wait(chunk_topic(prefix, model, version, i), b"", qos=1, retain=True, timeout=timeout)
 
 
 # -- node side: versions on disk ------------------------------------------------------------------
@@ -508,15 +535,19 @@ class VersionStore:
 
     def _read_state(self) -> dict[str, Any]:
         f = self.root / "state.json"
+        empty = {"current": None, "previous": None, "rejected": [], "pending": None}
         if not f.exists():
-            return {"current": None, "previous": None, "rejected": []}
+            return empty
         try:
             state = json.loads(f.read_text())
+            pending = state.get("pending")
             return {"current": state.get("current"), "previous": state.get("previous"),
-                    "rejected": [int(v) for v in state.get("rejected", [])]}
-        except (json.JSONDecodeError, ValueError, AttributeError) as e:
+                    "rejected": [int(v) for v in state.get("rejected", [])],
+                    "pending": {"version": int(pending["version"]), "starts": int(pending["starts"]),
+                                "baseline": float(pending.get("baseline", 1.0))} if pending else None}
+        except (json.JSONDecodeError, ValueError, AttributeError, KeyError, TypeError) as e:
             log.warning("update state %s unreadable (%s); starting from the configured bundle", f, e)
-            return {"current": None, "previous": None, "rejected": []}
+            return empty
 
     def save(self) -> None:
         tmp = self.root / "state.json.tmp"
@@ -597,51 +628,51 @@ class VersionStore:
 
 # -- node side: the manager -----------------------------------------------------------------------
 @dataclass
-class UpdatePolicy:
-    """The `update:` section of a device or edge config (all keys optional except trusted_keys)."""
-    state_dir: Path
-    trusted_keys: list[Path]
+class UpdateConfig:
+    """The `update:` section of a device or edge config (tierlite.config builds and checks it).
+
+        update:
+          trusted_keys: keys/update.pub   # a public key, or a folder of *.pub (key rotation)
+          state_dir: models/              # kept versions and state.json
+    """
+    trusted_keys: str
+    state_dir: str
     enabled: bool = True
     recent_frames: int = 64  # recent inputs kept for the shadow check
     min_agreement: float = 0.8  # top-1 agreement on recent frames the current model was sure of
-    max_shadow_escalation_increase: float = 0.25  # candidate's escalation rate on recent frames, vs current
+    max_shadow_escalation_increase: float = 0.25  # candidate's escalation rate on recent frames vs current
     watch_frames: int = 100  # frames served by a new version before it is confirmed
-    watch_seconds: float = 120.0  # ... or this long, whichever first
-    max_escalation_increase: float = 0.15  # absolute, post-swap vs the frames before the swap
+    watch_seconds: float = 120.0  # ... or this long, whichever comes first
+    max_escalation_increase: float = 0.15  # absolute, after the swap vs the frames before it
     max_error_rate: float = 0.05
     max_artifact_bytes: int = MAX_ARTIFACT_BYTES
+    # Privacy opt-in: upload the JPEG of frames the end model escalated, so the cloud may retrain
+    # the end exit from them (off: only boundary features ever leave the node).
+    share_frames: bool = False
+    max_frame_uploads_per_minute: int = 120
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, base_dir: str | Path = ".", where: str = "update") -> "UpdatePolicy":
-        d = dict(d or {})
-        base = Path(base_dir)
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        keys = d.pop("trusted_keys", None)
-        if isinstance(keys, (str, Path)):
-            keys = [keys]
-        if not keys or not isinstance(keys, list):
-            raise ConfigError(f"{where}.trusted_keys: list the public key file(s) updates must be signed with")
-        state_dir = d.pop("state_dir", None)
-        if not state_dir:
-            raise ConfigError(f"{where}.state_dir: a directory for kept model versions is required")
-        try:
-            policy = cls(state_dir=base / Path(state_dir).expanduser(),
-                         trusted_keys=[base / Path(k).expanduser() for k in keys], **d)
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from None
+    _paths = ("trusted_keys", "state_dir")
+
+    def check(self, where: str = "update") -> None:
         for name in ("min_agreement", "max_shadow_escalation_increase", "max_escalation_increase", "max_error_rate"):
-            v = getattr(policy, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{where}.{name} must be a number in [0, 1], got {v!r}")
-        for name in ("recent_frames", "watch_frames", "max_artifact_bytes"):
-            if not isinstance(getattr(policy, name), int) or getattr(policy, name) < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer")
-        for k in policy.trusted_keys:
-            load_public_key(k)  # fail at start-up, not when the first update arrives
-        return policy
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{where}.{name}: a share in [0, 1], got {v!r}")
+        for name in ("recent_frames", "watch_frames", "max_artifact_bytes", "max_frame_uploads_per_minute"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1")
+        if self.watch_seconds <= 0:
+            raise ConfigError(f"{where}.watch_seconds: must be > 0")
+        if Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
+            raise ConfigError(f"{where}.state_dir: {self.state_dir} is not a folder")
+        self.public_keys(where)  # fail at start-up, not when the first update arrives
+
+    def public_keys(self, where: str = "update") -> list:
+        path = Path(self.trusted_keys)
+        files = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        if not files:
+            raise ConfigError(f"{where}.trusted_keys: no *.pub file in {path}")
+        return [load_public_key(f) for f in files]
 
 
 SegmentFactory = Callable[[Bundle, str], Any]  # (bundle, tier) -> object with .run(x) -> SegmentOutput
@@ -678,13 +709,13 @@ class UpdateManager:
     (e.g. assign one reference the frame loop reads at the start of each frame).
     """
 
-    def __init__(self, policy: UpdatePolicy, node_id: str, tiers: Iterable[str], swap: SwapFn,
+    def __init__(self, policy: UpdateConfig, node_id: str, tiers: Iterable[str], swap: SwapFn,
                  prefix: str = "tierlite", segment_factory: SegmentFactory | None = None):
         self.policy, self.node_id, self.prefix = policy, node_id, prefix
         self.tiers = tuple(tiers)
         self._swap = swap
         self._factory = segment_factory or _default_factory
-        self._keys = [load_public_key(k) for k in policy.trusted_keys]
+        self._keys = policy.public_keys()
         self.store = VersionStore(policy.state_dir)
         self.bundle: Bundle | None = None
         self._lock = threading.Lock()
@@ -698,6 +729,7 @@ class UpdateManager:
         self._worker: threading.Thread | None = None
         self._deferred: bytes | None = None
         self._attempt: int | None = None  # version of the (signed) update being applied
+        self._upload_window = [time.monotonic(), 0]  # [window start, frames uploaded in it]
         self._refused: set[str] = set()  # artifact sha256s already refused by this process
         self.counters = {"refused": 0, "applied": 0, "rolled_back": 0, "confirmed": 0, "dropped_messages": 0}
         self.last_event: dict[str, Any] = {}
@@ -707,6 +739,16 @@ class UpdateManager:
         """The bundle this node should run: the newest kept version that loads, or the configured
         one if it is newer (an operator's manual install wins). Starts the worker thread."""
         st = self.store.state
+        pending = st["pending"]
+        if pending and pending["version"] == st["current"]:
+            # Restarted while a new version was still on probation: once may be a power cut,
+            # twice looks like the new version brings the process down.
+            pending["starts"] += 1
+            if pending["starts"] > MAX_UNCONFIRMED_STARTS:
+                log.error("update: v%s was not confirmed across %d restarts; rolling back",
+                          pending["version"], pending["starts"] - 1)
+                self._reject(pending["version"])
+                st["pending"] = None
         old_current, chosen = st["current"], None
         if old_current is not None and old_current > configured.version:
             for version in (old_current, st["previous"]):
@@ -733,6 +775,11 @@ class UpdateManager:
             elif st["previous"] is not None and (st["previous"] >= configured.version or not self.store.has(st["previous"])):
                 st["previous"] = None
         st["current"] = chosen.version
+        pending = st["pending"]
+        if pending and (pending["version"] != chosen.version or st["previous"] is None):
+            st["pending"] = pending = None
+        if pending:  # resume the probation the restart interrupted
+            self._watch = _Watch(chosen.version, st["previous"], pending["baseline"], time.monotonic())
         self.store.save()
         self.bundle = chosen
         log.info("update: running %s v%s (previous kept: %s)", chosen.name, chosen.version,
@@ -757,15 +804,11 @@ class UpdateManager:
             raise RuntimeError("UpdateManager.startup() must run first")
         return self.bundle.name
 
-    def attach(self, client) -> None:
-        """Call from the owner's on_connect (every reconnect): subscribes to the announcement.
-        Retained messages make a reconnecting node see the latest update at once."""
-        self._client = client
-        client.subscribe(self.topic, qos=1)
-        with self._lock:
-            pending = self._assembly
-        if pending is not None:  # resume collecting chunks after a reconnect
-            client.subscribe(chunk_topic(self.prefix, self._model, pending[0]["version"], "+"), qos=1)
+    def attach(self, mqtt) -> None:
+        """Subscribe on a tierlite.mqtt.MqttClient (call once: its subscriptions survive reconnects,
+        and the retained announcement reaches a node that comes back online at once)."""
+        self._client = mqtt
+        mqtt.subscribe(self.topic, self.on_message, qos=1)
 
     def wants(self, topic: str) -> bool:
         return topic == self.topic or topic.startswith(self.topic + "/v")
@@ -815,7 +858,7 @@ class UpdateManager:
         log.info("update: %s v%s announced (%s B in %d chunk(s)); collecting", doc["model"], version,
                  f"{art['bytes']:,}", art["chunks"])
         if self._client is not None:
-            self._client.subscribe(chunk_topic(self.prefix, self._model, version, "+"), qos=1)
+            self._client.subscribe(chunk_topic(self.prefix, self._model, version, "+"), self.on_message, qos=1)
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -852,6 +895,8 @@ class UpdateManager:
     # -- frames --------------------------------------------------------------------------------
     def observe(self, tier: str, x: np.ndarray, logits: np.ndarray | None, escalated: bool, error: bool = False) -> None:
         """Called by the frame loop after each frame (cheap: a copy into a ring buffer)."""
+        if escalated and tier == "end" and self.policy.share_frames and not error:
+            self._share_frame(x)
         with self._lock:
             if logits is not None and not error and tier in self._recent:
                 self._recent[tier].append((np.array(x, copy=True), np.asarray(logits, dtype=np.float32).copy()))
@@ -866,6 +911,21 @@ class UpdateManager:
             done = w.frames >= self.policy.watch_frames or time.monotonic() - w.started > self.policy.watch_seconds
         if done:
             self._enqueue_judge()
+
+    def _share_frame(self, x: np.ndarray) -> None:
+        """Opted-in nodes: upload an escalated frame as JPEG (rate-limited, QoS 0, best effort)."""
+        now = time.monotonic()
+        if now - self._upload_window[0] >= 60.0:
+            self._upload_window = [now, 0]
+        if self._client is None or self.bundle is None or self._upload_window[1] >= self.policy.max_frame_uploads_per_minute:
+            return
+        import cv2
+
+        img = np.asarray(x).reshape(np.asarray(x).shape[-3:])
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if ok and self._client.publish(frames_topic(self.prefix, self._model, self.node_id),
+                                       encode_frame_upload(jpg.tobytes(), self.bundle.version), 0):
+            self._upload_window[1] += 1
 
     def _enqueue_judge(self) -> None:
         try:
@@ -931,6 +991,7 @@ class UpdateManager:
                               f"still on v{current.version}") from None
         st = self.store.state
         st["previous"], st["current"] = current.version, candidate.version
+        st["pending"] = {"version": candidate.version, "starts": 0, "baseline": baseline}
         self.store.save()
         with self._lock:
             self.bundle = candidate
@@ -1003,6 +1064,8 @@ class UpdateManager:
 
     def _confirm(self, w: _Watch, detail: str) -> None:
         self.counters["confirmed"] += 1
+        self.store.state["pending"] = None
+        self.store.save()
         self.store.prune()
         self._event("confirmed", w.version, detail)
 
@@ -1012,7 +1075,7 @@ class UpdateManager:
         self._swap(previous, segments)
         self._reject(w.version)
         st = self.store.state
-        st["current"], st["previous"] = previous.version, None
+        st["current"], st["previous"], st["pending"] = previous.version, None, None
         self.store.save()
         with self._lock:
             self.bundle = previous
@@ -1041,7 +1104,7 @@ class UpdateManager:
         if self._client is not None and self.bundle is not None:
             try:
                 self._client.publish(report_topic(self.prefix, self._model, self.node_id),
-                                     json.dumps({"node": self.node_id, **self.status()}).encode(), qos=1)
+                                     json.dumps({"node": self.node_id, **self.status()}).encode(), qos=1, retain=True)
             except Exception:  # noqa: BLE001 - a report is best effort
                 log.debug("update report not sent", exc_info=True)
 

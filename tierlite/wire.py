@@ -16,11 +16,13 @@ The layout is documented byte by byte in docs/protocol.md.
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 import time
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from enum import IntEnum
 from typing import Any
 
@@ -116,15 +118,15 @@ def node_of(topic_name: str, prefix: str) -> str:
 class LogitsCodec:
     info: TensorInfo
 
-    @property
+    @cached_property
     def n_classes(self) -> int:
         return int(np.prod(self.info.shape))
 
-    @property
+    @cached_property
     def quantized(self) -> bool:
         return self.info.scale > 0 and self.info.dtype in ("int8", "uint8")
 
-    @property
+    @cached_property
     def size(self) -> int:
         return self.n_classes * (1 if self.quantized else 4)
 
@@ -159,26 +161,31 @@ class BoundarySpec:
     end_feature: TensorInfo | None = None  # ESCALATE: the node's feature, when forwarded
     end_encoding: dict[str, Any] | None = None
 
-    @property
+    @cached_property
     def bundle_id(self) -> int:
         return bundle_id(self.bundle_name)
 
-    @property
+    @cached_property
     def encoding_code(self) -> int:
         return ENCODING_CODES[self.encoding["kind"]]
 
-    @property
+    @cached_property
     def feature_size(self) -> int:
         return encoded_size(self.feature.shape, self.encoding)
 
-    @property
+    @cached_property
     def end_feature_size(self) -> int:
         return encoded_size(self.end_feature.shape, self.end_encoding) if self.end_feature else 0
 
-    @property
+    @cached_property
     def n_classes(self) -> int:
         return self.exits[0].n_classes
 
+    @cached_property
+    def exits_size(self) -> int:
+        return sum(c.size for c in self.exits)
+
+    @cached_property
     def max_size(self) -> int:
         return (TENSOR_HEADER.size + 2 * len(self.feature.shape) + sum(c.size for c in self.exits)
                 + self.feature_size + self.end_feature_size)
@@ -261,8 +268,8 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
     n = len(payload)
     if n < TENSOR_HEADER.size:
         raise wire_error("truncated", f"message is {n} bytes, shorter than the {TENSOR_HEADER.size}-byte header")
-    if n > spec.max_size():
-        raise wire_error("oversized", f"message is {n} bytes, at most {spec.max_size()} expected")
+    if n > spec.max_size:
+        raise wire_error("oversized", f"message is {n} bytes, at most {spec.max_size} expected")
     (magic, version, kind, enc, flags, n_exits, ndim, b_id, b_ver, frame_id, sent_us,
      scale, zp, n_classes) = TENSOR_HEADER.unpack_from(payload)
     if magic != MAGIC:
@@ -271,13 +278,16 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
         raise wire_error("version", f"wire version {version}, this tier speaks {WIRE_VERSION}")
     if kind != spec.kind:
         raise wire_error("kind", f"message kind {kind}, expected {spec.kind.name}")
-    if b_id != spec.bundle_id or b_ver != spec.bundle_version:
+    # Any version of the same bundle: tiers and nodes take model updates at different times (staged
+    # rollout), and an update keeps the boundary tensors (tierlite.update checks it); the encoding,
+    # quantization and shape checks below still refuse a producer whose boundary differs.
+    if b_id != spec.bundle_id:
         raise wire_error("bundle", f"feature from bundle id {b_id:08x} v{b_ver}, this tier runs "
                                    f"{spec.bundle_name} ({spec.bundle_id:08x}) v{spec.bundle_version}")
     if enc != spec.encoding_code:
         raise wire_error("encoding", f"feature encoding {enc}, expected {spec.encoding['kind']}")
     want = spec.input_info
-    if not np.isclose(scale, want.scale, rtol=1e-6, atol=0) or zp != want.zero_point:
+    if not math.isclose(scale, want.scale, rel_tol=1e-6) or zp != want.zero_point:
         raise wire_error("quantization", f"feature quantization ({scale:g}, {zp}) differs from this "
                                          f"tier's input ({want.scale:g}, {want.zero_point})")
     if n_exits != len(spec.exits) or n_classes != spec.n_classes:
@@ -293,7 +303,7 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
     has_end = bool(flags & FLAG_END_FEATURE)
     if has_end and spec.end_feature is None:
         raise wire_error("shape", "unexpected end feature block")
-    expected = off + sum(c.size for c in spec.exits) + spec.feature_size + (spec.end_feature_size if has_end else 0)
+    expected = off + spec.exits_size + spec.feature_size + (spec.end_feature_size if has_end else 0)
     if n != expected:
         raise wire_error("truncated" if n < expected else "oversized",
                          f"message is {n} bytes, header says {expected}")
@@ -302,7 +312,7 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
     for codec in spec.exits:
         logits.append(codec.decode(view[off: off + codec.size]))
         off += codec.size
-    if not all(np.isfinite(lg).all() for lg in logits):
+    if not all(c.quantized or np.isfinite(lg).all() for c, lg in zip(spec.exits, logits)):
         raise wire_error("invalid", "non-finite logits")
     feature = view[off: off + spec.feature_size]
     off += spec.feature_size

@@ -38,10 +38,10 @@ DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
 DEFAULT_DROPS = "0.5,1,2"
 
 # Targets from the brief (reported against, never asserted).
-T_END_ACC = Target("end model standalone top-1", 80.0, True, " %")
+T_END_ACC = Target("end model standalone top-1", 80.0, True, " %", " pt")
 T_END_BYTES = Target("end model bytes", 64 * 1024, False, " B")
-T_SYSTEM_ACC = Target("system top-1", 90.0, True, " %")
-T_CAMERA_SHARE = Target("frames decided on camera (within 0.5 pt of cloud-only)", 75.0, True, " %")
+T_SYSTEM_ACC = Target("system top-1", 90.0, True, " %", " pt")
+T_CAMERA_SHARE = Target("frames decided on camera (within 0.5 pt of cloud-only)", 75.0, True, " %", " pt")
 T_WITHIN = Target("top-1 gap to cloud-only", 0.5, False, " pt")
 T_UPLINK = Target("uplink reduction vs JPEG offload", 10.0, True, "x")
 T_CAMERA_P50 = Target("camera decision p50", 0.2, False, " ms")
@@ -57,11 +57,15 @@ def configure_accuracy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drops", default=DEFAULT_DROPS,
                    help="operating points: max top-1 drop in points vs the full chain, from the bundle's "
                         f"calibration on validation data (default {DEFAULT_DROPS})")
+    p.add_argument("--val-data", help="validation image folder (never the test frames) to compute thresholds "
+                                      "for drops the bundle's calibration does not hold")
     p.add_argument("--reference", action="append", default=[], metavar="TFLITE_OR_DIR",
                    help="reference model(s) run on the camera, int8 input pixel-128 (e.g. "
                         "../shared/reference_models/mlperf-tiny-ic); repeatable")
     p.add_argument("--e2e-frames", type=int, default=300,
                    help="frames per configuration sent through the real runtime (Mosquitto + processes); 0 skips")
+    p.add_argument("--e2e-fps", type=float, default=50.0,
+                   help="pace of frames through the real runtime (default 50/s, a camera's rate)")
     p.add_argument("--runtime", default="litert", help="runtime plugin for every model (default litert)")
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1, like a camera)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit and --e2e-frames samples")
@@ -209,14 +213,57 @@ def run_offline(frames: Frames, chains: list[ChainRunner], refs: list[ReferenceR
 
 
 # -- operating points -------------------------------------------------------------------------------
-def operating_points(bundle, drops: list[float]) -> list[tuple[float, dict[str, float]]]:
-    """Thresholds for each max-drop, from the bundle's calibration (validation data, never test).
+def operating_points(bundle_path: str | Path, bundle, drops: list[float],
+                     val_data: str | None = None) -> list[tuple[float, dict[str, float], str]]:
+    """(drop in points, thresholds, where they came from) for each max drop, chosen on validation
+    data, never on the test frames: the manifest (its own max_drop), then the converters' sweep
+    (<bundle>-work/calibration.json, validation split), then --val-data recomputed with the
+    converters' calibration code."""
+    from tierlite.converters.pipeline import default_workdir
 
-    Drops not stored in the manifest are recomputed from the validation split with the converters'
-    calibration code (needs TensorFlow-free LiteRT only)."""
-    from tierlite.bench import calibration_points
+    cal = bundle.manifest.get("calibration", {})
+    sweep_file = default_workdir(bundle_path) / "calibration.json"
+    sweep = {}
+    if sweep_file.is_file():
+        import json
 
-    return calibration_points(bundle, drops)
+        try:
+            sweep = {round(float(p["max_drop"]), 6): p["thresholds"] for p in json.loads(sweep_file.read_text())["sweep"]}
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            log.warning("%s: unreadable calibration sweep, ignored", sweep_file)
+    val_logits = None
+    out = []
+    for drop in drops:
+        frac = round(drop / 100.0, 6)
+        if cal.get("max_drop") is not None and round(float(cal["max_drop"]), 6) == frac:
+            out.append((drop, bundle.thresholds, "manifest (validation)"))
+        elif frac in sweep:
+            out.append((drop, {k: float(v) for k, v in sweep[frac].items()}, f"{sweep_file.name} (validation)"))
+        elif val_data:
+            from tierlite.converters.calibrate import search_thresholds
+
+            if val_logits is None:
+                val_logits = _validation_logits(bundle, val_data)
+            logits, labels, fbytes = val_logits
+            op = search_thresholds(logits, labels, fbytes, max_drop=frac)
+            out.append((drop, op.thresholds, f"recomputed on {val_data}"))
+        else:
+            raise ConfigError(f"bundle {bundle_path}: no calibrated thresholds for a {drop:g} pt drop "
+                              f"(manifest has {cal.get('max_drop')}, sweep has {sorted(sweep)}); "
+                              "pass --val-data DIR (validation frames, never test) to compute them")
+    return out
+
+
+def _validation_logits(bundle, val_data: str):
+    from tierlite.converters.pipeline import run_chain
+    from tierlite.data import load_image_folder
+    from tierlite.segment import encoded_size
+
+    val = load_image_folder(val_data, size=tuple(bundle.input_shape[1:3]))
+    enc = bundle.feature_encoding
+    fbytes = (encoded_size(bundle.segment("end").output("feature").shape, enc),
+              encoded_size(bundle.segment("edge").output("feature").shape, {"kind": "int8"}))
+    return run_chain(bundle.root, val.images), val.labels, fbytes
 
 
 # -- metrics per configuration ----------------------------------------------------------------------
@@ -235,6 +282,7 @@ class ConfigResult:
     drop: float | None = None
     bundle_dir: Path | None = None  # for the real-runtime pass
     tiers: tuple[str, ...] = ("end", "edge", "cloud")
+    threshold_source: str = ""
 
     def row(self, truth: np.ndarray) -> dict[str, Any]:
         n = len(truth)
@@ -243,7 +291,7 @@ class ConfigResult:
         e2e = latency_ms(self.e2e_s)
         return {
             "config": self.name, "kind": self.kind, "frames": n,
-            "drop_pt": self.drop, "thresholds": self.thresholds,
+            "drop_pt": self.drop, "thresholds": self.thresholds, "threshold_source": self.threshold_source,
             "top1": 100.0 * float(np.mean(self.labels == truth)),
             "share_end": share.get("end", 0.0), "share_edge": share.get("edge", 0.0),
             "share_cloud": share.get("cloud", 0.0),
@@ -282,14 +330,15 @@ def camera_only(trace: ChainTrace, name: str) -> ConfigResult:
                         tiers=tuple(trace.tiers))
 
 
-def cloud_only(trace: ChainTrace, frames: Frames, decode_s: np.ndarray, offload_wire: int) -> ConfigResult:
+def cloud_only(trace: ChainTrace, frames: Frames, decode_s: np.ndarray) -> ConfigResult:
     """Sedna-style offload: the JPEG goes up; the cloud decodes it and runs the whole chain."""
     n = len(frames.labels)
     last = len(trace.tiers) - 1
     e2e = decode_s + np.stack(trace.seconds, axis=1).sum(axis=1)
     return ConfigResult("cloud-only offload (JPEG, full chain in cloud)", "cloud-only", np.full(n, last),
                         trace.logits[-1].argmax(1), frames.jpeg_bytes.astype(float),
-                        frames.jpeg_bytes + offload_wire, None, e2e, 0, tiers=tuple(trace.tiers))
+                        np.array([offload_message_bytes(int(b)) for b in frames.jpeg_bytes], dtype=float),
+                        None, e2e, 0, tiers=tuple(trace.tiers))
 
 
 def reference_config(ref: ReferenceRunner) -> ConfigResult:
@@ -357,19 +406,20 @@ def run_accuracy(args: argparse.Namespace) -> int:
     decode_s = run_offline(frames, chains, refs, progress)
     traces = {c.name: c.trace() for c in chains}
 
-    from tierlite.bench.wirecost import escalation_overhead, offload_overhead
-
     configs: list[ConfigResult] = []
     for trace in traces.values():
-        overhead = escalation_overhead(trace.bundle, trace.feature_bytes[0])
-        for drop, thr in operating_points(trace.bundle, drops):
+        overhead = escalation_overhead(trace.bundle)
+        path = args.bundle if trace.name == "int8" else args.binary_bundle
+        for drop, thr, source in operating_points(path, trace.bundle, drops, args.val_data):
             config = cascade(trace, f"tierlite {trace.name} @ max drop {fmt_num(drop)} pt", "tierlite", thr,
                              overhead, drop)
+            config.threshold_source = source
             config.bundle_dir = trace.bundle.root
             configs.append(config)
     for trace in traces.values():
         configs.append(camera_only(trace, f"camera-only {trace.name} (end exit decides all)"))
-    configs.append(cloud_only(traces["int8"], frames, decode_s, offload_overhead()))
+    configs.append(cloud_only(traces["int8"], frames, decode_s))
+    configs[-1].bundle_dir = bundle.root
     configs += [reference_config(r) for r in refs]
 
     rows = [c.row(frames.labels) for c in configs]
@@ -382,9 +432,13 @@ def run_accuracy(args: argparse.Namespace) -> int:
         from tierlite.bench.e2e import measure_e2e
 
         idx = np.sort(stratified_sample(frames.labels, e2e_n, args.seed))
-        real = measure_e2e([c for c in configs if c.kind in ("tierlite", "cloud-only")], frames, idx, args)
-        for r in rows:
-            r.update(real.get(r["config"], {}))
+        networked = [c for c in configs if c.kind in ("tierlite", "cloud-only")]
+        real = measure_e2e(networked, frames, idx, args)
+        for r, c in zip(rows, configs):
+            if r["config"] in real:
+                # The same frames offline, to check that the runtime decides as the offline chain does.
+                r.update(real[r["config"]], subset_offline_top1=100.0 * float(np.mean(c.labels[idx] == frames.labels[idx])),
+                         subset_offline_share={t: 100.0 * float(np.mean(c.tier[idx] == k)) for k, t in enumerate(c.tiers)})
 
     targets = check_targets(rows)
     report.results.update(frames=n, data=str(args.data), e2e_frames=e2e_n, rows=rows, targets=targets,
@@ -397,7 +451,12 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
 
 NOTES = [
-    "uplink = camera -> first hop, mean over all frames (frames decided on the camera send nothing).",
+    "uplink = camera -> first hop, mean over all frames (frames decided on the camera send nothing). "
+    "tierlite: a tierlite.wire FEATURE message (header, shape, end logits, feature) per escalated frame; "
+    "offload: frame id + JPEG file per frame. 'MQTT' adds topic, properties and fixed header of an MQTT 5 "
+    "PUBLISH at QoS 0 (TCP/IP headers excluded on both sides). The node's optional JSON result event "
+    "(<prefix>/<node>/result, for applications) is excluded on both sides.",
+    "thresholds of each operating point are chosen on validation data (source in results.json), never on these frames.",
     "camera decision = end segment invoke + exit entropy on a decoded frame, 1 thread.",
     "e2e offline = compute of every tier a frame visits (cloud-only: JPEG decode + full chain), no network.",
     "e2e real = frame in hand -> result back at the camera through Mosquitto on loopback and real worker "
@@ -486,11 +545,44 @@ TARGET_COLUMNS = [("target", "target", str), ("config", "measured on", str), ("g
                   ("measured", "measured", None), ("status", "status", str)]
 
 
+REAL_COLUMNS = [
+    ("config", "configuration", str), ("e2e_real_n", "frames", None),
+    ("real_top1", "top-1 % real", _pct), ("subset_offline_top1", "top-1 % offline, same frames", _pct),
+    ("real_shares", "decided end / edge / cloud % real (offline)", str),
+    ("camera_real", "camera decision p50 / p99 ms", str), ("e2e_real", "e2e p50 / p99 ms", str),
+    ("escalation_real", "escalated frames p50 / p99 ms (n)", str), ("real_fallbacks", "fallbacks", None),
+    ("real_missing", "missing results", None),
+]
+
+
+def _real_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if not r.get("e2e_real_n"):
+            continue
+        d = dict(r)
+        rs, os_ = r.get("real_share"), r.get("subset_offline_share")
+        d["real_shares"] = (" / ".join(f"{rs[t]:.1f} ({os_.get(t, 0):.1f})" for t in ("end", "edge", "cloud"))
+                            if rs and os_ else "–")
+        d["camera_real"] = _pair("camera_real_p50_ms", "camera_real_p99_ms")(r)
+        d["e2e_real"] = _pair("e2e_real_p50_ms", "e2e_real_p99_ms")(r)
+        d["escalation_real"] = (f"{_ms(r.get('escalation_real_p50_ms'))} / {_ms(r.get('escalation_real_p99_ms'))} "
+                                f"({r.get('escalation_real_n', 0)})")
+        out.append(d)
+    return out
+
+
 def write_accuracy_report(report: Report, rows: list[dict[str, Any]], targets: list[dict[str, Any]],
                           e2e_n: int) -> None:
     report.add_markdown(f"{rows[0]['frames']:,} frames; real-runtime end-to-end on a stratified subset of "
                         f"{e2e_n} frames per networked configuration.\n")
     report.add_markdown(markdown_table(COLUMNS, _display_rows(rows)))
+    real = _real_rows(rows)
+    if real:
+        report.add_markdown(f"Real runtime ({e2e_n} frames per configuration, offered one at a time at a camera's "
+                            "pace; Mosquitto, `tierlite edge`, `tierlite cloud` / the offload worker as separate "
+                            "processes on loopback; the camera node is tierlite.device's daemon):\n\n"
+                            + markdown_table(REAL_COLUMNS, real))
     report.add_markdown("Targets (from the brief; reported, not asserted):\n\n" + markdown_table(TARGET_COLUMNS, targets))
     report.add_markdown("\n".join(f"- {n}" for n in NOTES))
     plot_rows = [r for r in rows if r["uplink_mqtt_B"] > 0] or rows
@@ -508,3 +600,33 @@ def print_summary(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> 
     print(markdown_table(cols, _display_rows(rows)))
     print()
     print(markdown_table(TARGET_COLUMNS, targets))
+
+
+DEFAULT_NODE = "cam-0001"  # node id used for topic lengths (8 characters)
+
+
+def escalation_overhead(bundle, node: str = DEFAULT_NODE, prefix: str = "tierlite") -> int:
+    """Bytes an escalation costs on MQTT beyond its feature payload: a real FEATURE message
+    (tierlite.wire header, shape, end logits) in an MQTT 5 PUBLISH at the configured QoS on
+    <prefix>/<node>/feature (tierlite.mqtt sends no properties: a 1-byte empty block)."""
+    from tierlite.config import QoSConfig
+    from tierlite.wire import Kind, boundary_spec, encode_tensor_message, topic
+
+    spec = boundary_spec(bundle, Kind.FEATURE)
+    feature = np.full(spec.feature.shape, spec.feature.zero_point, dtype=np.int8)
+    if bundle.feature_encoding["kind"] == "binary":
+        feature[...] = bundle.feature_encoding["low"]
+    logits = [np.zeros(c.n_classes, np.float32) for c in spec.exits]
+    message = encode_tensor_message(spec, 1, feature, logits)
+    total = mqtt_publish_bytes(topic(prefix, node, "feature"), len(message), QoSConfig().feature, b"\x00")
+    return total - spec.feature_size
+
+
+def offload_message_bytes(jpeg_bytes: int, node: str = DEFAULT_NODE, prefix: str = "tierlite") -> int:
+    """An offloaded frame on MQTT (tierlite.bench.offload): frame id + JPEG in an MQTT 5 PUBLISH,
+    QoS 0, no properties - the least an offload message can carry."""
+    import struct
+
+    from tierlite.bench.offload import FRAME_ID, offload_topic
+
+    return mqtt_publish_bytes(offload_topic(prefix, node), struct.calcsize(FRAME_ID) + jpeg_bytes, 0, b"\x00")

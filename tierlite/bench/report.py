@@ -75,6 +75,7 @@ class Target:
     goal: float
     higher_is_better: bool
     unit: str = ""
+    gap_unit: str | None = None  # unit of the shortfall if it differs (e.g. " pt" for a " %" goal)
 
     def check(self, value: float | None) -> dict[str, Any]:
         sign = ">=" if self.higher_is_better else "<="
@@ -84,7 +85,8 @@ class Target:
         met = value >= self.goal if self.higher_is_better else value <= self.goal
         gap = abs(value - self.goal)
         return {"target": self.name, "goal": f"{sign} {fmt_num(self.goal)}{self.unit}", "measured": value,
-                "met": bool(met), "status": "met" if met else f"missed by {fmt_num(gap)}{self.unit}"}
+                "met": bool(met),
+                "status": "met" if met else f"missed by {fmt_num(gap)}{self.unit if self.gap_unit is None else self.gap_unit}"}
 
 
 def fmt_num(x: Any, digits: int = 3) -> str:

@@ -1,0 +1,544 @@
+"""The retraining job: distil what the fleet escalated into the exit heads, with the cloud exit as
+the teacher, re-calibrate the thresholds, evaluate, and write a candidate bundle (version N+1).
+
+What is retrained follows each node's privacy policy and what the architecture allows:
+
+- Every node (default, "features"): the fleet uploads only boundary features. The edge exit head
+  takes its input from those (edge segment -> global pooling -> dense), so it is refitted from the
+  stored end features of every hard example, with the cloud's stored logits as soft targets.
+- Nodes that opt in ("raw": `update.share_frames: true` on the node and `raw` in the cloud's
+  policy): their escalated frames are uploaded as JPEG, so the end exit head, which branches off
+  the end trunk before the boundary bottleneck, is refitted from those frames too.
+
+Everything shared stays frozen: the end trunk, the bottleneck that makes the boundary feature,
+the edge trunk that feeds the cloud, and the cloud segment (the teacher). So the boundary
+tensors are bit-identical and unchanged tiers, and nodes still on the parent version, keep
+working. Heads are refitted on the deployed int8 chain's own pooled features (read from the
+TFLite models), then the new weights are quantized into the parent's .tflite files in place;
+no TensorFlow is needed.
+
+Loss per head: T^2 * KL(softmax(teacher/T) || softmax(student/T)) on the hard examples
+(Hinton et al.) + cross-entropy on labelled replay frames from the training set (so the head
+does not forget clean frames) + an L2 pull towards the parent weights. Full-batch Adam.
+
+The candidate is evaluated on a held-out slice of the store (agreement with the teacher, and
+how many of those hard frames it would still escalate) and on the clean validation split; it is
+"better" only if the held-out agreement rises by --margin points and clean accuracy drops by no
+more than --max-clean-drop points. The report says which, either way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierlite.bundle import MANIFEST, TIERS, Bundle, write_manifest
+from tierlite.errors import BundleError, ConfigError, DataError
+from tierlite.policy import normalized_entropy, softmax
+
+log = logging.getLogger("tierlite.cloud.retrain")
+
+PRIVACY_MODES = ("features", "raw")
+
+
+# -- options and report -------------------------------------------------------------------------
+@dataclass
+class PrivacyPolicy:
+    """Which nodes' raw frames may be used: {default: features|raw, nodes: {id: features|raw}}."""
+    default: str = "features"
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "PrivacyPolicy":
+        if not spec:
+            return cls()
+        if spec in PRIVACY_MODES:
+            return cls(default=spec)
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(spec).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"--privacy: cannot read {spec}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--privacy: {spec} is not valid YAML: {e}") from None
+        if not isinstance(data, dict) or set(data) - {"default", "nodes"}:
+            raise ConfigError(f"--privacy: {spec} must hold 'default' and/or 'nodes' only")
+        policy = cls(default=str(data.get("default", "features")), nodes={str(k): str(v) for k, v in (data.get("nodes") or {}).items()})
+        for who, mode in [("default", policy.default), *policy.nodes.items()]:
+            if mode not in PRIVACY_MODES:
+                raise ConfigError(f"--privacy: {who}: {mode!r} is not one of {PRIVACY_MODES}")
+        return policy
+
+    def allows_frames(self, node: str) -> bool:
+        return self.nodes.get(node, self.default) == "raw"
+
+
+@dataclass
+class RetrainOptions:
+    store: Path
+    bundle: Path
+    out: Path | None = None
+    frames: Path | None = None  # uploaded JPEGs of opted-in nodes (default: <store>.frames.sqlite)
+    replay: Path | None = None
+    replay_frames: int = 2000
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    temperature: float = 3.0
+    steps: int = 300
+    lr: float = 0.01
+    l2: float = 1e-3
+    margin: float = 1.0  # points
+    max_clean_drop: float = 0.5  # points
+    holdout: float = 0.25
+    since: float | None = None
+    min_examples: int = 50
+    seed: int = 0
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "RetrainOptions":
+        store = Path(args.store)
+        frames = Path(args.frames) if getattr(args, "frames", None) else default_frames_path(store)
+        opts = cls(store=store, bundle=Path(args.bundle), out=Path(args.out) if args.out else None,
+                   frames=frames, replay=Path(args.replay) if args.replay else None,
+                   replay_frames=args.replay_frames, privacy=PrivacyPolicy.parse(args.privacy),
+                   temperature=args.temperature, steps=args.steps, margin=args.margin,
+                   max_clean_drop=args.max_clean_drop, holdout=args.holdout, since=args.since,
+                   min_examples=args.min_examples, seed=args.seed)
+        opts.check()
+        return opts
+
+    def check(self) -> None:
+        if self.temperature <= 0 or self.steps < 1 or self.replay_frames < 0:
+            raise ConfigError("--temperature > 0, --steps >= 1 and --replay-frames >= 0")
+        if not 0.0 < self.holdout < 0.9:
+            raise ConfigError(f"--holdout must be in (0, 0.9), got {self.holdout}")
+        if not self.store.is_file():
+            raise ConfigError(f"--store: hard-example store not found: {self.store}")
+
+
+def default_frames_path(store: Path) -> Path:
+    return store.with_name(store.stem + ".frames.sqlite")
+
+
+@dataclass
+class RetrainReport:
+    parent: dict[str, Any]
+    candidate: dict[str, Any]
+    data: dict[str, Any]
+    heads: dict[str, Any]
+    holdout: dict[str, Any]
+    clean: dict[str, Any]
+    better: bool
+    reason: str
+    bundle_dir: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        lines = [f"retrain {self.parent['name']} v{self.parent['version']} -> candidate v{self.candidate['version']} "
+                 f"at {self.bundle_dir} ({self.seconds:.0f} s)",
+                 f"  data: {self.data['examples']} hard examples ({self.data['with_frames']} with frames from opted-in "
+                 f"nodes), {self.data['holdout']} held out; {self.data['replay']} replay + {self.data['val']} validation frames"]
+        for tier, h in self.holdout.items():
+            lines.append(f"  held-out {tier} exit: teacher agreement {h['parent_agreement'] * 100:.1f} -> "
+                         f"{h['candidate_agreement'] * 100:.1f} %, escalated {h['parent_escalation'] * 100:.1f} -> "
+                         f"{h['candidate_escalation'] * 100:.1f} % ({h['frames']} frames)")
+        c = self.clean
+        lines.append(f"  clean validation: end exit {c['parent']['end_accuracy'] * 100:.2f} -> "
+                     f"{c['candidate']['end_accuracy'] * 100:.2f} %, system {c['parent']['system_accuracy'] * 100:.2f} -> "
+                     f"{c['candidate']['system_accuracy'] * 100:.2f} %, on camera {c['parent']['camera_fraction'] * 100:.1f} -> "
+                     f"{c['candidate']['camera_fraction'] * 100:.1f} %")
+        lines.append(f"  thresholds {self.parent['thresholds']} -> {self.candidate['thresholds']}")
+        lines.append(f"  verdict: {'BETTER' if self.better else 'not better'} ({self.reason})")
+        return "\n".join(lines)
+
+
+# -- exit heads inside .tflite files ------------------------------------------------------------
+def _fc(model):
+    """(subgraph, the one FULLY_CONNECTED op) of a flatbuffer model: the exit head's dense layer."""
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools.flatbuffer_utils import get_builtin_code_from_operator_code
+
+    sub = model.subgraphs[0]
+    fcs = [op for op in sub.operators
+           if get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex]) == fb.BuiltinOperator.FULLY_CONNECTED]
+    if len(fcs) != 1:
+        raise BundleError(f"segment has {len(fcs)} dense layers; retraining needs an exit head ending in exactly one")
+    return sub, fcs[0]
+
+
+def _quant(tensor) -> tuple[np.ndarray, np.ndarray]:
+    q = tensor.quantization
+    return np.asarray(q.scale, dtype=np.float64).reshape(-1), np.asarray(q.zeroPoint, dtype=np.int64).reshape(-1)
+
+
+class Head:
+    """A segment's .tflite with its exit head exposed: the dense layer's float weights, and a probe
+    model whose extra output is that layer's input (the pooled feature the head sees)."""
+
+    def __init__(self, model_bytes: bytes, tier: str):
+        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+        self.tier, self.model_bytes = tier, model_bytes
+        model = fbu.read_model_from_bytearray(bytearray(model_bytes))
+        sub, op = _fc(model)
+        x_t, w_t, b_t = (sub.tensors[i] for i in op.inputs[:3])
+        self.in_scale, in_zp = _quant(x_t)
+        self.in_zp = int(in_zp[0])
+        w_scale, _ = _quant(w_t)
+        wq = np.frombuffer(bytes(model.buffers[w_t.buffer].data), dtype=np.int8).reshape(tuple(w_t.shape))
+        bq = np.frombuffer(bytes(model.buffers[b_t.buffer].data), dtype=np.int32)
+        per_channel = w_scale.size == wq.shape[0]
+        self.W = (wq.astype(np.float64) * (w_scale[:, None] if per_channel else w_scale[0])).T  # (D, C)
+        self.b = bq.astype(np.float64) * self.in_scale[0] * (w_scale if per_channel else w_scale[0])
+        sub.outputs = list(sub.outputs) + [op.inputs[0]]  # probe: also output the head's input
+        self._interp = Interpreter(model_content=bytes(fbu.convert_object_to_bytearray(model)))
+        self._interp.allocate_tensors()
+        self._in = self._interp.get_input_details()[0]
+        self._outs = self._interp.get_output_details()
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(pooled head inputs (N, D) float, the segment's own outputs (N, ...) raw) for N inputs."""
+        pooled, outs = [], [[] for _ in self._outs[:-1]]
+        for x in inputs:
+            self._interp.set_tensor(self._in["index"], x.reshape(self._in["shape"]).astype(self._in["dtype"]))
+            self._interp.invoke()
+            for k, d in enumerate(self._outs[:-1]):
+                outs[k].append(self._interp.get_tensor(d["index"])[0])
+            pooled.append(self._interp.get_tensor(self._outs[-1]["index"]).reshape(-1))
+        q = np.stack(pooled).astype(np.float64)
+        return (q - self.in_zp) * self.in_scale[0], [np.stack(o) for o in outs]
+
+    def patched(self, W: np.ndarray, b: np.ndarray) -> bytes:
+        """The same model with new dense weights (D, C) and bias (C,) quantized in its own scheme:
+        int8 symmetric weights (per channel if it was), int32 bias at input x weight scale. The
+        logits' output quantization is kept, so every tier decodes carried logits as before."""
+        from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+        model = fbu.read_model_from_bytearray(bytearray(self.model_bytes))
+        sub, op = _fc(model)
+        w_t, b_t = sub.tensors[op.inputs[1]], sub.tensors[op.inputs[2]]
+        old_scale, _ = _quant(w_t)
+        wt = np.asarray(W, dtype=np.float64).T  # (C, D) as TFLite stores it
+        if old_scale.size == wt.shape[0]:
+            scale = np.maximum(np.abs(wt).max(axis=1), 1e-12) / 127.0
+            wq = np.clip(np.round(wt / scale[:, None]), -127, 127).astype(np.int8)
+            bias_scale = self.in_scale[0] * scale
+        else:
+            scale = np.array([max(np.abs(wt).max(), 1e-12) / 127.0])
+            wq = np.clip(np.round(wt / scale[0]), -127, 127).astype(np.int8)
+            bias_scale = np.full(wt.shape[0], self.in_scale[0] * scale[0])
+        bq = np.clip(np.round(np.asarray(b, dtype=np.float64) / bias_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        model.buffers[w_t.buffer].data = np.frombuffer(wq.tobytes(), dtype=np.uint8)
+        model.buffers[b_t.buffer].data = np.frombuffer(bq.tobytes(), dtype=np.uint8)
+        w_t.quantization.scale = scale.astype(np.float32).tolist()
+        w_t.quantization.zeroPoint = [0] * scale.size
+        b_t.quantization.scale = bias_scale.astype(np.float32).tolist()
+        b_t.quantization.zeroPoint = [0] * bias_scale.size
+        return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def fit_head(W0: np.ndarray, b0: np.ndarray, x_kd: np.ndarray, teacher: np.ndarray, x_ce: np.ndarray,
+             y_ce: np.ndarray, temperature: float, steps: int, lr: float, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Distil a linear head: T^2 * KL(teacher_T || student_T) on (x_kd, teacher logits) + CE on
+    labelled (x_ce, y_ce) + l2 * |W - W0|^2, full-batch Adam from (W0, b0). numpy only."""
+    W, b = W0.astype(np.float64).copy(), b0.astype(np.float64).copy()
+    T = temperature
+    pt = softmax(teacher / T) if len(x_kd) else None
+    onehot = np.eye(W.shape[1])[y_ce] if len(x_ce) else None
+    m = [np.zeros_like(W), np.zeros_like(b)]
+    v = [np.zeros_like(W), np.zeros_like(b)]
+    for step in range(1, steps + 1):
+        gW, gb = 2 * l2 * (W - W0), np.zeros_like(b)
+        if pt is not None:  # d/ds of T^2 * CE(pt, softmax(s/T)) = T * (softmax(s/T) - pt)
+            g = T * (softmax((x_kd @ W + b) / T) - pt) / len(x_kd)
+            gW += x_kd.T @ g
+            gb += g.sum(axis=0)
+        if onehot is not None:
+            g = (softmax(x_ce @ W + b) - onehot) / len(x_ce)
+            gW += x_ce.T @ g
+            gb += g.sum(axis=0)
+        for i, (p, g) in enumerate(((W, gW), (b, gb))):
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            p -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+    return W, b
+
+
+# -- running the deployed int8 chain ---------------------------------------------------------------
+class Chain:
+    """The parent bundle's int8 segments, heads exposed; feeds frames or stored end features."""
+
+    def __init__(self, bundle: Bundle):
+        from tierlite.segment import Segment
+
+        self.bundle = bundle
+        self.heads = {t: Head(bundle.segment_path(t).read_bytes(), t) for t in ("end", "edge")}
+        self.cloud = Segment(bundle, "cloud")
+        self.info = {t: bundle.segment(t) for t in TIERS}
+
+    def _logits(self, tier: str, raw: np.ndarray) -> np.ndarray:
+        lo = self.info[tier].output("logits")
+        return ((raw.astype(np.float64) - lo.zero_point) * lo.scale).reshape(len(raw), -1)
+
+    def from_end_features(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        """Edge pooled features, edge logits and cloud logits for int8 end features (N, ...)."""
+        pooled, outs = self.heads["edge"].run(feats)
+        info = self.info["edge"]
+        edge_logits = self._logits("edge", outs[info.output("logits").index])
+        edge_feats = outs[info.output("feature").index]
+        cloud = np.stack([self.cloud.run(f[None]).logits for f in edge_feats]) if len(feats) else np.zeros((0, 0))
+        return {"edge_pooled": pooled, "edge_logits": edge_logits, "cloud_logits": cloud.astype(np.float64)}
+
+    def from_frames(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        pooled, outs = self.heads["end"].run(images)
+        info = self.info["end"]
+        feats = outs[info.output("feature").index]
+        out = self.from_end_features(feats)
+        out.update(end_pooled=pooled, end_logits=self._logits("end", outs[info.output("logits").index]),
+                   end_features=feats)
+        return out
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_hard_examples(opts: RetrainOptions, bundle: Bundle) -> dict[str, Any]:
+    """Stored end features + teacher logits of every hard example, and the frames of opted-in nodes."""
+    from tierlite.cloud.store import HardExampleStore
+
+    feats, teacher, nodes = [], [], []
+    with HardExampleStore.open_readonly(opts.store) as store:
+        for ex in store.iter_examples(bundle_name=bundle.name):
+            if opts.since is not None and ex.ts < opts.since:
+                continue
+            f = ex.end_feature_array()
+            if f is None:
+                continue  # the edge did not forward the node's feature (forward_end_feature: false)
+            feats.append(f.reshape(bundle.segment("edge").inputs[0].shape[1:]))
+            teacher.append(ex.logits["cloud"])
+            nodes.append(ex.node)
+    out = {"end_features": np.stack(feats) if feats else np.zeros((0,)), "teacher": np.stack(teacher) if teacher else None,
+           "nodes": nodes, "frames": np.zeros((0, *bundle.input_shape[1:]), np.uint8), "frame_nodes": [],
+           "refused_frames": 0}
+    if opts.frames is not None and opts.frames.is_file():
+        from tierlite.cloud.frames import FrameStore
+
+        with FrameStore(opts.frames, readonly=True) as fs:
+            images, frame_nodes, refused = [], [], 0
+            for rec in fs.iter_frames(bundle.name, since=opts.since):
+                if not opts.privacy.allows_frames(rec.node):
+                    refused += 1  # uploaded, but this node is not opted in at the cloud: never used
+                    continue
+                try:
+                    images.append(rec.image(bundle.input_shape[1:3]))
+                    frame_nodes.append(rec.node)
+                except DataError:
+                    refused += 1
+        if images:
+            out["frames"], out["frame_nodes"] = np.stack(images), frame_nodes
+        out["refused_frames"] = refused
+    return out
+
+
+def _replay_and_val(opts: RetrainOptions, bundle: Bundle):
+    """Labelled replay frames (training split) and the validation split of the training folder,
+    split as the original training did (its seed and val_fraction, from the checkpoint's metadata)."""
+    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.pipeline import default_workdir
+
+    if opts.replay is None:
+        raise ConfigError("--replay: the labelled training folder is needed to keep clean accuracy and "
+                          "to re-calibrate the thresholds")
+    work = default_workdir(bundle.root)
+    meta_file = work / "checkpoint" / "model.json"
+    seed, val_fraction, limit = int(bundle.manifest.get("training", {}).get("seed", 0)), 0.1, None
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        seed, val_fraction, limit = meta.get("seed", seed), meta["train"]["val_fraction"], meta["train"].get("limit")
+    cache = opts.cache_dir or (work / "cache" if work.is_dir() else None)
+    splits = load_splits(opts.replay, bundle.input_shape[1], val_fraction, seed, limit, cache)
+    if splits.classes != bundle.labels:
+        raise DataError(f"--replay {opts.replay}: classes {splits.classes} differ from the bundle's {bundle.labels}")
+    rng = np.random.default_rng(opts.seed)
+    n = min(opts.replay_frames, len(splits.train.labels))
+    idx = rng.choice(len(splits.train.labels), n, replace=False)
+    return splits.train.images[idx], splits.train.labels[idx], splits.val.images, splits.val.labels
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def _escalation(logits: np.ndarray, threshold: float) -> float:
+    return float((normalized_entropy(softmax(logits)) > threshold).mean()) if len(logits) else 0.0
+
+
+def _agreement(logits: np.ndarray, teacher: np.ndarray) -> float:
+    return float((logits.argmax(1) == teacher.argmax(1)).mean()) if len(logits) else 0.0
+
+
+def _clean_figures(exits: list[np.ndarray], labels: np.ndarray, thresholds: dict, feature_bytes) -> dict[str, Any]:
+    from tierlite.converters import calibrate
+
+    op = calibrate.evaluate(exits, labels, thresholds, feature_bytes)
+    return {"end_accuracy": float((exits[0].argmax(1) == labels).mean()),
+            "edge_accuracy": float((exits[1].argmax(1) == labels).mean()),
+            "cloud_accuracy": float((exits[2].argmax(1) == labels).mean()),
+            "system_accuracy": op.accuracy, "camera_fraction": op.fractions["end"], "fractions": op.fractions}
+
+
+# -- the job ----------------------------------------------------------------------------------------
+def retrain(opts: RetrainOptions) -> RetrainReport:
+    from tierlite.converters import calibrate
+    from tierlite.segment import encoded_size
+
+    t0 = time.monotonic()
+    parent = Bundle.load(opts.bundle)
+    for t in TIERS:
+        parent.segment(t)
+    log.info("retrain: parent %s v%d; reading hard examples from %s", parent.name, parent.version, opts.store)
+    hard = load_hard_examples(opts, parent)
+    n_feat, n_frames = len(hard["nodes"]), len(hard["frame_nodes"])
+    if n_feat + n_frames < opts.min_examples:
+        raise DataError(f"only {n_feat} stored hard examples and {n_frames} usable frames for {parent.name}; "
+                        f"need at least {opts.min_examples} (--min-examples)")
+    chain = Chain(parent)
+    rng = np.random.default_rng(opts.seed)
+
+    # Teacher and pooled features of every hard example, from the deployed int8 chain.
+    log.info("retrain: %d stored features, %d frames from opted-in nodes (%d frames not usable by policy); "
+             "running the int8 chain", n_feat, n_frames, hard["refused_frames"])
+    f_out = chain.from_end_features(hard["end_features"]) if n_feat else None
+    r_out = chain.from_frames(hard["frames"]) if n_frames else None
+    # Feature examples carry the cloud's answer as stored; frames get it from the chain here.
+    edge_x = np.concatenate([a for a in (f_out and f_out["edge_pooled"], r_out and r_out["edge_pooled"]) if a is not None])
+    edge_t = np.concatenate([a for a in (hard["teacher"], r_out and r_out["cloud_logits"]) if a is not None])
+    edge_parent = np.concatenate([a for a in (f_out and f_out["edge_logits"], r_out and r_out["edge_logits"]) if a is not None])
+    hold_edge = rng.random(len(edge_x)) < opts.holdout
+    hold_end = hold_edge[n_feat:] if n_frames else np.zeros(0, bool)  # a frame is held out for both heads
+
+    log.info("retrain: replay and validation frames from %s", opts.replay)
+    rx, ry, vx, vy = _replay_and_val(opts, parent)
+    replay = chain.from_frames(rx)
+    val = chain.from_frames(vx)
+    parent_val_exits = [val["end_logits"], val["edge_logits"], val["cloud_logits"]]
+
+    heads: dict[str, Any] = {}
+    new_W: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    plans = [("edge", edge_x[~hold_edge], edge_t[~hold_edge], replay["edge_pooled"])]
+    if n_frames and (~hold_end).sum():
+        plans.insert(0, ("end", r_out["end_pooled"][~hold_end], r_out["cloud_logits"][~hold_end], replay["end_pooled"]))
+    for tier, x_kd, t_kd, x_ce in plans:
+        h = chain.heads[tier]
+        W, b = fit_head(h.W, h.b, x_kd, t_kd, x_ce, ry, opts.temperature, opts.steps, opts.lr, opts.l2)
+        new_W[tier] = (W, b)
+        heads[tier] = {"distilled_examples": int(len(x_kd)), "replay_frames": int(len(x_ce)),
+                       "weight_change": float(np.linalg.norm(W - h.W) / max(np.linalg.norm(h.W), 1e-12))}
+        log.info("retrain: %s head refitted on %d hard + %d replay examples", tier, len(x_kd), len(x_ce))
+
+    # Write the candidate bundle: the parent's files, patched heads, version + 1.
+    out = opts.out or parent.root.with_name(f"{parent.root.name}-v{parent.version + 1}")
+    if out.resolve() == parent.root.resolve():
+        raise ConfigError("--out must differ from the parent bundle")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for rel in parent.file_hashes():
+        shutil.copy2(parent.root / rel, tmp / rel)
+    for tier, (W, b) in new_W.items():
+        (tmp / parent.segment(tier).file).write_bytes(chain.heads[tier].patched(W, b))
+    candidate_chain = Chain(Bundle(tmp, parent.manifest, parent.segments))  # same manifest: only weights differ
+    cand_val = candidate_chain.from_frames(vx)
+    _check_boundary_identical(val, cand_val)
+    cand_val_exits = [cand_val["end_logits"], cand_val["edge_logits"], cand_val["cloud_logits"]]
+
+    enc = parent.feature_encoding
+    fbytes = (encoded_size(parent.segment("end").output("feature").shape, enc),
+              encoded_size(parent.segment("edge").output("feature").shape, {"kind": "int8"}))
+    max_drop = float(parent.manifest.get("calibration", {}).get("max_drop", 0.005))
+    chosen = calibrate.search_thresholds(cand_val_exits, vy, fbytes, max_drop)
+    new_thr = chosen.thresholds
+
+    # Held-out hard examples through the candidate's real int8 chain: agreement with the teacher,
+    # and how many it would still escalate, parent vs candidate.
+    holdout: dict[str, Any] = {}
+    feat_hold = hold_edge[:n_feat]
+    cand_f = candidate_chain.from_end_features(hard["end_features"][feat_hold]) if feat_hold.any() else None
+    cand_r = candidate_chain.from_frames(hard["frames"][hold_end]) if hold_end.any() else None
+    if hold_edge.any():
+        cand = np.concatenate([a for a in (cand_f and cand_f["edge_logits"], cand_r and cand_r["edge_logits"])
+                               if a is not None])
+        ht, pl = edge_t[hold_edge], edge_parent[hold_edge]
+        holdout["edge"] = {"frames": int(hold_edge.sum()), "parent_agreement": _agreement(pl, ht),
+                           "candidate_agreement": _agreement(cand, ht),
+                           "parent_escalation": _escalation(pl, parent.thresholds["edge"]),
+                           "candidate_escalation": _escalation(cand, new_thr["edge"])}
+    if cand_r is not None:
+        pl, pt = r_out["end_logits"][hold_end], r_out["cloud_logits"][hold_end]
+        holdout["end"] = {"frames": int(hold_end.sum()), "parent_agreement": _agreement(pl, pt),
+                          "candidate_agreement": _agreement(cand_r["end_logits"], pt),
+                          "parent_escalation": _escalation(pl, parent.thresholds["end"]),
+                          "candidate_escalation": _escalation(cand_r["end_logits"], new_thr["end"])}
+
+    clean = {"frames": int(len(vy)),
+             "parent": _clean_figures(parent_val_exits, vy, parent.thresholds, fbytes),
+             "candidate": _clean_figures(cand_val_exits, vy, new_thr, fbytes)}
+    better, reason = _verdict(holdout, clean, opts)
+
+    manifest = json.loads(json.dumps(parent.manifest))
+    manifest.pop("signature", None)
+    manifest.update(version=parent.version + 1, parent_version=parent.version, thresholds=new_thr)
+    exit_acc = {t: float((l.argmax(1) == vy).mean()) for t, l in zip(TIERS, cand_val_exits)}
+    manifest.setdefault("calibration", {}).update(
+        exit_accuracy_int8=exit_acc, system_accuracy=chosen.accuracy, cloud_only_accuracy=chosen.cloud_only_accuracy,
+        fractions=chosen.fractions, camera_uplink_bytes_per_frame=chosen.camera_uplink_bytes, frames=int(len(vy)))
+    manifest["retrain"] = {"parent_version": parent.version, "heads": sorted(new_W), "teacher": "cloud exit",
+                           "temperature": opts.temperature, "hard_examples": n_feat, "frames": n_frames,
+                           "holdout": holdout, "better": better, "verdict": reason,
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_manifest(tmp, manifest)
+    Bundle.load(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+    report = RetrainReport(
+        parent={"name": parent.name, "version": parent.version, "thresholds": parent.thresholds},
+        candidate={"version": parent.version + 1, "thresholds": new_thr, "heads": sorted(new_W)},
+        data={"examples": n_feat + n_frames, "features": n_feat, "with_frames": n_frames,
+              "frames_not_allowed": hard["refused_frames"], "holdout": int(hold_edge.sum()),
+              "replay": int(len(ry)), "val": int(len(vy))},
+        heads=heads, holdout=holdout, clean=clean, better=better, reason=reason, bundle_dir=str(out),
+        seconds=round(time.monotonic() - t0, 1))
+    (out.parent / f"{out.name}.retrain.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    return report
+
+
+def _check_boundary_identical(parent_out: dict, cand_out: dict) -> None:
+    """The frozen trunk must give the very same boundary bytes, or unchanged tiers would misread them."""
+    if not np.array_equal(parent_out["end_features"], cand_out["end_features"]):
+        raise BundleError("retrained end segment changed the boundary feature; refusing to write it")
+    if not np.allclose(parent_out["cloud_logits"], cand_out["cloud_logits"]):
+        raise BundleError("retrained edge segment changed what the cloud receives; refusing to write it")
+
+
+def _verdict(holdout: dict, clean: dict, opts: RetrainOptions) -> tuple[bool, str]:
+    if not holdout:
+        return False, "no held-out hard examples to judge by"
+    primary = "end" if "end" in holdout else "edge"
+    h = holdout[primary]
+    gain = (h["candidate_agreement"] - h["parent_agreement"]) * 100
+    drops = {k: (clean["parent"][k] - clean["candidate"][k]) * 100 for k in ("end_accuracy", "system_accuracy")}
+    worst = max(drops, key=drops.get)
+    if drops[worst] > opts.max_clean_drop:
+        return False, (f"clean {worst.replace('_', ' ')} drops {drops[worst]:.2f} pt "
+                       f"(> {opts.max_clean_drop} pt allowed)")
+    if gain < opts.margin:
+        return False, f"held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt, below the {opts.margin} pt margin"
+    return True, (f"held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt (margin {opts.margin} pt), "
+                  f"clean drop at most {max(drops.values()):.2f} pt")

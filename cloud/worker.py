@@ -1,0 +1,149 @@
+"""The cloud worker: ESCALATE messages in (shared subscription), final segment, ANSWER back to the
+node, and every escalated frame into the hard-example store."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from tierlite import wire
+from tierlite.bundle import Bundle
+from tierlite.config import CloudConfig
+from tierlite.errors import WireError
+from tierlite.metrics import TierMetrics
+from tierlite.mqtt import MqttClient, default_client_id
+from tierlite.policy import decide
+from tierlite.segment import Segment, decode_feature
+
+log = logging.getLogger("tierlite.cloud")
+
+
+@dataclass
+class _Model:
+    bundle: Bundle
+    segment: Segment
+    spec: wire.BoundarySpec
+
+
+class CloudWorker:
+    def __init__(self, config: CloudConfig, bundle: Bundle | None = None, store=None):
+        from tierlite.cloud.store import HardExampleStore
+
+        self.config = config
+        self.prefix = config.prefix
+        self._model = self._load(bundle or Bundle.load(config.bundle))
+        self.metrics = TierMetrics("cloud")
+        self.store = store if store is not None else (
+            HardExampleStore(config.store.path, config.store.batch, config.store.flush_interval)
+            if config.store.enabled else None)
+        self.stop_event = threading.Event()
+        self.processed = 0
+        self.rejected = 0
+        self._stored_reported = 0
+        self._qos = config.broker.qos
+        self._status_topic = f"{self.prefix}/_cloud/{config.worker_id}/status"
+        gone = json.dumps({"worker": config.worker_id, "state": "offline"}).encode()
+        self.mqtt = MqttClient(config.broker, default_client_id("cloud", config.worker_id),
+                               will=(self._status_topic, gone, 1, True), on_connect=self._on_connect)
+        escalate = f"{self.prefix}/+/escalate"
+        if config.broker.protocol == "5":
+            escalate = f"$share/{config.share_group}/{escalate}"
+        self.mqtt.subscribe(escalate, self.on_escalate, self._qos.escalate)
+
+    def _load(self, bundle: Bundle) -> _Model:
+        segment = Segment(bundle, "cloud", self.config.runtime, {"threads": self.config.threads}, fallback=True)
+        return _Model(bundle, segment, wire.boundary_spec(bundle, wire.Kind.ESCALATE))
+
+    def swap_bundle(self, bundle: Bundle) -> None:
+        new = self._load(bundle)
+        old, self._model = self._model, new
+        log.info("cloud model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version, bundle.name, bundle.version)
+        self._on_connect()
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._model.bundle
+
+    def on_escalate(self, topic: str, payload: bytes) -> None:
+        t0 = time.perf_counter()
+        m = self._model
+        spec = m.spec
+        try:
+            node = wire.node_of(topic, self.prefix)
+            msg = wire.decode_tensor_message(payload, spec)
+            q = decode_feature(msg.feature, spec.input_info.shape, spec.encoding)
+        except WireError as e:
+            self._reject(topic, payload, e)
+            return
+        out = m.segment.run(q)
+        _, label, conf, entropy = decide(out.logits, None)
+        reply = wire.encode_answer("cloud", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
+        self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
+        self.processed += 1
+        self.metrics.frame(node, "answered", len(payload), time.perf_counter() - t0, (wire.now_us() - msg.sent_us) / 1e6)
+        self.metrics.sent("answer", len(reply))
+        if self.store is not None:
+            end = spec.end_feature
+            self.store.add(
+                node=node, frame_id=msg.frame_id, bundle_name=m.bundle.name, bundle_version=m.bundle.version,
+                sent_us=msg.sent_us, feature=msg.feature, feature_shape=spec.feature.shape,
+                feature_scale=spec.feature.scale, feature_zero_point=spec.feature.zero_point,
+                logits={"end": msg.exit_logits[0], "edge": msg.exit_logits[1], "cloud": out.logits},
+                label=label, confidence=conf, entropy=entropy,
+                end_feature=msg.end_feature, end_feature_shape=end.shape if msg.end_feature is not None else None,
+                end_feature_encoding=spec.end_encoding, end_feature_scale=end.scale, end_feature_zero_point=end.zero_point)
+
+    def _reject(self, topic: str, payload: bytes, err: WireError) -> None:
+        self.rejected += 1
+        reason = wire.reason_of(err)
+        self.metrics.reject(reason)
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            log.warning("dropped escalation on %s (%d dropped so far): %s", topic[:100], self.rejected, err)
+        peek = wire.peek_frame(payload)
+        try:
+            node = wire.node_of(topic, self.prefix)
+        except WireError:
+            return
+        if peek is not None and reason in ("bundle", "quantization", "shape", "encoding"):
+            m = self._model
+            reply = wire.encode_reject("cloud", peek[1], err, m.bundle.name, m.bundle.version)
+            self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
+            self.metrics.sent("reject", len(reply))
+
+    def _on_connect(self) -> None:
+        m = self._model
+        self.mqtt.publish(self._status_topic, json.dumps(
+            {"worker": self.config.worker_id, "state": "online", "pid": os.getpid(), "model": m.bundle.name,
+             "model_version": m.bundle.version}), 1, retain=True)
+
+    def _housekeeping(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.flush_if_due()
+            except Exception as e:  # a full disk must not stop answering
+                log.error("hard-example store write failed: %s", e)
+            self.metrics.stored_rows(self.store.written - self._stored_reported)
+            self._stored_reported = self.store.written
+
+    def run(self) -> int:
+        from tierlite.service import wait_for_stop
+
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
+        self.mqtt.start()
+        m = self._model
+        log.info("cloud worker %s: %s v%d, store %s", self.config.worker_id, m.bundle.name, m.bundle.version,
+                 self.store.path if self.store is not None else "off")
+        wait_for_stop(self.stop_event, self._housekeeping, 0.1)
+        self.mqtt.stop(final=[(self._status_topic, json.dumps(
+            {"worker": self.config.worker_id, "state": "offline"}).encode(), 1, True)])
+        if self.store is not None:
+            self.store.close()
+        log.info("cloud worker %s: %d frames, %d rejected messages", self.config.worker_id, self.processed, self.rejected)
+        return 0
+
+    def stop(self) -> None:
+        self.stop_event.set()

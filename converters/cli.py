@@ -1,0 +1,235 @@
+"""`tierlite train | convert | export | calibrate | inspect` (see docs/CONVERTERS.md).
+
+    tierlite train TRAIN_DIR --workdir W [--preset full] [--binarized] [--set epochs=3]
+    tierlite export --workdir W --out BUNDLE [--archive BUNDLE.tar.gz]   (needs W's checkpoint)
+    tierlite convert TRAIN_DIR --out BUNDLE [--workdir W] [--test-dir TEST]   (train + export)
+    tierlite calibrate BUNDLE --images DIR [--max-drop 0.005] [--write]
+    tierlite inspect BUNDLE_OR_TFLITE
+
+TensorFlow is imported only inside run_* (and `inspect` needs none: it uses LiteRT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from tierlite.errors import ConfigError, DataError
+
+log = logging.getLogger("tierlite.converters")
+
+
+def _parse_sets(items: list[str] | None) -> dict:
+    """--set key=value (value parsed as JSON when it parses, else kept as a string)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("train_dir", type=Path, help="image folder: <dir>/<class>/*.jpg")
+    p.add_argument("--preset", default="small", help="small | full | mobilenet-96 (default small)")
+    p.add_argument("--binarized", action="store_true", help="binarized end segment (bit-packed boundary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--init-from", type=Path, help="workdir of a trained model whose matching layers seed this one")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any model/training setting, e.g. --set boundary=8 --set distill=0")
+
+
+def _overrides(args) -> dict:
+    o = _parse_sets(args.set)
+    if args.epochs is not None:
+        o["epochs"] = args.epochs
+    return o
+
+
+# -- train -----------------------------------------------------------------------------------
+def configure_train(p: argparse.ArgumentParser) -> None:
+    _training_args(p)
+    p.add_argument("--workdir", type=Path, required=True, help="checkpoint, data cache and reports go here")
+
+
+def run_train(args) -> int:
+    from tierlite.converters.pipeline import train_model
+    _check_dir(args.train_dir)
+    model, arch, tc, splits = train_model(args.train_dir, args.workdir, args.preset, args.binarized, args.seed,
+                                          args.init_from, **_overrides(args))
+    print(f"checkpoint: {args.workdir / 'checkpoint' / 'model.keras'}")
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------------
+def configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, required=True, help="workdir of `tierlite train`")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--archive", type=Path, help="also write the bundle as one .tar.gz file")
+    p.add_argument("--name", help="bundle name (default: from the checkpoint)")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--max-drop", type=float, help="max accuracy drop vs cloud-only, fraction (default: preset's)")
+    p.add_argument("--test-dir", type=Path, help="also evaluate on this folder (writes <workdir>/evaluation*.json)")
+
+
+def run_export(args) -> int:
+    out = _export_from_checkpoint(args.workdir, args.out, args.name, args.version, args.max_drop)
+    _finish(args, out, args.workdir)
+    return 0
+
+
+def _export_from_checkpoint(workdir: Path, out: Path, name, version, max_drop):
+    import numpy as np
+
+    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.models import ArchConfig
+    from tierlite.converters.pipeline import export_bundle
+    from tierlite.converters.train import load_checkpoint
+
+    model, meta = load_checkpoint(workdir)
+    arch, tc = ArchConfig.from_json(meta["arch"]), meta["train"]
+    train_dir = meta.get("train_dir")
+    if not train_dir or not Path(train_dir).is_dir():
+        raise DataError(f"checkpoint's training folder is not available: {train_dir}")
+    splits = load_splits(train_dir, arch.input_size, tc["val_fraction"], meta["seed"], tc.get("limit"),
+                         Path(workdir) / "cache")
+    rng = np.random.default_rng(meta["seed"])
+    n = len(splits.train.labels)
+    rep = splits.train.images[rng.choice(n, min(tc["calibration_frames"], n), replace=False)]
+    preset = meta.get("preset", "custom")
+    return export_bundle(
+        model, out, arch=arch, classes=meta["classes"], calib_images=splits.val.images,
+        calib_labels=splits.val.labels, representative=rep,
+        name=name or f"{Path(train_dir).parent.name}-{preset}{'-binary' if arch.binarized else ''}",
+        version=version, max_drop=tc["max_drop"] if max_drop is None else max_drop, report_dir=workdir,
+        extra={"training": {"preset": preset, "seed": meta["seed"], "epochs": tc["epochs"],
+                            "train_frames": n, "val_frames": int(len(splits.val.labels)),
+                            "checkpoint": f"{Path(workdir).name}/checkpoint (beside the bundle)"}})
+
+
+def _finish(args, out: Path, workdir: Path) -> None:
+    from tierlite.bundle import write_archive
+    if getattr(args, "archive", None):
+        write_archive(out, args.archive)
+        print(f"archive: {args.archive}")
+    print(f"bundle: {out}")
+    if getattr(args, "test_dir", None):
+        from tierlite.converters.pipeline import evaluate_bundle, write_json
+        from tierlite.converters.train import load_checkpoint
+        model, _ = load_checkpoint(workdir)
+        res = evaluate_bundle(out, args.test_dir, model, cache_dir=Path(workdir) / "cache")
+        path = write_json(Path(workdir) / f"evaluation-{out.name}.json", res)
+        _print_evaluation(res)
+        print(f"evaluation: {path}")
+
+
+def _print_evaluation(res: dict) -> None:
+    tiers = ("end", "edge", "cloud")
+    print(f"test frames: {res['frames']}  segment bytes: {res['segment_bytes']}  feature bytes: {res['feature_bytes']}")
+    if "float_exit_accuracy" in res:
+        print("float top-1     " + "  ".join(f"{t} {res['float_exit_accuracy'][t] * 100:.2f}%" for t in tiers))
+    print("int8 top-1      " + "  ".join(f"{t} {res['int8_exit_accuracy'][t] * 100:.2f}%" for t in tiers))
+    if "int8_float_agreement" in res:
+        print("int8~float agree " + "  ".join(f"{t} {res['int8_float_agreement'][t] * 100:.2f}%" for t in tiers))
+    p = res["at_bundle_thresholds"]
+    print(f"at bundle thresholds (validation-calibrated): system {p['accuracy'] * 100:.2f}% (cloud-only "
+          f"{p['cloud_only_accuracy'] * 100:.2f}%), camera {p['fractions']['end'] * 100:.1f}%, edge "
+          f"{p['fractions']['edge'] * 100:.1f}%, cloud {p['fractions']['cloud'] * 100:.1f}%, "
+          f"{p['camera_uplink_bytes']:.1f} B/frame camera->edge")
+    for p in res["oracle_on_test"]:
+        print(f"  max drop {p['max_drop'] * 100:5.2f} pt (chosen on test): system {p['accuracy'] * 100:.2f}%, "
+              f"camera {p['fractions']['end'] * 100:.1f}%, {p['camera_uplink_bytes']:.1f} B/frame")
+
+
+# -- convert ---------------------------------------------------------------------------------
+def configure_convert(p: argparse.ArgumentParser) -> None:
+    _training_args(p)
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--workdir", type=Path, help="checkpoint and reports (default: <out>-work)")
+    p.add_argument("--archive", type=Path, help="also write the bundle as one .tar.gz file")
+    p.add_argument("--name", help="bundle name")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--test-dir", type=Path, help="evaluate the bundle on this folder afterwards")
+
+
+def run_convert(args) -> int:
+    from tierlite.converters.pipeline import build_bundle, default_workdir
+    _check_dir(args.train_dir)
+    workdir = args.workdir or default_workdir(args.out)
+    out = build_bundle(args.train_dir, args.out, args.preset, args.binarized, args.seed, workdir=workdir,
+                       name=args.name, version=args.version, init_from=args.init_from, **_overrides(args))
+    _finish(args, out, workdir)
+    return 0
+
+
+# -- calibrate -------------------------------------------------------------------------------
+def configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--images", type=Path, required=True, help="labelled held-out folder <dir>/<class>/*.jpg")
+    p.add_argument("--max-drop", type=float, default=0.005, help="max accuracy drop vs cloud-only (fraction)")
+    p.add_argument("--report", type=Path, help="report path prefix (default: <bundle>-work/calibration-<folder>)")
+    p.add_argument("--write", action="store_true", help="write the chosen thresholds into the bundle's manifest")
+
+
+def run_calibrate(args) -> int:
+    from tierlite.bundle import Bundle, write_manifest
+    from tierlite.converters import calibrate
+    from tierlite.converters.pipeline import default_workdir, run_chain
+    from tierlite.data import load_image_folder
+    from tierlite.segment import encoded_size
+
+    b = Bundle.load(args.bundle)
+    _check_dir(args.images)
+    data = load_image_folder(args.images, tuple(b.input_shape[1:3]))
+    if data.classes != b.labels:
+        raise DataError(f"{args.images}: classes {data.classes} differ from the bundle's labels {b.labels}")
+    if not 0.0 <= args.max_drop < 1.0:
+        raise ConfigError(f"--max-drop is a fraction in [0, 1), got {args.max_drop}")
+    logits = run_chain(args.bundle, data.images)
+    fbytes = (encoded_size(b.segment("end").output("feature").shape, b.feature_encoding),
+              encoded_size(b.segment("edge").output("feature").shape, {"kind": "int8"}))
+    points, table = calibrate.sweep(logits, data.labels, fbytes)
+    chosen = calibrate.search_thresholds(logits, data.labels, fbytes, args.max_drop, table=table)
+    prefix = args.report or default_workdir(args.bundle) / f"calibration-{args.images.name}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    calibrate.write_report(prefix.with_suffix(".json"), {
+        "bundle": str(args.bundle), "images": str(args.images), "frames": len(data.labels),
+        "skipped_files": len(data.skipped), "chosen": chosen.to_json(), "sweep": [p.to_json() for p in points]})
+    calibrate.plot(prefix.with_suffix(".png"), points, table, title=f"{b.name} v{b.version}: {args.images.name}")
+    print(f"thresholds end {chosen.thresholds['end']:.4f} edge {chosen.thresholds['edge']:.4f}: system "
+          f"{chosen.accuracy * 100:.2f}% (cloud-only {chosen.cloud_only_accuracy * 100:.2f}%), camera "
+          f"{chosen.camera_fraction * 100:.1f}%, {chosen.camera_uplink_bytes:.1f} B/frame up")
+    print(f"report: {prefix.with_suffix('.json')}  plot: {prefix.with_suffix('.png')}")
+    if args.write:
+        manifest = dict(b.manifest)
+        manifest["thresholds"] = chosen.thresholds
+        manifest.setdefault("calibration", {}).update(
+            split=args.images.name, frames=len(data.labels), max_drop=args.max_drop,
+            system_accuracy=chosen.accuracy, fractions=chosen.fractions)
+        write_manifest(b.root, manifest)
+        print(f"thresholds written to {b.root / 'manifest.json'}")
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------
+def configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="bundle directory, bundle .tar.gz, or any .tflite file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run_inspect(args) -> int:
+    from tierlite.converters.inspect import describe, format_text
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def _check_dir(path: Path) -> None:
+    if not Path(path).is_dir():
+        raise DataError(f"image folder not found: {path}")

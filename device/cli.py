@@ -1,0 +1,45 @@
+"""`tierlite device --config node.yaml`: the camera-node daemon."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("tierlite.device")
+
+
+def configure_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="node YAML (see docs/RUNTIME.md)")
+    p.add_argument("--board", help="board profile (tierlite.boards, e.g. pi4, pi5, coral-usb-pi4): "
+                                   "sets the runtime plugin and threads")
+    p.add_argument("--runtime", help="runtime plugin, overrides config and board (litert, tflite-runtime, edgetpu, tflm)")
+    p.add_argument("--threads", type=int, help="interpreter threads, overrides config and board")
+    p.add_argument("--limit", type=int, help="stop after this many frames (overrides source.limit)")
+
+
+def run_device(args: argparse.Namespace) -> int:
+    from tierlite.config import DeviceConfig, load_config
+    from tierlite.service import run_until_signal
+    from tierlite.device.daemon import DeviceDaemon
+    from tierlite.errors import ConfigError
+
+    cfg = load_config(args.config, DeviceConfig)
+    runtime, options = cfg.runtime, {"threads": cfg.threads}
+    if args.board:
+        try:
+            from tierlite.boards import load_board
+        except ImportError as e:
+            raise ConfigError(f"--board needs tierlite.boards, not in this install ({e}); use --runtime/--threads") from None
+        board = load_board(args.board)
+        if board.is_mcu:
+            raise ConfigError(f"board {board.name} is a microcontroller: build firmware with `tierlite firmware`, "
+                              "the daemon runs on Linux boards")
+        runtime, options = board.runtime, board.runtime_options()
+        log.info("board %s: runtime %s, %d thread(s)", board.name, runtime, board.threads)
+    if args.runtime:
+        runtime = args.runtime
+    if args.threads:
+        options["threads"] = args.threads
+    if args.limit:
+        cfg.source.limit = args.limit
+    daemon = DeviceDaemon(cfg, runtime=runtime, runtime_options=options)
+    return run_until_signal(daemon.run, daemon.stop)

@@ -1,0 +1,177 @@
+"""`tierlite bench fleet`: a fleet load test on loopback.
+
+N simulated camera nodes (tierlite.bench.loadgen.FleetLoad: one MQTT connection each) replay real
+escalations - FEATURE messages made by the real end segment from real frames - at stepped offered
+rates against the real runtime: `tierlite edge` (managed Mosquitto, 1 then 2 edge worker processes
+on a shared subscription) and one `tierlite cloud` worker, all separate processes. Per step:
+achieved escalations/s, latency p50/p99 (send -> answer back at the node), lost / duplicated /
+rejected answers, CPU per process (/proc). The knee is the first offered rate whose p99 passes
+--knee-ms; stepping stops there. Every step is bounded in time and in count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from tierlite.bench.report import Progress, Report, Target, fmt_num, markdown_table, say
+from tierlite.errors import ConfigError
+
+DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
+DEFAULT_RATES = "250,500,1000,1500,2000,3000,4000,6000,8000,12000"
+
+T_PER_WORKER = Target("sustained escalations/s, one edge worker", 3000.0, True, "/s")
+T_SCALING = Target("speed-up with two edge workers", 1.8, True, "x")
+T_ESCALATION_P99 = Target("escalation p99 at the lowest offered rate", 10.0, False, " ms")
+
+
+def configure_fleet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle the nodes, edge workers and cloud worker run")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"image folder the escalations are made from (default {DEFAULT_DATA})")
+    p.add_argument("--frames", type=int, default=256, help="distinct real frames replayed (default 256)")
+    p.add_argument("--nodes", type=int, default=100, help="simulated camera nodes (default 100)")
+    p.add_argument("--workers", default="1,2", help="edge worker counts to test, in order (default 1,2)")
+    p.add_argument("--rates", default=DEFAULT_RATES, help=f"offered escalations/s per step (default {DEFAULT_RATES})")
+    p.add_argument("--step-seconds", type=float, default=5.0, help="length of each rate step (default 5)")
+    p.add_argument("--max-messages", type=int, default=60000, help="cap on escalations per step (default 60000)")
+    p.add_argument("--knee-ms", type=float, default=50.0, help="p99 that marks the knee; stepping stops past it (default 50)")
+    p.add_argument("--drain-seconds", type=float, default=3.0, help="wait for late answers after a step (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-results", help="output folder (results.json, fleet.md, PNGs)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ConfigError(f"{what} must be positive numbers, got {text!r}")
+    return vals
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    from tierlite.bench.loadgen import FleetLoad, load_messages
+    from tierlite.bench.stack import Stack
+
+    rates = sorted(_ints(args.rates, "--rates"))
+    worker_counts = _ints(args.workers, "--workers")
+    if args.nodes < 1 or args.frames < 1 or args.step_seconds <= 0 or args.max_messages < 1:
+        raise ConfigError("--nodes, --frames, --step-seconds and --max-messages must be positive")
+    report = Report("fleet", args.out)
+    say(f"encoding {args.frames} real escalations with the end segment ...")
+    bundle, messages = load_messages(args.bundle, args.data, args.frames, args.seed)
+    runs: list[dict[str, Any]] = []
+    for workers in worker_counts:
+        say(f"starting tierlite edge ({workers} worker(s)) and tierlite cloud ...")
+        with Stack(args.bundle, edge_workers=workers) as stack:
+            load = FleetLoad(stack.host, stack.port, messages, nodes=args.nodes, prefix=stack.prefix)
+            load.start()
+            try:
+                load.step(min(rates[0], 200), 1.0, drain=args.drain_seconds)  # warm-up: caches, connections
+                steps = []
+                bar = Progress(len(rates), f"{workers} edge worker(s): rate steps", every_s=0, enabled=not args.quiet)
+                for rate in rates:
+                    pids = {**stack.pids(), "load generator": os.getpid()}
+                    res = load.step(rate, args.step_seconds, drain=args.drain_seconds,
+                                    max_messages=args.max_messages, cpu_pids=pids)
+                    steps.append(res.to_json())
+                    bar.update()
+                    if not args.quiet:
+                        say(f"  offered {rate}/s: achieved {res.achieved_per_s:.0f}/s, p50 "
+                            f"{fmt_num(res.latency['p50_ms'])} ms, p99 {fmt_num(res.latency['p99_ms'])} ms, "
+                            f"lost {res.lost}, dup {res.duplicated}")
+                    p99 = res.latency["p99_ms"]
+                    if p99 is None or p99 > args.knee_ms:
+                        break
+                bar.close()
+            finally:
+                load.stop()
+        runs.append(summarize(workers, steps, args.knee_ms))
+    report.results.update(
+        nodes=args.nodes, frames=args.frames, step_seconds=args.step_seconds, knee_ms=args.knee_ms,
+        bundle=bundle.name, feature_message_bytes=len(messages[0]), runs=runs,
+        targets=check_targets(runs))
+    write_fleet_report(report, runs, args)
+    paths = report.write()
+    say(f"wrote {paths['results']} and {paths['markdown']}")
+    return 0
+
+
+def summarize(workers: int, steps: list[dict[str, Any]], knee_ms: float) -> dict[str, Any]:
+    """Sustained = highest achieved rate over steps at or under the knee with nothing lost or
+    duplicated; knee = the first offered rate whose p99 passed knee_ms (None: never reached)."""
+    good = [s for s in steps if s["latency"]["p99_ms"] is not None and s["latency"]["p99_ms"] <= knee_ms
+            and s["lost"] == 0 and s["duplicated"] == 0 and s["rejected"] == 0]
+    best = max(good, key=lambda s: s["achieved_per_s"], default=None)
+    past = next((s for s in steps if s["latency"]["p99_ms"] is None or s["latency"]["p99_ms"] > knee_ms), None)
+    return {
+        "edge_workers": workers, "steps": steps,
+        "sustained_per_s": best["achieved_per_s"] if best else 0.0,
+        "sustained_step": best,
+        "knee_offered_per_s": past["offered_per_s"] if past else None,
+        "lost_at_or_below_knee": sum(s["lost"] for s in steps if s is not past),
+        "duplicated_total": sum(s["duplicated"] for s in steps),
+        "lowest_rate_p99_ms": steps[0]["latency"]["p99_ms"] if steps else None,
+    }
+
+
+def check_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    one = next((r for r in runs if r["edge_workers"] == 1), None)
+    two = next((r for r in runs if r["edge_workers"] == 2), None)
+    if one:
+        out.append({**T_PER_WORKER.check(one["sustained_per_s"]), "config": "1 edge worker"})
+        out.append({**T_ESCALATION_P99.check(one["lowest_rate_p99_ms"]), "config": "1 edge worker"})
+    if one and two and one["sustained_per_s"] > 0:
+        out.append({**T_SCALING.check(two["sustained_per_s"] / one["sustained_per_s"]), "config": "2 vs 1 edge workers"})
+    return out
+
+
+def _cpu_text(cpu: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {v:.0f}%" for k, v in cpu.items() if v is not None)
+
+
+STEP_COLUMNS = [
+    ("edge_workers", "edge workers", None), ("offered_per_s", "offered /s", None),
+    ("achieved_per_s", "achieved /s", lambda x: f"{x:,.0f}"), ("p50", "p50 ms", None), ("p99", "p99 ms", None),
+    ("lost", "lost", None), ("duplicated", "dup", None), ("rejected", "rejected", None),
+    ("cpu", "CPU (% of one core)", str),
+]
+SUMMARY_COLUMNS = [
+    ("edge_workers", "edge workers", None), ("sustained_per_s", "sustained escalations/s (p99 <= knee, 0 lost)",
+                                             lambda x: f"{x:,.0f}"),
+    ("knee", "knee: offered rate where p99 passed the limit", str), ("lost_at_or_below_knee", "lost (steps <= knee)", None),
+    ("duplicated_total", "duplicated", None), ("cpu", "CPU at the sustained step (% of one core)", str),
+]
+TARGET_COLUMNS = [("target", "target", str), ("config", "measured on", str), ("goal", "goal", str),
+                  ("measured", "measured", None), ("status", "status", str)]
+
+
+def write_fleet_report(report: Report, runs: list[dict[str, Any]], args) -> None:
+    rows = []
+    for r in runs:
+        for s in r["steps"]:
+            rows.append({"edge_workers": r["edge_workers"], **s, "p50": s["latency"]["p50_ms"],
+                         "p99": s["latency"]["p99_ms"], "cpu": _cpu_text(s["cpu_percent"])})
+    summary = [{**r, "knee": f"{r['knee_offered_per_s']:,}/s" if r["knee_offered_per_s"] else
+                f"not reached (<= {r['steps'][-1]['offered_per_s']:,}/s)" if r["steps"] else "–",
+                "cpu": _cpu_text(r["sustained_step"]["cpu_percent"]) if r["sustained_step"] else "–"} for r in runs]
+    report.add_markdown(f"{args.nodes} simulated nodes, {args.frames} distinct real escalations replayed, "
+                        f"{args.step_seconds:g} s per step, knee at p99 > {args.knee_ms:g} ms.\n")
+    report.add_markdown(markdown_table(SUMMARY_COLUMNS, summary))
+    report.add_markdown("Targets (from the brief; reported, not asserted):\n\n"
+                        + markdown_table(TARGET_COLUMNS, report.results["targets"]))
+    report.add_markdown("Every step:\n\n" + markdown_table(STEP_COLUMNS, rows))
+    print(markdown_table(SUMMARY_COLUMNS, summary))
+    print()
+    print(markdown_table(TARGET_COLUMNS, report.results["targets"]))
+    series_p99 = {f"{r['edge_workers']} edge worker(s)": ([s["offered_per_s"] for s in r["steps"]],
+                                                         [s["latency"]["p99_ms"] for s in r["steps"]]) for r in runs}
+    report.line_plot("p99", series_p99, "offered escalations/s", "p99 latency (ms)",
+                     "Escalation round trip p99 vs offered load", hline=args.knee_ms, logy=True)
+    series_rate = {f"{r['edge_workers']} edge worker(s)": ([s["offered_per_s"] for s in r["steps"]],
+                                                          [s["achieved_per_s"] for s in r["steps"]]) for r in runs}
+    report.line_plot("throughput", series_rate, "offered escalations/s", "achieved escalations/s",
+                     "Throughput vs offered load")

@@ -1,0 +1,133 @@
+"""Prometheus metrics for the edge and cloud workers (prometheus-client).
+
+One family set for both tiers, told apart by the `tier` label:
+  tierlite_frames_total{tier,node,outcome}     outcome: answered (exit here) | escalated
+  tierlite_rejected_messages_total{tier,reason} dropped network input (truncated, version, bundle...)
+  tierlite_received_bytes_total{tier,node}     payload bytes of accepted features
+  tierlite_sent_bytes_total{tier,kind}         kind: answer | escalate | reject
+  tierlite_process_seconds{tier}               decode + segment + encode, per message
+  tierlite_message_age_seconds{tier}           now - the node's send time (meaningful with NTP)
+  tierlite_stored_examples_total               cloud: rows written to the hard-example store
+Per-node exit rate at the edge: rate(frames_total{outcome="answered"}) / rate(frames_total).
+
+Several edge worker processes share one endpoint through prometheus-client's multiprocess mode:
+the gateway sets PROMETHEUS_MULTIPROC_DIR for its workers and serves `serve_multiprocess(dir)`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("tierlite.metrics")
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class TierMetrics:
+    """Counters for one worker. Without prometheus-client installed every call is a no-op."""
+
+    def __init__(self, tier: str):
+        self.tier = tier
+        self._frames: dict[tuple[str, str], Any] = {}
+        self._bytes_in: dict[str, Any] = {}
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+        except ImportError:
+            log.warning("prometheus-client is not installed: metrics are off (pip install prometheus-client)")
+            self.enabled = False
+            return
+        self.enabled = True
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("tierlite_frames", "Frames processed by this tier, by node and outcome",
+                              ["tier", "node", "outcome"], registry=r)
+        self.rejected = Counter("tierlite_rejected_messages", "Network messages dropped as invalid",
+                                ["tier", "reason"], registry=r)
+        self.bytes_in = Counter("tierlite_received_bytes", "Payload bytes of accepted feature messages",
+                                ["tier", "node"], registry=r)
+        self.bytes_out = Counter("tierlite_sent_bytes", "Payload bytes sent", ["tier", "kind"], registry=r)
+        self.process_seconds = Histogram("tierlite_process_seconds", "Decode + segment + encode time per message",
+                                         ["tier"], buckets=LATENCY_BUCKETS, registry=r).labels(tier)
+        self.age_seconds = Histogram("tierlite_message_age_seconds", "Time since the node sent the feature",
+                                     ["tier"], buckets=LATENCY_BUCKETS, registry=r).labels(tier)
+        self.stored = Counter("tierlite_stored_examples", "Hard examples written to the store", registry=r)
+        self._out = {k: self.bytes_out.labels(tier, k) for k in ("answer", "escalate", "reject")}
+
+    def frame(self, node: str, outcome: str, nbytes: int, process_s: float, age_s: float | None) -> None:
+        if not self.enabled:
+            return
+        key = (node, outcome)
+        child = self._frames.get(key)
+        if child is None:  # labels() costs a few microseconds: cache per node
+            child = self._frames[key] = self.frames.labels(self.tier, node, outcome)
+        child.inc()
+        b = self._bytes_in.get(node)
+        if b is None:
+            b = self._bytes_in[node] = self.bytes_in.labels(self.tier, node)
+        b.inc(nbytes)
+        self.process_seconds.observe(process_s)
+        if age_s is not None and 0 <= age_s < 3600:
+            self.age_seconds.observe(age_s)
+
+    def sent(self, kind: str, nbytes: int) -> None:
+        if self.enabled:
+            self._out[kind].inc(nbytes)
+
+    def reject(self, reason: str) -> None:
+        if self.enabled:
+            self.rejected.labels(self.tier, reason).inc()
+
+    def stored_rows(self, n: int) -> None:
+        if self.enabled and n:
+            self.stored.inc(n)
+
+    def serve(self, port: int, bind: str = "127.0.0.1") -> int | None:
+        """Serve /metrics on bind:port (0 = any free port); returns the port."""
+        if not self.enabled:
+            return None
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=bind, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", bind, server.server_port)
+        return server.server_port
+
+
+def serve_multiprocess(directory: str, port: int, bind: str = "127.0.0.1") -> int | None:
+    """Serve the merged metrics of every worker process writing to `directory`."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+    except ImportError:
+        log.warning("prometheus-client is not installed: metrics are off")
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    server, _ = start_http_server(port, addr=bind, registry=registry)
+    log.info("metrics on http://%s:%d/metrics (%s)", bind, server.server_port, directory)
+    return server.server_port
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)
+    except (ImportError, OSError):
+        pass
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """Read a /metrics page into {'name{labels}': value} (tests, bench, demo)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = out.get(key, 0.0) + float(value)
+            except ValueError:
+                pass
+    return out

@@ -1,0 +1,315 @@
+"""The one boundary between tierlite and paho-mqtt 2.x (callback API v2, MQTT 5 by default).
+
+Why the settings below: a naive loop that publishes QoS 1 and waits for every PUBACK manages a few
+thousand msg/s here, and a QoS-1 stream that outruns its QoS-1 subscriber overflows Mosquitto's
+default 1,000-message per-client queue, after which Mosquitto drops messages and delivery
+collapses to ~70-100 msg/s (measured on this box, see docs/RUNTIME.md). So: the data path is
+QoS 0 with application deadlines (a lost message costs one fallback, never a stall), nothing
+waits on a publish, paho's inflight window is 1,000 instead of 20, TCP_NODELAY is set on the
+socket (small messages, latency matters), and the generated Mosquitto config raises the queue.
+
+MqttClient never raises on network trouble: publish() returns False, connection changes go to
+callbacks, a handler's exception is logged and counted (paho would otherwise kill its thread).
+Connection is asynchronous with reconnect backoff, so a daemon starts and runs with no broker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tierlite.config import BrokerConfig
+from tierlite.errors import ConfigError
+
+log = logging.getLogger("tierlite.mqtt")
+
+SERVICE_TYPE = "_mqtt._tcp.local."
+Handler = Callable[[str, bytes], None]  # (topic, payload)
+
+
+@dataclass(frozen=True)
+class DiscoveredBroker:
+    host: str
+    port: int
+    name: str
+    properties: dict[str, str]
+
+
+def discover_broker(timeout: float = 3.0, interfaces: list[str] | None = None,
+                    match: dict[str, str] | None = None) -> DiscoveredBroker | None:
+    """Browse zeroconf for a tierlite gateway's `_mqtt._tcp` service (TXT `tierlite=1`), optionally
+    one whose TXT records include `match` (e.g. {"bundle": "digits-small"}). Returns the first one
+    resolved within `timeout` seconds, else None."""
+    from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
+    names: list[str] = []
+    seen = threading.Event()
+
+    def on_change(zeroconf, service_type, name, state_change):  # runs on zeroconf's thread: no blocking
+        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated) and name not in names:
+            names.append(name)
+            seen.set()
+
+    zc = Zeroconf(interfaces=interfaces or InterfaceChoice.All)
+    try:
+        ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        while time.monotonic() < deadline:
+            seen.wait(max(0.0, deadline - time.monotonic()))
+            seen.clear()
+            for name in [n for n in names if n not in tried]:
+                tried.add(name)
+                info = ServiceInfo(SERVICE_TYPE, name)
+                if not info.request(zc, 1000):
+                    continue
+                props = {k.decode(errors="replace"): (v or b"").decode(errors="replace")
+                         for k, v in (info.properties or {}).items()}
+                if props.get("tierlite") != "1" or any(props.get(k) != str(v) for k, v in (match or {}).items()):
+                    continue
+                addrs = info.parsed_addresses()
+                if not addrs or not info.port:
+                    continue
+                host = next((a for a in addrs if ":" not in a), addrs[0])
+                return DiscoveredBroker(host, int(info.port), name, props)
+        return None
+    finally:
+        zc.close()
+
+
+class MqttClient:
+    """A paho client with tierlite's defaults, subscriptions that survive reconnects, and an error
+    boundary. Call start() once; it returns at once and connects (and reconnects) in the background."""
+
+    def __init__(self, config: BrokerConfig, client_id: str, *,
+                 will: tuple[str, bytes, int, bool] | None = None,
+                 on_connect: Callable[[], None] | None = None,
+                 on_disconnect: Callable[[], None] | None = None):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.config = config
+        self.client_id = config.client_id or client_id
+        self._paho = paho
+        v5 = config.protocol == "5"
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                   protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+                                   clean_session=None if v5 else True)
+        c = self._client
+        c.max_inflight_messages_set(config.max_inflight)
+        c.max_queued_messages_set(config.max_queued)
+        c.reconnect_delay_set(min_delay=config.reconnect_min, max_delay=config.reconnect_max)
+        user, password = config.username, config.resolved_password()
+        if user is not None:
+            c.username_pw_set(user, password)
+        if config.tls is not None:
+            t = config.tls
+            try:
+                c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file)
+            except (ssl.SSLError, OSError, ValueError) as e:
+                raise ConfigError(f"broker TLS files unusable: {e}") from None
+            if t.insecure:
+                c.tls_insecure_set(True)
+        if will is not None:
+            c.will_set(*will)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_message = self._on_unrouted
+        self._user_on_connect, self._user_on_disconnect = on_connect, on_disconnect
+        self._subs: dict[str, int] = {}  # filter as subscribed ($share/... kept) -> qos
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = False
+        self._failures = 0
+        self._publish_errors = 0
+        self.handler_errors = 0
+        self.endpoint: tuple[str, int] | None = None
+        self._started = False
+        self._discovery_thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.config.auto:
+            self._discovery_thread = threading.Thread(target=self._discover_then_connect,
+                                                      name="mqtt-discovery", daemon=True)
+            self._discovery_thread.start()
+        else:
+            self._connect(self.config.host, self.config.port)
+
+    def _connect(self, host: str, port: int) -> None:
+        self.endpoint = (host, port)
+        kwargs = {}
+        if self.config.protocol == "5":
+            kwargs["clean_start"] = True
+        try:
+            self._client.connect_async(host, port, keepalive=self.config.keepalive, **kwargs)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"broker {host}:{port}: {e}") from None
+        self._client.loop_start()  # its thread connects, and reconnects with backoff
+        log.info("mqtt: connecting to %s:%d as %s", host, port, self.client_id)
+
+    def _discover_then_connect(self) -> None:
+        delay = self.config.reconnect_min
+        while not self._stop_event.is_set():
+            try:
+                found = discover_broker(self.config.discovery_timeout, self.config.discovery_interfaces,
+                                        self.config.discovery_match)
+            except Exception as e:  # zeroconf/network trouble: keep trying, never crash the daemon
+                log.warning("mqtt: zeroconf discovery failed: %s", e)
+                found = None
+            if found is not None:
+                log.info("mqtt: discovered gateway %s at %s:%d (%s)", found.name, found.host, found.port,
+                         ", ".join(f"{k}={v}" for k, v in sorted(found.properties.items())))
+                self.discovered = found
+                if not self._stop_event.is_set():
+                    self._connect(found.host, found.port)
+                return
+            log.warning("mqtt: no tierlite gateway found by zeroconf yet; retrying in %.1fs", delay)
+            self._stop_event.wait(delay)
+            delay = min(delay * 2, self.config.reconnect_max)
+
+    def stop(self, final: list[tuple[str, bytes, int, bool]] | None = None, timeout: float = 2.0) -> None:
+        """Publish `final` messages (e.g. a retained 'offline' status), then disconnect cleanly."""
+        self._stopping = True
+        self._stop_event.set()
+        if self.connected and final:
+            infos = []
+            for t, payload, qos, retain in final:
+                try:
+                    infos.append(self._client.publish(t, payload, qos, retain))
+                except (ValueError, OSError, RuntimeError):
+                    pass
+            deadline = time.monotonic() + timeout
+            for info in infos:
+                try:
+                    info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):
+                    pass
+        try:
+            self._client.disconnect()
+        except (OSError, RuntimeError):
+            pass
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- subscribe / publish ------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        """Route messages matching `topic_filter` to handler(topic, payload). A shared subscription
+        ($share/<group>/<filter>) routes on <filter>. Re-subscribed after every reconnect."""
+        route = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        self._client.message_callback_add(route, self._guard(handler))
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        """Queue a message; never blocks or raises. False: not connected (QoS 0) or queue full."""
+        try:
+            info = self._client.publish(topic, payload, qos, retain)
+        except (ValueError, OSError, RuntimeError, TypeError) as e:
+            self._publish_errors += 1
+            if self._publish_errors == 1 or self._publish_errors % 1000 == 0:
+                log.warning("mqtt: publish to %s failed (%d so far): %s", topic, self._publish_errors, e)
+            return False
+        return info.rc == self._paho.MQTT_ERR_SUCCESS
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Undo subscribe() (model updates subscribe to a version's chunks only while fetching it)."""
+        route = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        self._client.message_callback_remove(route)
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish_and_wait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                         timeout: float = 10.0) -> bool:
+        """Publish and wait until the broker has it (QoS >= 1). For rare control messages such as a
+        model update's chunks, never on the data path. False on timeout or error."""
+        try:
+            info = self._client.publish(topic, payload, qos, retain)
+            info.wait_for_publish(timeout)
+            return info.is_published()
+        except (ValueError, OSError, RuntimeError, TypeError) as e:
+            log.warning("mqtt: publish to %s failed: %s", topic, e)
+            return False
+
+    # -- paho callbacks -----------------------------------------------------------------------
+    def _guard(self, handler: Handler):
+        def call(client, userdata, message):
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # the error boundary: one bad message never kills the network thread
+                self.handler_errors += 1
+                if self.handler_errors <= 5 or self.handler_errors % 1000 == 0:
+                    log.exception("mqtt: handler for %s failed (%d so far)", message.topic, self.handler_errors)
+        return call
+
+    def _on_unrouted(self, client, userdata, message) -> None:
+        log.debug("mqtt: message on %s with no handler", message.topic)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._failures += 1
+            level = logging.WARNING if self._failures == 1 else logging.DEBUG
+            log.log(level, "mqtt: broker %s refused the connection: %s", self._where(), reason_code)
+            return
+        sock = client.socket()
+        try:  # small messages, latency matters: no Nagle delay
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic_filter, qos in subs:
+            client.subscribe(topic_filter, qos)
+        log.info("mqtt: connected to %s%s", self._where(), f" after {self._failures} failed attempt(s)" if self._failures else "")
+        self._failures = 0
+        self._connected.set()
+        if self._user_on_connect:
+            try:
+                self._user_on_connect()
+            except Exception:
+                log.exception("mqtt: on_connect hook failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stopping:
+            log.warning("mqtt: lost connection to %s (%s); reconnecting with backoff", self._where(), reason_code)
+        if was and self._user_on_disconnect:
+            try:
+                self._user_on_disconnect()
+            except Exception:
+                log.exception("mqtt: on_disconnect hook failed")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("mqtt: cannot reach broker %s; retrying with backoff (up to %.0fs apart)",
+                        self._where(), self.config.reconnect_max)
+
+    def _where(self) -> str:
+        return f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else "(not resolved)"
+
+
+def default_client_id(role: str, name: str | None = None) -> str:
+    return f"tierlite-{role}-{name or socket.gethostname()}-{os.getpid()}"
