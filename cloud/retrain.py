@@ -220,32 +220,47 @@ class Head:
         return (q - self.in_zp) * self.in_scale[0], [np.stack(o) for o in outs]
 
     def patched(self, W: np.ndarray, b: np.ndarray) -> bytes:
-        """The same model with new dense weights (D, C) and bias (C,) quantized in its own scheme:
-        int8 symmetric weights (per channel if it was), int32 bias at input x weight scale. The
-        logits' output quantization is kept, so every tier decodes carried logits as before."""
-        from ai_edge_litert.tools import flatbuffer_utils as fbu
+        """The same model with new dense weights (D, C) and bias (C,), quantized in its own scheme
+        (int8 symmetric weights, per channel if it was; int32 bias at input x weight scale) and
+        written over the old values in place: every other byte of the file is unchanged, so an
+        update can ship the file as a tiny XOR delta. The logits' output quantization is kept,
+        so every tier decodes carried logits as before."""
+        from ai_edge_litert import schema_py_generated as fb
+        from ai_edge_litert.tools.flatbuffer_utils import get_builtin_code_from_operator_code
 
-        model = fbu.read_model_from_bytearray(bytearray(self.model_bytes))
-        sub, op = _fc(model)
-        w_t, b_t = sub.tensors[op.inputs[1]], sub.tensors[op.inputs[2]]
-        old_scale, _ = _quant(w_t)
+        data = bytearray(self.model_bytes)
+        model = fb.Model.GetRootAs(data, 0)
+        sub = model.Subgraphs(0)
+        ops = [sub.Operators(i) for i in range(sub.OperatorsLength())]
+        op = next(o for o in ops if get_builtin_code_from_operator_code(model.OperatorCodes(o.OpcodeIndex()))
+                  == fb.BuiltinOperator.FULLY_CONNECTED)
+        w_t, b_t = sub.Tensors(op.Inputs(1)), sub.Tensors(op.Inputs(2))
+
+        def view(tensor, dtype):  # a writable numpy view of a constant tensor's bytes in `data`
+            buf = model.Buffers(tensor.Buffer())
+            if buf.Offset():  # large models keep buffers after the flatbuffer
+                return np.frombuffer(data, dtype=dtype, count=buf.Size() // np.dtype(dtype).itemsize, offset=buf.Offset())
+            return buf.DataAsNumpy().view(dtype)
+
+        w_scale_view, b_scale_view = w_t.Quantization().ScaleAsNumpy(), b_t.Quantization().ScaleAsNumpy()
         wt = np.asarray(W, dtype=np.float64).T  # (C, D) as TFLite stores it
-        if old_scale.size == wt.shape[0]:
+        if w_scale_view.size == wt.shape[0]:
             scale = np.maximum(np.abs(wt).max(axis=1), 1e-12) / 127.0
             wq = np.clip(np.round(wt / scale[:, None]), -127, 127).astype(np.int8)
-            bias_scale = self.in_scale[0] * scale
         else:
             scale = np.array([max(np.abs(wt).max(), 1e-12) / 127.0])
             wq = np.clip(np.round(wt / scale[0]), -127, 127).astype(np.int8)
-            bias_scale = np.full(wt.shape[0], self.in_scale[0] * scale[0])
-        bq = np.clip(np.round(np.asarray(b, dtype=np.float64) / bias_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-        model.buffers[w_t.buffer].data = np.frombuffer(wq.tobytes(), dtype=np.uint8)
-        model.buffers[b_t.buffer].data = np.frombuffer(bq.tobytes(), dtype=np.uint8)
-        w_t.quantization.scale = scale.astype(np.float32).tolist()
-        w_t.quantization.zeroPoint = [0] * scale.size
-        b_t.quantization.scale = bias_scale.astype(np.float32).tolist()
-        b_t.quantization.zeroPoint = [0] * bias_scale.size
-        return bytes(fbu.convert_object_to_bytearray(model))
+        scale = scale.astype(np.float32)
+        bias_scale = (np.float32(self.in_scale[0]) * scale).astype(np.float32)
+        if b_scale_view.size != wt.shape[0]:
+            raise BundleError(f"{self.tier} head: bias quantization has {b_scale_view.size} scales, expected {wt.shape[0]}")
+        bias_scale_full = np.broadcast_to(bias_scale, (wt.shape[0],)) if bias_scale.size == 1 else bias_scale
+        bq = np.clip(np.round(np.asarray(b, dtype=np.float64) / bias_scale_full), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        view(w_t, np.int8)[:] = wq.reshape(-1)
+        view(b_t, np.int32)[:] = bq
+        w_scale_view[:] = scale
+        b_scale_view[:] = bias_scale_full
+        return bytes(data)
 
 
 def fit_head(W0: np.ndarray, b0: np.ndarray, x_kd: np.ndarray, teacher: np.ndarray, x_ce: np.ndarray,
@@ -542,3 +557,105 @@ def _verdict(holdout: dict, clean: dict, opts: RetrainOptions) -> tuple[bool, st
         return False, f"held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt, below the {opts.margin} pt margin"
     return True, (f"held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt (margin {opts.margin} pt), "
                   f"clean drop at most {max(drops.values()):.2f} pt")
+
+
+# -- the cloud worker's trigger ----------------------------------------------------------------------
+class RetrainScheduler:
+    """Runs `tierlite retrain` as a child process when enough new hard examples have arrived or
+    enough time has passed (the cloud worker calls tick() from its housekeeping loop), and keeps
+    frames uploaded by opted-in nodes. The child process keeps TensorFlow-free numpy work and any
+    publishing out of the worker, which goes on answering escalations meanwhile. The latest bundle
+    it published becomes the parent of the next run (state in <store stem>.retrain.json)."""
+
+    def __init__(self, config, mqtt):
+        from tierlite.cloud.frames import FrameCollector, FrameStore
+
+        self.config, self.trigger = config, config.retrain
+        store = Path(config.store.path)
+        self.frames_path = Path(self.trigger.frames_path) if self.trigger.frames_path else default_frames_path(store)
+        self.collector = (FrameCollector(FrameStore(self.frames_path), mqtt, config.prefix)
+                          if self.trigger.collect_frames else None)
+        self.state_file = store.with_name(store.stem + ".retrain.json")
+        self.state = {"parent": str(Path(config.bundle).resolve()), "runs": 0}
+        if self.state_file.is_file():
+            try:
+                self.state.update(json.loads(self.state_file.read_text()))
+            except ValueError:
+                log.warning("retrain state %s unreadable; starting afresh", self.state_file)
+        self._proc = None
+        self._log_path: Path | None = None
+        self._last = time.monotonic()
+        self._base: int | None = None  # store.written at the last run (or at start)
+
+    def tick(self, written: int) -> None:
+        """written: hard examples this worker has stored since it started."""
+        if self._proc is not None:
+            if self._proc.poll() is not None:
+                self._finished()
+            return
+        if self._base is None:
+            self._base = written
+        new, now = written - self._base, time.monotonic()
+        if now - self._last < self.trigger.min_interval_seconds:
+            return
+        due_examples = self.trigger.every_examples is not None and new >= self.trigger.every_examples
+        due_time = self.trigger.every_seconds is not None and now - self._last >= self.trigger.every_seconds
+        if due_examples or due_time:
+            self._base = written
+            self._start(f"{new} new hard examples" if due_examples else "the retraining period elapsed")
+
+    def _start(self, why: str) -> None:
+        import subprocess
+        import sys
+
+        parent = Path(self.state["parent"])
+        run = int(self.state["runs"]) + 1
+        out = parent.with_name(f"{parent.name.split('-v')[0]}-retrain{run}")
+        self._report = out.with_name(out.name + ".json")
+        argv = [sys.executable, "-m", "tierlite", "retrain", "--store", str(self.config.store.path),
+                "--bundle", str(parent), "--replay", self.trigger.replay, "--out", str(out),
+                "--frames", str(self.frames_path), "--json", str(self._report), *self.trigger.args]
+        if "--publish" in self.trigger.args and "--broker" not in self.trigger.args:
+            b = self.config.broker
+            argv += ["--broker", f"{b.host}:{b.port}", "--prefix", self.config.prefix]
+        self._log_path = out.with_name(out.name + ".log")
+        log.info("retrain: starting run %d (%s): %s", run, why, " ".join(argv[3:]))
+        with open(self._log_path, "wb") as f:
+            self._proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._out = out
+        self._last = time.monotonic()
+        self.state["runs"] = run
+
+    def _finished(self) -> None:
+        code, self._proc = self._proc.returncode, None
+        try:
+            report = json.loads(self._report.read_text())
+        except (OSError, ValueError):
+            report = None
+        if code != 0 or report is None:
+            tail = self._log_path.read_text(errors="replace").strip().splitlines()[-1:] if self._log_path else []
+            log.error("retrain: run %d failed (exit %d): %s", self.state["runs"], code, tail[0] if tail else "no output")
+        else:
+            rollout = report.get("rollout", {})
+            log.info("retrain: run %d: candidate v%s %s; %s", self.state["runs"], report["candidate"]["version"],
+                     "better" if report["better"] else "not better", report["reason"])
+            if rollout.get("stage") in ("published", "complete"):
+                self.state["parent"] = str(self._out.resolve())  # the fleet runs it now
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            log.info("retrain: stopping the running job")
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except Exception:  # noqa: BLE001
+                self._proc.kill()
+        if self.collector is not None:
+            self.collector.store.close()
+        self._save()

@@ -52,6 +52,10 @@ class CloudWorker:
         if config.broker.protocol == "5":
             escalate = f"$share/{config.share_group}/{escalate}"
         self.mqtt.subscribe(escalate, self.on_escalate, self._qos.escalate)
+        self.retrain = None  # co-updating (tierlite.cloud.retrain), with a `retrain:` section
+        if config.retrain is not None:
+            from tierlite.cloud.retrain import RetrainScheduler
+            self.retrain = RetrainScheduler(config, self.mqtt)
 
     def _load(self, bundle: Bundle) -> _Model:
         segment = Segment(bundle, "cloud", self.config.runtime, {"threads": self.config.threads}, fallback=True)
@@ -127,6 +131,8 @@ class CloudWorker:
                 log.error("hard-example store write failed: %s", e)
             self.metrics.stored_rows(self.store.written - self._stored_reported)
             self._stored_reported = self.store.written
+        if self.retrain is not None:
+            self.retrain.tick(self.store.written if self.store is not None else 0)
 
     def run(self) -> int:
         from tierlite.service import wait_for_stop
@@ -140,6 +146,8 @@ class CloudWorker:
         wait_for_stop(self.stop_event, self._housekeeping, 0.1)
         self.mqtt.stop(final=[(self._status_topic, json.dumps(
             {"worker": self.config.worker_id, "state": "offline"}).encode(), 1, True)])
+        if self.retrain is not None:
+            self.retrain.close()
         if self.store is not None:
             self.store.close()
         log.info("cloud worker %s: %d frames, %d rejected messages", self.config.worker_id, self.processed, self.rejected)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tierlite.bundle import TensorInfo
-from tierlite.converters.models import BINARY_HIGH, ArchConfig, stem_stride
+from tierlite.converters.models import BINARY_HIGH, ArchConfig, _exit_head, stem_stride
 from tierlite.errors import BundleError
 
 log = logging.getLogger("tierlite.converters")
@@ -215,8 +215,7 @@ def fold_binary_end(end, arch: ArchConfig):
     trunk = x
     feature = L.Conv2D(arch.boundary, 1, padding="same", activation="relu6", name="end_binfeature")(trunk)
     weights.append((feature, *_fold_binary(layer("end_binfeat_conv"), layer("end_binfeat_bn"))))
-    gap = L.GlobalAveragePooling2D(name="end_gap")(trunk)
-    logits = L.Dense(arch.num_classes, name="end_logits")(gap)
+    logits = _exit_head(trunk, arch, "end", grid=arch.end_head_grid)
     model = keras.Model(inp, [feature, logits], name="end_binary_folded")
     for tensor, kern, b in weights:
         model.get_layer(tensor._keras_history.operation.name).set_weights(

@@ -81,7 +81,7 @@ def _quant_kind(rt) -> str:
 def describe(path: str | Path) -> dict[str, Any]:
     """A bundle (directory or archive) or a bare .tflite file."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".tflite":
+    if path.suffix == ".tflite":
         return {"kind": "tflite", **describe_tflite(path)}
     b = Bundle.load(path)
     enc = b.feature_encoding

@@ -44,6 +44,7 @@ class ArchConfig:
     binary_end: list = field(default_factory=lambda: [[32, 2], [64, 2]])  # binary conv stack
     head_dropout: float = 0.0
     cloud_head_width: int = 0            # >0: an extra hidden dense layer in the cloud head
+    end_head_grid: int = 1               # end exit pools to a GxG grid before its dense layer (1 = GAP)
 
     def validate(self) -> "ArchConfig":
         if self.family not in FAMILIES:
@@ -190,10 +191,15 @@ def _blocks(x, cfg: ArchConfig, blocks, prefix):
     return x
 
 
-def _exit_head(x, cfg: ArchConfig, tier, hidden=0):
+def _exit_head(x, cfg: ArchConfig, tier, hidden=0, grid=1):
     import keras
     L = keras.layers
-    x = L.GlobalAveragePooling2D(name=f"{tier}_gap")(x)
+    if grid > 1 and x.shape[1] > grid:
+        # Keep coarse spatial layout (binary features pooled globally lose too much of it).
+        x = L.AveragePooling2D(x.shape[1] // grid, name=f"{tier}_pool")(x)
+        x = L.Flatten(name=f"{tier}_flatten")(x)
+    else:
+        x = L.GlobalAveragePooling2D(name=f"{tier}_gap")(x)
     if hidden:
         x = L.Dense(hidden, name=f"{tier}_hidden")(x)
         x = L.ReLU(name=f"{tier}_hidden_relu")(x)
@@ -237,7 +243,7 @@ def build_end(cfg: ArchConfig):
         f = L.Conv2D(cfg.boundary, 1, padding="same", use_bias=False, name="end_bottleneck_conv")(trunk)
         # Linear bottleneck: a symmetric range uses all 256 int8 levels on the wire.
         feature = L.BatchNormalization(momentum=0.9, name="end_feature")(f)
-    logits = _exit_head(trunk, cfg, "end")
+    logits = _exit_head(trunk, cfg, "end", grid=cfg.end_head_grid)
     return keras.Model(inp, [feature, logits], name="end")
 
 

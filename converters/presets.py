@@ -50,7 +50,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "arch": dict(family="resnet", input_size=32, stem=8, end=[[12, 2], [16, 2]], boundary=8,
-                     edge=[[32, 1]], cloud=[[48, 2]], binary_end=[[24, 2], [32, 2]]),
+                     edge=[[32, 1]], cloud=[[48, 2]], binary_end=[[24, 2], [32, 2]], end_head_grid=2),
         "train": dict(epochs=8, batch_size=64, lr=0.1, flip=False, pad=2, distill=0.5,
                       calibration_frames=150, val_fraction=0.2, log_every_s=30.0),
     },

@@ -162,6 +162,9 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
             loss, correct = step(train_images[idx], train_labels[idx].astype(np.int32))
             if has_binary:
                 clip_latent_weights(model)
+            if not np.isfinite(float(loss)):
+                raise ConfigError(f"training diverged (loss {float(loss)}) at epoch {epoch} step {s + 1}; "
+                                  f"lower the learning rate (now {tc.lr})")
             loss_sum += float(loss) * len(idx)
             correct_sum += correct.numpy()
             seen += len(idx)

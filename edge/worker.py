@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tierlite import wire
 from tierlite.bundle import Bundle
@@ -47,7 +48,18 @@ class EdgeWorker:
         self.index = index
         self.prefix = config.prefix
         self.options = {"threads": config.threads, **(runtime_options or {})}
-        self._model = self._load(bundle or Bundle.load(config.bundle))
+        bundle = bundle or Bundle.load(config.bundle)
+        self.updates = None  # signed model updates (tierlite.update), with an `update:` section
+        if config.update is not None and config.update.enabled:
+            import dataclasses
+
+            from tierlite.update import UpdateManager
+            own = dataclasses.replace(config.update, state_dir=str(Path(config.update.state_dir) / f"worker-{index}"))
+            self.updates = UpdateManager(
+                own, f"{config.gateway_id}-w{index}", ["edge"], swap=lambda b, segments: self.swap_bundle(b),
+                prefix=self.prefix, segment_factory=lambda b, tier: Segment(b, tier, config.runtime, self.options, True))
+            bundle = self.updates.startup(bundle)
+        self._model = self._load(bundle)
         self.metrics = TierMetrics("edge")
         self.stop_event = threading.Event()
         self.processed = 0
@@ -63,6 +75,8 @@ class EdgeWorker:
         if config.broker.protocol == "5":
             feature_filter = f"$share/{config.share_group}/{feature_filter}"
         self.mqtt.subscribe(feature_filter, self.on_feature, qos.feature)
+        if self.updates is not None:
+            self.updates.attach(self.mqtt)
 
     def _load(self, bundle: Bundle) -> _Model:
         segment = Segment(bundle, "edge", self.config.runtime, self.options, fallback=True)
@@ -99,6 +113,8 @@ class EdgeWorker:
             return
         out = m.segment.run(q)
         confident, label, conf, entropy = decide(out.logits, m.threshold)
+        if self.updates is not None:
+            self.updates.observe("edge", q, out.logits, escalated=not confident)
         if confident:
             reply = wire.encode_answer("edge", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
             self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
@@ -150,6 +166,8 @@ class EdgeWorker:
                  m.bundle.version, m.threshold, "escalating to the cloud tier" if m.spec_out else "no cloud tier")
         wait_for_stop(self.stop_event)
         log.info("edge worker %s: %d frames, %d rejected messages", self.worker_id, self.processed, self.rejected)
+        if self.updates is not None:
+            self.updates.close()
         self.mqtt.stop(final=[(self._status_topic, json.dumps({"worker": self.worker_id, "state": "offline"}).encode(), 1, True)])
         return 0
 

@@ -183,7 +183,7 @@ def test_config_header_states_the_bundle(generated):
     cfg = (out / "tierlite_config.h").read_text()
     enc = bundle.feature_encoding
     feature = bundle.segment("end").output("feature")
-    assert f'#define TIERLITE_NODE_ID "cam-7"' in cfg
+    assert '#define TIERLITE_NODE_ID "cam-7"' in cfg
     assert '#define TIERLITE_TOPIC_FEATURE "tierlite/cam-7/feature"' in cfg
     assert f"#define TIERLITE_MODEL_VERSION {bundle.version}" in cfg
     assert f"#define TIERLITE_FEATURE_BINARY {int(enc['kind'] == 'binary')}" in cfg
@@ -255,10 +255,12 @@ def test_linux_and_coral_boards(small_bundle_dir, tmp_path, capsys):
     assert "| pi4 |" in text and "| coral-usb |" in text
 
 
-def test_edgetpu_check_and_static_batch(small_bundle_dir):
+@pytest.mark.parametrize("bundle_fixture", ["small_bundle_dir", "binary_bundle_dir"])
+def test_edgetpu_check_and_static_batch(bundle_fixture, request):
     from tierlite.converters.edgetpu import edgetpu_check, static_batch
     from tierlite.runtimes import open_runtime
 
+    small_bundle_dir = request.getfixturevalue(bundle_fixture)
     data = (small_bundle_dir / "end.tflite").read_bytes()
     static, changed = static_batch(data)
     assert edgetpu_check(static).ready

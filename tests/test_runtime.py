@@ -145,7 +145,7 @@ def test_bad_feature_messages_are_dropped_and_counted(tmp_path, int8_stack, brok
     good = wire.encode_tensor_message(spec, 7, out.feature, [out.logits])
     wrong_version = bytearray(good)
     wrong_version[2] = 99
-    other_model = wire.encode_tensor_message(dataclasses.replace(spec, bundle_version=bundle.version + 1),
+    other_model = wire.encode_tensor_message(dataclasses.replace(spec, bundle_name="someone-elses-model"),
                                              8, out.feature, [out.logits])
     bad = {"truncated": [good[:20], good[:-3]], "oversized": [good + b"\0" * 64], "version": [bytes(wrong_version)],
            "bundle": [other_model], "magic": [b"GARBAGE" * 10]}

@@ -117,6 +117,28 @@ def test_delta_artifact_ships_only_changed_files(tmp_path, keys):
         build_artifact(v1, parent=Bundle.load(v2), private_key=keys["priv"])
 
 
+def test_same_size_change_ships_as_xor_patch_and_is_verified_when_applied(tmp_path, keys):
+    v1 = Bundle.load(make_bundle(tmp_path / "v1", 1))
+    end = bytearray((v1.root / "end.tflite").read_bytes())
+    end[100:110] = os.urandom(10)  # a refitted head: a few bytes change in place
+    v2 = make_bundle(tmp_path / "v2", 2, files={"end.tflite": bytes(end)})
+    data, rep = build_artifact(v2, parent=v1, private_key=keys["priv"])
+    assert rep.patched == ["end.tflite"] and rep.included == [] and rep.artifact_bytes < 1200
+    store = VersionStore(tmp_path / "state")
+    store.adopt(v1)
+    staged = store.stage(read_artifact(data))
+    assert (staged.root / "end.tflite").read_bytes() == bytes(end)
+
+    def corrupt_patch(n, b):
+        return b if not n.endswith(".xor") else b[:100] + bytes([b[100] ^ 0xFF]) + b[101:]
+    store2 = VersionStore(tmp_path / "state2")
+    store2.adopt(v1)
+    with pytest.raises(UpdateError, match="does not produce the signed hash"):
+        store2.stage(read_artifact(_retar(data, corrupt_patch)))
+    with pytest.raises(UpdateError, match="truncated or corrupt"):
+        store2.stage(read_artifact(_retar(data, lambda n, b: b[:-5] if n.endswith(".xor") else b)))
+
+
 def test_artifact_is_deterministic_and_signed_bundle_round_trips(tmp_path, keys):
     v1 = make_bundle(tmp_path / "v1", 1)
     sign_bundle(v1, keys["priv"])

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from tierlite.errors import ConfigError
-from tierlite.update import UpdateConfig
+from tierlite.update import RetrainTriggerConfig, UpdateConfig
 from tierlite.wire import valid_node_id
 
 RUNTIMES = ("litert", "tflite-runtime", "edgetpu", "tflm")
@@ -273,6 +273,7 @@ class EdgeConfig:
     forward_end_feature: bool = True  # send the node's feature up too (hard-example store)
     metrics_port: int | None = 9464  # Prometheus /metrics; null = off; 0 = any free port
     metrics_bind: str = "127.0.0.1"
+    update: UpdateConfig | None = None  # accept signed edge-segment updates (docs/UPDATES.md)
 
     _paths = ("bundle",)
 
@@ -293,6 +294,8 @@ class EdgeConfig:
             raise ConfigError(f"{where}.share_group: a single topic level without + or #")
         if not valid_node_id(self.gateway_id):
             raise ConfigError(f"{where}.gateway_id: 1-64 of [A-Za-z0-9_.-]")
+        if self.update is not None:
+            self.update.check(f"{where}.update")
 
 
 # -- cloud --------------------------------------------------------------------------------------
@@ -325,6 +328,7 @@ class CloudConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     metrics_port: int | None = 9465
     metrics_bind: str = "127.0.0.1"
+    retrain: RetrainTriggerConfig | None = None  # co-updating: scheduled `tierlite retrain` (docs/UPDATES.md)
 
     _paths = ("bundle",)
 
@@ -339,6 +343,10 @@ class CloudConfig:
             raise ConfigError(f"{where}.share_group: a single topic level without + or #")
         if not valid_node_id(self.worker_id):
             raise ConfigError(f"{where}.worker_id: 1-64 of [A-Za-z0-9_.-]")
+        if self.retrain is not None:
+            self.retrain.check(f"{where}.retrain")
+            if not self.store.enabled:
+                raise ConfigError(f"{where}.retrain: needs the hard-example store (store.enabled: true)")
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ class MqttClient:
     def _on_connect_fail(self, client, userdata) -> None:
         self._failures += 1
         if self._failures == 1:
-            log.warning("mqtt: cannot reach broker %s; retrying with backoff (up to %.0fs apart)",
+            log.warning("mqtt: cannot reach broker %s; retrying with backoff (up to %.1fs apart)",
                         self._where(), self.config.reconnect_max)
 
     def _where(self) -> str:

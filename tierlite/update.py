@@ -57,6 +57,8 @@ from tierlite.policy import decide
 log = logging.getLogger("tierlite.update")
 
 ARTIFACT_FORMAT = "tierlite-update/1"
+PATCHES = "patches.json"  # artifact member: {file: {"base_sha256": ...}} for files shipped as XOR patches
+PATCH_SUFFIX = ".xor"
 SIG_ALG = "ed25519"
 DEFAULT_CHUNK_BYTES = 64 * 1024  # well under the 128-256 KiB message caps of small MQTT stacks
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
@@ -207,9 +209,10 @@ def sign_bundle(bundle_dir: str | Path, private_key) -> dict[str, Any]:
 class Artifact:
     manifest: dict[str, Any]
     manifest_bytes: bytes  # exactly as signed and shipped (installed verbatim)
-    files: dict[str, bytes]  # the files it carries (a delta carries only changed ones)
+    files: dict[str, bytes]  # the files it carries whole (a delta carries only changed ones)
     sha256: str
     size: int
+    patches: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # file -> (base sha256, XOR with base)
 
     @property
     def name(self) -> str:
@@ -230,7 +233,8 @@ class ArtifactReport:
     name: str
     version: int
     parent_version: int | None
-    included: list[str]  # files shipped
+    included: list[str]  # files shipped whole
+    patched: list[str]  # files shipped as an XOR patch against the parent's file of the same name
     referenced: list[str]  # files taken from the parent by hash
     bundle_bytes: int  # every file of the new bundle, uncompressed
     shipped_bytes: int  # files shipped, uncompressed (+ manifest)
@@ -241,8 +245,9 @@ class ArtifactReport:
         return dict(self.__dict__)
 
     def summary(self) -> str:
-        what = "full" if not self.referenced else f"delta vs v{self.parent_version}"
-        return (f"{self.name} v{self.version} ({what}): ships {', '.join(self.included) or 'manifest only'}; "
+        what = "full" if not (self.referenced or self.patched) else f"delta vs v{self.parent_version}"
+        ships = [*self.included, *(f"{f} (XOR patch)" for f in self.patched)]
+        return (f"{self.name} v{self.version} ({what}): ships {', '.join(ships) or 'manifest only'}; "
                 f"{self.artifact_bytes:,} B on the wire per node (bundle {self.bundle_bytes:,} B, "
                 f"{self.bundle_bytes / max(self.artifact_bytes, 1):.1f}x smaller)")
 
@@ -273,19 +278,35 @@ def build_artifact(bundle_dir: str | Path, parent: Bundle | None = None, full: b
         manifest = sign_document(manifest, private_key)
     hashes = bundle.file_hashes()
     parent_hashes = set(parent.file_hashes().values()) if parent is not None and not full else set()
-    included = sorted(f for f, h in hashes.items() if h not in parent_hashes)
-    referenced = sorted(f for f in hashes if f not in included)
+    changed = sorted(f for f, h in hashes.items() if h not in parent_hashes)
+    referenced = sorted(f for f in hashes if f not in changed)
+    # A changed file the parent has under the same name and size (e.g. a segment whose exit head
+    # was refitted in place) ships as new XOR old: mostly zero bytes, which xz shrinks to almost nothing.
+    patches: dict[str, dict[str, str]] = {}
+    members: list[tuple[str, bytes]] = []
+    for f in changed:
+        new = (bundle.root / f).read_bytes()
+        old_file = parent.root / f if parent is not None and not full else None
+        if old_file is not None and f in parent.file_hashes() and old_file.stat().st_size == len(new):
+            old = old_file.read_bytes()
+            patches[f] = {"base_sha256": parent.file_hashes()[f]}
+            members.append((f + PATCH_SUFFIX, (np.frombuffer(new, np.uint8) ^ np.frombuffer(old, np.uint8)).tobytes()))
+        else:
+            members.append((f, new))
     manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _tar_add(tar, MANIFEST, manifest_bytes)
-        for f in included:
-            _tar_add(tar, f, (bundle.root / f).read_bytes())
+        if patches:
+            _tar_add(tar, PATCHES, json.dumps(patches, sort_keys=True).encode())
+        for name, content in members:
+            _tar_add(tar, name, content)
     data = lzma.compress(raw.getvalue(), preset=6)
     bundle_bytes = sum((bundle.root / f).stat().st_size for f in hashes)
-    shipped = len(manifest_bytes) + sum((bundle.root / f).stat().st_size for f in included)
-    report = ArtifactReport(bundle.name, bundle.version, manifest.get("parent_version"), included, referenced,
-                            bundle_bytes, shipped, len(data), hashlib.sha256(data).hexdigest())
+    shipped = len(manifest_bytes) + sum(len(c) for _, c in members)
+    included = sorted(f for f in changed if f not in patches)
+    report = ArtifactReport(bundle.name, bundle.version, manifest.get("parent_version"), included, sorted(patches),
+                            referenced, bundle_bytes, shipped, len(data), hashlib.sha256(data).hexdigest())
     return data, report
 
 
@@ -327,19 +348,28 @@ def read_artifact(data: bytes, max_bytes: int = MAX_ARTIFACT_BYTES) -> Artifact:
     try:
         manifest = json.loads(manifest_bytes)
         validate_manifest(manifest, "update manifest")
+        patch_index = json.loads(files.pop(PATCHES, b"{}"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UpdateError(f"artifact manifest is not valid JSON: {e}") from None
+        raise UpdateError(f"artifact manifest or patch index is not valid JSON: {e}") from None
     except BundleError as e:
         raise UpdateError(str(e)) from None
-    art = Artifact(manifest, manifest_bytes, files, digest, len(data))
+    art = Artifact(manifest, manifest_bytes, {}, digest, len(data))
     hashes = art.file_hashes()
     for name, content in files.items():
+        if name.endswith(PATCH_SUFFIX) and name[:-len(PATCH_SUFFIX)] in hashes:
+            target = name[:-len(PATCH_SUFFIX)]
+            base = patch_index.get(target, {}).get("base_sha256") if isinstance(patch_index, dict) else None
+            if not isinstance(base, str):
+                raise UpdateError(f"artifact carries patch {name!r} without a base in {PATCHES}")
+            art.patches[target] = (base, content)  # checked against the signed hash once applied
+            continue
         if name not in hashes:
             raise UpdateError(f"artifact carries {name!r}, which its manifest does not list")
         actual = hashlib.sha256(content).hexdigest()
         if actual != hashes[name]:
             raise UpdateError(f"artifact file {name!r} does not match its signed hash "
                               f"(manifest {hashes[name][:12]}..., file {actual[:12]}...): tampered or corrupt")
+        art.files[name] = content
     return art
 
 
@@ -598,6 +628,9 @@ class VersionStore:
                 if rel in art.files:
                     (tmp / rel).write_bytes(art.files[rel])
                     continue
+                if rel in art.patches:
+                    (tmp / rel).write_bytes(self._apply_patch(art, rel, digest))
+                    continue
                 src = self.find_file(digest)
                 if src is None:
                     raise UpdateError(f"update {art.name} v{art.version} is a delta that needs {rel} "
@@ -614,6 +647,21 @@ class VersionStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return Bundle.load(dest)
+
+    def _apply_patch(self, art: Artifact, rel: str, digest: str) -> bytes:
+        base_sha, xor = art.patches[rel]
+        base = self.find_file(base_sha)
+        what = f"update {art.name} v{art.version}: patch for {rel}"
+        if base is None:
+            raise UpdateError(f"{what} applies to a file (sha256 {base_sha[:12]}...) this node does not have; "
+                              f"publish a full artifact (--full)")
+        old = base.read_bytes()
+        if len(old) != len(xor):
+            raise UpdateError(f"{what} is {len(xor)} bytes, its base {len(old)}: truncated or corrupt")
+        new = (np.frombuffer(old, np.uint8) ^ np.frombuffer(xor, np.uint8)).tobytes()
+        if hashlib.sha256(new).hexdigest() != digest:
+            raise UpdateError(f"{what} does not produce the signed hash: tampered or corrupt")
+        return new
 
     def prune(self) -> None:
         keep = {self.state["current"], self.state["previous"]}
@@ -673,6 +721,38 @@ class UpdateConfig:
         if not files:
             raise ConfigError(f"{where}.trusted_keys: no *.pub file in {path}")
         return [load_public_key(f) for f in files]
+
+
+@dataclass
+class RetrainTriggerConfig:
+    """The cloud worker's `retrain:` section: when to run `tierlite retrain` on its hard-example
+    store, and whether to keep the frames opted-in nodes upload.
+
+        retrain:
+          replay: data/train            # the labelled training folder (clean accuracy, thresholds)
+          every_examples: 500           # after this many new hard examples ...
+          every_seconds: 86400          # ... or this long since the last run, whichever first
+          args: [--publish, --key, keys/update.key, --canary, "0.25"]
+    """
+    replay: str
+    every_examples: int | None = 500
+    every_seconds: float | None = None
+    collect_frames: bool = True
+    frames_path: str | None = None  # default: <store stem>.frames.sqlite beside the store
+    args: list[str] = field(default_factory=list)  # more `tierlite retrain` options
+    min_interval_seconds: float = 60.0  # never start two runs closer than this
+
+    _paths = ("replay", "frames_path")
+
+    def check(self, where: str = "retrain") -> None:
+        if self.every_examples is None and self.every_seconds is None:
+            raise ConfigError(f"{where}: set every_examples and/or every_seconds")
+        if self.every_examples is not None and self.every_examples < 1:
+            raise ConfigError(f"{where}.every_examples: must be >= 1")
+        if self.every_seconds is not None and self.every_seconds <= 0:
+            raise ConfigError(f"{where}.every_seconds: must be > 0")
+        if not Path(self.replay).is_dir():
+            raise ConfigError(f"{where}.replay: labelled training folder not found: {self.replay}")
 
 
 SegmentFactory = Callable[[Bundle, str], Any]  # (bundle, tier) -> object with .run(x) -> SegmentOutput
@@ -833,10 +913,11 @@ class UpdateManager:
             return
         doc = parse_announcement(payload, self._keys, self._model)
         version = doc["version"]
-        if version <= self.bundle.version:
-            if version < self.bundle.version:
-                log.info("update: ignoring announcement of v%s, older than running v%s", version, self.bundle.version)
-            return
+        if version == self.bundle.version:
+            return  # the retained announcement of what this node runs (seen on every reconnect)
+        if version < self.bundle.version:
+            raise UpdateError(f"update {doc['model']} v{version} is older than the running v{self.bundle.version} "
+                              f"(downgrade or replay)")
         if version in self.store.state["rejected"]:
             log.info("update: ignoring v%s, rolled back on this node before", version)
             return

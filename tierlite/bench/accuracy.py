@@ -390,7 +390,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     if binary is not None and binary.input_shape != bundle.input_shape:
         raise ConfigError(f"--binary-bundle input {binary.input_shape} differs from --bundle {bundle.input_shape}")
     refs_paths = reference_paths(args.reference)
-    report = Report("accuracy", args.out)
+    report = Report("accuracy", args.out, args)
 
     say(f"loading frames from {args.data} ...")
     frames = load_frames(args.data, tuple(bundle.input_shape[1:3]), args.limit, args.seed, progress)

@@ -59,7 +59,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     worker_counts = _ints(args.workers, "--workers")
     if args.nodes < 1 or args.frames < 1 or args.step_seconds <= 0 or args.max_messages < 1:
         raise ConfigError("--nodes, --frames, --step-seconds and --max-messages must be positive")
-    report = Report("fleet", args.out)
+    report = Report("fleet", args.out, args)
     say(f"encoding {args.frames} real escalations with the end segment ...")
     bundle, messages = load_messages(args.bundle, args.data, args.frames, args.seed)
     runs: list[dict[str, Any]] = []

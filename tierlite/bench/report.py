@@ -4,7 +4,7 @@ the machine description (cores, CPU model, date), latency percentiles, target ch
 display and per-process CPU time read from /proc (no psutil needed).
 
 Usage from a benchmark:
-    rep = Report("accuracy", out_dir)           # records command line, machine, date
+    rep = Report("accuracy", args.out, args)    # records the command line, machine, date
     rep.results["configs"] = [...]              # anything JSON-serialisable
     rep.add_markdown(markdown_table(COLUMNS, rows))
     rep.bar_plot("top1", labels, values, ylabel="top-1 %")
@@ -52,10 +52,20 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as a user would type it again (`tierlite bench ...`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return "tierlite " + shlex.join(argv)
+def command_line(name: str, args: Any = None) -> str:
+    """The command as a user would type it again: the process's own `tierlite bench <name> ...`
+    when that is how it was started, else rebuilt from the parsed options (programmatic calls)."""
+    argv = sys.argv[1:]
+    if "bench" in argv and name in argv[argv.index("bench"):] or args is None:
+        return "tierlite " + shlex.join(argv)
+    parts = ["bench", name]
+    for key, value in vars(args).items():
+        if key.startswith("_") or key in ("command", "bench", "log_level", "log_format") or value in (None, False, []):
+            continue
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            parts += [flag] if v is True else [flag, str(v)]
+    return "tierlite " + shlex.join(parts)
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -198,11 +208,11 @@ class CpuMeter:
 class Report:
     """Collects one benchmark's results and writes them to `out_dir`."""
 
-    def __init__(self, name: str, out_dir: str | Path, argv: Sequence[str] | None = None):
+    def __init__(self, name: str, out_dir: str | Path, args: Any = None):
         self.name = name
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.command = command_line(argv)
+        self.command = command_line(name, args)
         self.machine = machine_info()
         self.results: dict[str, Any] = {}
         self.markdown: list[str] = []

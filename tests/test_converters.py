@@ -1,0 +1,194 @@
+"""Converters: bundles trained on the spot (digits), reloaded, verified and run on LiteRT and TFLite
+Micro; binarized end weights and boundary; tampering; CLI inspect; checkpoint reuse."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tierlite.bundle import TIERS, Bundle
+from tierlite.errors import BundleError
+from tierlite.segment import Segment, decode_feature, encode_feature
+
+N_FRAMES = 60  # frames pushed through every runtime chain (TFLM on the host is slow)
+
+
+@pytest.fixture(scope="module")
+def test_frames(digits_dir):
+    from tierlite.data import load_image_folder
+    s = load_image_folder(digits_dir / "test", (32, 32), limit=N_FRAMES, seed=1)
+    return s.images, s.labels
+
+
+def _chain(bundle, images, runtime):
+    """Run end -> (wire codec) -> edge -> cloud per frame; per tier logits (N, C) and features."""
+    segs = {t: Segment(bundle, t, runtime=runtime, fallback=False) for t in TIERS}
+    enc = bundle.feature_encoding
+    logits, feats = {t: [] for t in TIERS}, {t: [] for t in ("end", "edge")}
+    for img in images:
+        o1 = segs["end"].run(img[None])
+        wire = encode_feature(o1.feature, enc)  # what the camera sends
+        o2 = segs["edge"].run(decode_feature(wire, o1.feature.shape, enc))
+        o3 = segs["cloud"].run(o2.feature)
+        for t, o in zip(TIERS, (o1, o2, o3)):
+            logits[t].append(o.logits)
+        feats["end"].append(o1.feature)
+        feats["edge"].append(o2.feature)
+    return {t: np.stack(v) for t, v in logits.items()}, {t: np.stack(v) for t, v in feats.items()}
+
+
+@pytest.mark.parametrize("which", ["small_bundle_dir", "binary_bundle_dir"])
+def test_bundle_reloads_and_boundaries_match(request, which):
+    b = Bundle.load(request.getfixturevalue(which))
+    assert b.version == 1 and len(b.labels) == 10
+    end_in = b.segment("end").inputs[0]
+    assert end_in.dtype == "uint8" and end_in.shape == (1, 32, 32, 3) and (end_in.scale, end_in.zero_point) == (1.0, 0)
+    for producer, consumer in (("end", "edge"), ("edge", "cloud")):
+        out = b.segment(producer).output("feature")
+        inp = b.segment(consumer).inputs[0]
+        assert (out.shape, out.dtype, out.scale, out.zero_point) == (inp.shape, inp.dtype, inp.scale, inp.zero_point)
+    assert b.segment("cloud").output("feature") is None
+    assert set(b.thresholds) == {"end", "edge"} and all(0.0 <= v <= 1.0 or v == -1.0 for v in b.thresholds.values())
+    # The runtime sees the same quantization as the manifest (Segment checks on open).
+    for t in TIERS:
+        Segment(b, t)
+
+
+def test_int8_chain_accuracy_and_litert_vs_tflm(small_bundle_dir, test_frames):
+    images, labels = test_frames
+    b = Bundle.load(small_bundle_dir)
+    lite, lite_f = _chain(b, images, "litert")
+    micro, micro_f = _chain(b, images, "tflm")
+    assert (lite["cloud"].argmax(1) == labels).mean() >= 0.85  # digits are easy; catches a broken chain
+    # XNNPACK (LiteRT default) and TFLM round differently: decisions agree, features within a few steps.
+    for t in TIERS:
+        assert (lite[t].argmax(1) == micro[t].argmax(1)).mean() >= 0.95
+    assert np.abs(lite_f["end"].astype(int) - micro_f["end"].astype(int)).max() <= 4
+
+
+@pytest.mark.parametrize("which", ["small_bundle_dir", "binary_bundle_dir"])
+def test_tflm_matches_litert_reference_kernels(request, which, test_frames):
+    """TFLM against LiteRT's reference kernels, segment by segment on the same inputs: within 1 step."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from tierlite.runtimes.litert import InterpreterRuntime
+    from tierlite.runtimes.tflm import TFLMRuntime
+
+    b = Bundle.load(request.getfixturevalue(which))
+    x = [img[None] for img in test_frames[0][:20]]
+    for t in TIERS:
+        path = b.segment_path(t)
+        ref = InterpreterRuntime(path, Interpreter(model_path=str(path),
+                                                   experimental_op_resolver_type=OpResolverType.BUILTIN_REF))
+        micro = TFLMRuntime(path)
+        feature = b.segment(t).output("feature")
+        nxt = []
+        for xi in x:
+            r, m = ref.run([xi]), micro.run([xi])
+            for a, c in zip(r, m):
+                assert np.abs(a.astype(int) - c.astype(int)).max() <= 1
+            if feature is not None:
+                nxt.append(m[feature.index])
+        x = nxt
+
+
+def test_binarized_end_two_valued_weights_and_binary_boundary(binary_bundle_dir, test_frames):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    b = Bundle.load(binary_bundle_dir)
+    enc = b.feature_encoding
+    assert enc["kind"] == "binary" and enc["low"] != enc["high"]
+    interp = Interpreter(model_path=str(b.segment_path("end")),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    binary_convs = 0
+    for op in interp._get_ops_details():
+        if op["op_name"] != "CONV_2D" or "end_bin" not in names[op["inputs"][1]]:
+            continue  # the stem (real weights on pixels) is not binarized
+        w = interp.get_tensor(op["inputs"][1])
+        for channel in w:
+            values = np.unique(channel)
+            assert len(values) == 2 and values[0] == -values[1], f"{names[op['inputs'][1]]}: {values}"
+        binary_convs += 1
+    assert binary_convs >= 2
+    # The boundary carries exactly the two levels on both runtimes, so bit-packing is lossless.
+    images = test_frames[0][:30]
+    for runtime in ("litert", "tflm"):
+        end = Segment(b, "end", runtime=runtime, fallback=False)
+        for img in images:
+            q = end.run(img[None]).feature
+            assert set(np.unique(q)) <= {enc["low"], enc["high"]}
+            np.testing.assert_array_equal(decode_feature(encode_feature(q, enc), q.shape, enc), q)
+    fbytes = len(encode_feature(q, enc))
+    assert fbytes == (q.size + 7) // 8
+    # And the binary chain still classifies.
+    lite, _ = _chain(b, test_frames[0], "litert")
+    assert (lite["cloud"].argmax(1) == test_frames[1]).mean() >= 0.7
+
+
+def test_tampered_and_malformed_bundles_fail_clearly(small_bundle_dir, tmp_path):
+    good = tmp_path / "good"
+    shutil.copytree(small_bundle_dir, good)
+    archive = Bundle.load(good).archive(tmp_path / "b.tar.gz")
+    assert Bundle.load(archive).name == Bundle.load(good).name
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    blob = bytearray((tampered / "edge.tflite").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (tampered / "edge.tflite").write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match=r"sha256 mismatch for edge.tflite.*tampered"):
+        Bundle.load(tampered)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle.load(bad)
+    m = json.loads((good / "manifest.json").read_text())
+    del m["labels"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="'labels' missing"):
+        Bundle.load(bad)
+
+
+def test_cli_inspect_bundle_and_bare_tflite(small_bundle_dir, binary_bundle_dir, capsys):
+    from tierlite.cli import main
+
+    assert main(["inspect", str(small_bundle_dir)]) == 0
+    out = capsys.readouterr().out
+    for text in ("[end]", "[edge]", "[cloud]", "CONV_2D", "bytes per escalated frame", "thresholds", "uint8 q=(1, 0)"):
+        assert text in out
+    assert main(["inspect", str(binary_bundle_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    end_feature = next(o for o in info["segments"][0]["manifest_outputs"] if o["role"] == "feature")
+    assert info["bytes_per_escalated_frame"]["camera->edge"] == (int(np.prod(end_feature["shape"])) + 7) // 8
+    assert main(["inspect", str(small_bundle_dir / "cloud.tflite")]) == 0
+    out = capsys.readouterr().out
+    assert "FULLY_CONNECTED" in out and "int8" in out
+    assert main(["inspect", str(small_bundle_dir / "nope.tflite")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_checkpoint_reloads_and_reexports(small_bundle_dir, digits_dir, tmp_path):
+    """What the cloud retraining job does: reload the trained model, export a version 2."""
+    from tierlite.converters.pipeline import default_workdir, export_bundle, run_chain
+    from tierlite.converters.train import load_checkpoint, predict_logits
+    from tierlite.data import load_image_folder
+
+    workdir = default_workdir(small_bundle_dir)
+    model, meta = load_checkpoint(workdir)
+    assert meta["arch"]["family"] == "resnet" and meta["classes"] == Bundle.load(small_bundle_dir).labels
+    data = load_image_folder(digits_dir / "test", (32, 32), limit=120, seed=2)
+    out = export_bundle(model, tmp_path / "v2", arch=meta["arch"], classes=meta["classes"],
+                        calib_images=data.images, calib_labels=data.labels, name="digits-small",
+                        version=2, parent_version=1, report_dir=tmp_path)
+    b2 = Bundle.load(out)
+    assert (b2.version, b2.manifest["parent_version"]) == (2, 1)
+    assert (tmp_path / "calibration.json").is_file() and (tmp_path / "calibration.png").stat().st_size > 1000
+    # The re-exported int8 chain agrees with the float model it came from.
+    q = run_chain(out, data.images)
+    f = predict_logits(model, data.images)
+    for qi, fi in zip(q, f):
+        assert (qi.argmax(1) == fi.argmax(1)).mean() >= 0.9
