@@ -17,9 +17,10 @@ working. Heads are refitted on the deployed int8 chain's own pooled features (re
 TFLite models), then the new weights are quantized into the parent's .tflite files in place;
 no TensorFlow is needed.
 
-Loss per head: T^2 * KL(softmax(teacher/T) || softmax(student/T)) on the hard examples
-(Hinton et al.) + cross-entropy on labelled replay frames from the training set (so the head
-does not forget clean frames) + an L2 pull towards the parent weights. Full-batch Adam.
+Loss per head (Hinton et al.'s distillation, the cloud's answer standing in for the unknown label):
+T^2 * KL(softmax(teacher/T) || softmax(student/T)) + w_hard * CE(teacher's answer, student) on the
+hard examples, + cross-entropy on labelled replay frames from the training set (so the head does
+not forget clean frames) + an L2 pull towards the parent weights. Full-batch Adam.
 
 The candidate is evaluated on a held-out slice of the store (agreement with the teacher, and
 how many of those hard frames it would still escalate) and on the clean validation split; it is
@@ -90,6 +91,7 @@ class RetrainOptions:
     replay_frames: int = 2000
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     temperature: float = 3.0
+    hard_weight: float = 1.0  # weight of CE on the teacher's answer beside the soft targets
     steps: int = 300
     lr: float = 0.01
     l2: float = 1e-3
@@ -108,7 +110,7 @@ class RetrainOptions:
         opts = cls(store=store, bundle=Path(args.bundle), out=Path(args.out) if args.out else None,
                    frames=frames, replay=Path(args.replay) if args.replay else None,
                    replay_frames=args.replay_frames, privacy=PrivacyPolicy.parse(args.privacy),
-                   temperature=args.temperature, steps=args.steps, margin=args.margin,
+                   temperature=args.temperature, hard_weight=args.hard_weight, steps=args.steps, margin=args.margin,
                    max_clean_drop=args.max_clean_drop, holdout=args.holdout, since=args.since,
                    min_examples=args.min_examples, seed=args.seed)
         opts.check()
@@ -264,12 +266,15 @@ class Head:
 
 
 def fit_head(W0: np.ndarray, b0: np.ndarray, x_kd: np.ndarray, teacher: np.ndarray, x_ce: np.ndarray,
-             y_ce: np.ndarray, temperature: float, steps: int, lr: float, l2: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distil a linear head: T^2 * KL(teacher_T || student_T) on (x_kd, teacher logits) + CE on
-    labelled (x_ce, y_ce) + l2 * |W - W0|^2, full-batch Adam from (W0, b0). numpy only."""
+             y_ce: np.ndarray, temperature: float, steps: int, lr: float, l2: float,
+             hard_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Distil a linear head: T^2 * KL(teacher_T || student_T) on (x_kd, teacher logits)
+    [+ hard_weight * CE on the teacher's answer] + CE on labelled (x_ce, y_ce) + l2 * |W - W0|^2,
+    full-batch Adam from (W0, b0). numpy only."""
     W, b = W0.astype(np.float64).copy(), b0.astype(np.float64).copy()
     T = temperature
     pt = softmax(teacher / T) if len(x_kd) else None
+    hard = np.eye(W.shape[1])[teacher.argmax(1)] if len(x_kd) and hard_weight else None
     onehot = np.eye(W.shape[1])[y_ce] if len(x_ce) else None
     m = [np.zeros_like(W), np.zeros_like(b)]
     v = [np.zeros_like(W), np.zeros_like(b)]
@@ -277,6 +282,10 @@ def fit_head(W0: np.ndarray, b0: np.ndarray, x_kd: np.ndarray, teacher: np.ndarr
         gW, gb = 2 * l2 * (W - W0), np.zeros_like(b)
         if pt is not None:  # d/ds of T^2 * CE(pt, softmax(s/T)) = T * (softmax(s/T) - pt)
             g = T * (softmax((x_kd @ W + b) / T) - pt) / len(x_kd)
+            gW += x_kd.T @ g
+            gb += g.sum(axis=0)
+        if hard is not None:  # Hinton et al.'s hard-target term, with the teacher's answer as the label
+            g = hard_weight * (softmax(x_kd @ W + b) - hard) / len(x_kd)
             gW += x_kd.T @ g
             gb += g.sum(axis=0)
         if onehot is not None:
@@ -451,7 +460,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
         plans.insert(0, ("end", r_out["end_pooled"][~hold_end], r_out["cloud_logits"][~hold_end], replay["end_pooled"]))
     for tier, x_kd, t_kd, x_ce in plans:
         h = chain.heads[tier]
-        W, b = fit_head(h.W, h.b, x_kd, t_kd, x_ce, ry, opts.temperature, opts.steps, opts.lr, opts.l2)
+        W, b = fit_head(h.W, h.b, x_kd, t_kd, x_ce, ry, opts.temperature, opts.steps, opts.lr, opts.l2, opts.hard_weight)
         new_W[tier] = (W, b)
         heads[tier] = {"distilled_examples": int(len(x_kd)), "replay_frames": int(len(x_ce)),
                        "weight_change": float(np.linalg.norm(W - h.W) / max(np.linalg.norm(h.W), 1e-12))}

@@ -104,6 +104,8 @@ def configure_retrain(p: argparse.ArgumentParser) -> None:
                         "raw lets that node's uploaded frames retrain the whole end exit")
     p.add_argument("--frames", help="frames uploaded by opted-in nodes (default: <store stem>.frames.sqlite)")
     p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (default 3)")
+    p.add_argument("--hard-weight", type=float, default=1.0,
+                   help="weight of the teacher's answer as a hard target beside the soft targets (default 1)")
     p.add_argument("--steps", type=int, default=300, help="full-batch optimizer steps per head (default 300)")
     p.add_argument("--min-examples", type=int, default=50, help="refuse to run on fewer hard examples")
     p.add_argument("--margin", type=float, default=1.0,

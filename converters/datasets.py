@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def load_folder_cached(root: str | Path, size: int, cache_dir: str | Path | None
     log.info("%s: decoding images (cached afterwards in %s)", root, cache.parent)
     s = load_image_folder(root, (size, size), limit=limit, seed=seed, progress=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # unique: builders may run concurrently
     np.savez(tmp, images=s.images, labels=s.labels, classes=json.dumps(s.classes),
              paths=json.dumps([str(p) for p in s.paths]),
              skipped=json.dumps([[str(p), r] for p, r in s.skipped]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -218,14 +219,16 @@ def save_checkpoint(model, workdir: str | Path, arch: ArchConfig, tc: TrainConfi
                     classes: list[str], history: list[dict], seed: int, extra: dict | None = None) -> Path:
     ckpt = Path(workdir) / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / "model.tmp.keras"
+    tmp = ckpt / f"model.{os.getpid()}.tmp.keras"  # unique: concurrent builders may share a workdir
     model.save(tmp)
     tmp.replace(ckpt / "model.keras")
     meta = {"arch": arch.to_json(), "train": asdict(tc), "classes": classes, "history": history,
             "seed": seed, "input": {"shape": [1, arch.input_size, arch.input_size, 3], "dtype": "uint8",
                                     "color": "RGB", "scaling": "x/255 inside the end segment"}}
     meta.update(extra or {})
-    (ckpt / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_meta = ckpt / f"model.{os.getpid()}.tmp.json"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_meta.replace(ckpt / "model.json")
     return ckpt
 
 

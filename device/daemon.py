@@ -309,6 +309,11 @@ class DeviceDaemon:
         log.info("node %s: %s v%d, end threshold %.3f, source %s, broker %s", self.node, m.bundle.name,
                  m.bundle.version, m.threshold, source.describe() if hasattr(source, "describe") else "custom",
                  "auto (zeroconf)" if self.config.broker.auto else f"{self.config.broker.host}:{self.config.broker.port}")
+        waited_until = time.monotonic() + self.config.wait_for_broker
+        while not self.mqtt.wait_connected(0.05) and time.monotonic() < waited_until and not self.stop_event.is_set():
+            pass  # a short grace period at boot, so the first frames are not all local fallbacks
+        if not self.mqtt.connected:
+            log.warning("no broker yet: unsure frames are answered locally until it appears")
         next_status = time.monotonic() + STATUS_INTERVAL_S
         try:
             for frame in source:

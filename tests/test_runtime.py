@@ -75,7 +75,7 @@ def device_config(path: Path, bundle: Path, port: int | str, frames: Path, thres
     return write_yaml(path, {
         "node_id": node, "bundle": str(bundle), "prefix": prefix, "broker": broker,
         "source": {"uri": str(frames), "fps": 100, **extra.pop("source", {})}, "threshold": threshold,
-        "deadline_ms": 3000, "results_file": str(path.with_suffix(".jsonl")), **extra})
+        "deadline_ms": 3000, "wait_for_broker": 10, "results_file": str(path.with_suffix(".jsonl")), **extra})
 
 
 def metric(values: dict[str, float], name: str, **labels) -> float:
@@ -233,7 +233,7 @@ def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_
     frame_dir, thresholds, _ = frames
     port = free_port()
     cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, port, frame_dir, thresholds[0],
-                        source={"loop": True, "limit": 400, "fps": 40}, deadline_ms=1000)
+                        source={"loop": True, "limit": 400, "fps": 40}, deadline_ms=1000, wait_for_broker=0)
     cloud, edge, _, _ = start_stack(tmp_path, small_bundle_dir, port, PREFIX, thresholds, workers=1)
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     results = tmp_path / "node.jsonl"

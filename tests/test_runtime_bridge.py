@@ -59,7 +59,7 @@ def test_discovery_node_with_auto_broker_finds_the_gateway(site, small_bundle_di
     cfg = write_yaml(work / "auto.yaml", {
         "node_id": "autocam", "bundle": str(small_bundle_dir), "threshold": site["thresholds"][0],
         "broker": {"host": "auto", "discovery_interfaces": LOOPBACK, "discovery_match": {"gateway": site["gateway_id"]}},
-        "source": {"uri": str(work / "frames"), "fps": 100}, "deadline_ms": 3000,
+        "source": {"uri": str(work / "frames"), "fps": 100}, "deadline_ms": 3000, "wait_for_broker": 20,
         "results_file": str(work / "auto.jsonl")})
     watcher = Watcher(site["edge_port"], [f"{PREFIX}/autocam/status"], "auto")
     device = Proc(["device", "--config", str(cfg)], work / "auto.log")

@@ -162,6 +162,7 @@ class DeviceConfig:
     threads: int = 1
     threshold: float | None = None  # override the bundle's end threshold (0 = escalate every frame)
     deadline_ms: float = 500.0  # wait this long for an answer, then use the end exit's
+    wait_for_broker: float = 2.0  # at start, seconds to wait for the broker before serving frames locally
     max_pending: int = 256  # escalations in flight; beyond this a frame falls back at once
     results_file: str | None = None  # also append every result event as one JSON line here
     home_assistant: bool = False  # publish a retained Home Assistant MQTT discovery config
@@ -179,8 +180,8 @@ class DeviceConfig:
         self.source.check(f"{where}.source")
         _runtime(f"{where}.runtime", self.runtime)
         _threshold(f"{where}.threshold", self.threshold)
-        if self.threads < 1 or self.deadline_ms <= 0 or self.max_pending < 1:
-            raise ConfigError(f"{where}: threads >= 1, deadline_ms > 0 and max_pending >= 1")
+        if self.threads < 1 or self.deadline_ms <= 0 or self.max_pending < 1 or self.wait_for_broker < 0:
+            raise ConfigError(f"{where}: threads >= 1, deadline_ms > 0, max_pending >= 1 and wait_for_broker >= 0")
         if self.update is not None:
             self.update.check(f"{where}.update")
 

@@ -733,6 +733,8 @@ class RetrainTriggerConfig:
           every_examples: 500           # after this many new hard examples ...
           every_seconds: 86400          # ... or this long since the last run, whichever first
           args: [--publish, --key, keys/update.key, --canary, "0.25"]
+
+    every_examples and every_seconds both null: only collect frames; run `tierlite retrain` yourself.
     """
     replay: str
     every_examples: int | None = 500
@@ -745,8 +747,6 @@ class RetrainTriggerConfig:
     _paths = ("replay", "frames_path")
 
     def check(self, where: str = "retrain") -> None:
-        if self.every_examples is None and self.every_seconds is None:
-            raise ConfigError(f"{where}: set every_examples and/or every_seconds")
         if self.every_examples is not None and self.every_examples < 1:
             raise ConfigError(f"{where}.every_examples: must be >= 1")
         if self.every_seconds is not None and self.every_seconds <= 0:
@@ -1049,8 +1049,8 @@ class UpdateManager:
         current = self.bundle
         art = vet_artifact(data, self._keys, current, self.store.state["rejected"], self.policy.max_artifact_bytes)
         self._attempt = art.version  # signed from here on: refusals can name the version
-        log.info("update: v%s signature and hashes ok (%s B, ships %s); staging", art.version,
-                 f"{art.size:,}", ", ".join(sorted(art.files)) or "manifest only")
+        log.info("update: v%s signature ok (%s B, ships %s); staging", art.version, f"{art.size:,}",
+                 ", ".join([*sorted(art.files), *(f"{f} (patch)" for f in sorted(art.patches))]) or "manifest only")
         candidate = self.store.stage(art)
         _check_boundary(current, candidate)
         segments = {}

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
                                           "escalations/s per edge worker (real Mosquitto on loopback)"),
     "accuracy": ("tierlite.bench.accuracy", "accuracy, uplink bytes and latency of every configuration on the same frames"),
     "fleet": ("tierlite.bench.fleet", "fleet load test: simulated nodes against one and two edge workers"),
+    "drift": ("tierlite.bench.drift", "co-updating under drift: fleet escalates low-light frames, retrain, "
+                                      "signed update rolled out; accuracy and escalation before/after"),
 }
 
 

@@ -34,7 +34,10 @@ def free_port() -> int:
 class Stack:
     def __init__(self, bundle: str | Path, edge_workers: int = 1, cloud_workers: int = 1,
                  prefix: str = "tierlite", edge_threshold: float | None = None, timeout: float = 90.0,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", edge_extra: dict | None = None, cloud_extra: dict | None = None,
+                 keep_dir: bool = False):
+        self.edge_extra, self.cloud_extra = edge_extra or {}, cloud_extra or {}  # more config keys (e.g. update:)
+        self.keep_dir = keep_dir  # keep configs, logs and the hard-example store after stop()
         self.bundle = str(Path(bundle).resolve())
         self.edge_workers, self.cloud_workers = edge_workers, cloud_workers
         self.prefix, self.edge_threshold = prefix, edge_threshold
@@ -82,6 +85,7 @@ class Stack:
                 "discovery": {"advertise": False}, "workers": self.edge_workers, "metrics_port": None}
         if self.edge_threshold is not None:
             edge["threshold"] = self.edge_threshold
+        edge.update(self.edge_extra)
         self._spawn("edge", ["edge", "--config", str(self._write("edge.yaml", edge))])
         self._wait(lambda: self._port_open(), "the edge gateway's Mosquitto")
         self._watch = MqttClient(BrokerConfig(host=self.host, port=self.port), "tierlite-bench-watch")
@@ -91,6 +95,7 @@ class Stack:
         for i in range(self.cloud_workers):
             cloud = {"bundle": self.bundle, "prefix": self.prefix, "worker_id": f"bench-cloud-{i}", "broker": broker,
                      "store": {"path": str(self.dir / f"hard-{i}.sqlite")}, "metrics_port": None}
+            cloud.update(self.cloud_extra)
             self._spawn(f"cloud-{i}", ["cloud", "--config", str(self._write(f"cloud-{i}.yaml", cloud))])
         self._wait(self._ready, f"{self.edge_workers} edge worker(s) and {self.cloud_workers} cloud worker(s)")
 
@@ -171,6 +176,6 @@ class Stack:
                 p.kill()
                 p.wait()
         self.procs = {}
-        if self.dir is not None:
+        if self.dir is not None and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
