@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.bundle import MANIFEST, TIERS, Bundle, write_manifest
+from tierlite.bundle import TIERS, Bundle, write_manifest
 from tierlite.errors import BundleError, ConfigError, DataError
 from tierlite.policy import normalized_entropy, softmax
 
@@ -487,7 +487,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
               encoded_size(parent.segment("edge").output("feature").shape, {"kind": "int8"}))
     max_drop = float(parent.manifest.get("calibration", {}).get("max_drop", 0.005))
     chosen = calibrate.search_thresholds(cand_val_exits, vy, fbytes, max_drop)
-    new_thr = chosen.thresholds
+    new_thr = _gap_middle(chosen.thresholds, cand_val_exits)
 
     # Held-out hard examples through the candidate's real int8 chain: agreement with the teacher,
     # and how many it would still escalate, parent vs candidate.
@@ -541,6 +541,23 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
         seconds=round(time.monotonic() - t0, 1))
     (out.parent / f"{out.name}.retrain.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
     return report
+
+
+def _gap_middle(thresholds: dict[str, float], exits: list[np.ndarray]) -> dict[str, float]:
+    """Every threshold between two neighbouring validation entropies decides the validation frames
+    alike; take the middle of that gap (the widest margin) rather than its lower end, so frames
+    unlike the validation set (drift) are not escalated by an arbitrary tie-break."""
+    out = {}
+    for tier, logits in zip(("end", "edge"), exits):
+        t = thresholds[tier]
+        h = np.sort(normalized_entropy(softmax(logits)))
+        above = h[h > t]
+        below = h[h <= t]
+        if t < 0 or not len(below):
+            out[tier] = t  # -1: the exit never decides; keep it
+        else:
+            out[tier] = float((below[-1] + above[0]) / 2) if len(above) else float(min(1.0, (below[-1] + 1.0) / 2))
+    return out
 
 
 def _check_boundary_identical(parent_out: dict, cand_out: dict) -> None:

@@ -216,7 +216,7 @@ def fold_binary_end(end, arch: ArchConfig):
     feature = L.Conv2D(arch.boundary, 1, padding="same", activation="relu6", name="end_binfeature")(trunk)
     weights.append((feature, *_fold_binary(layer("end_binfeat_conv"), layer("end_binfeat_bn"))))
     logits = _exit_head(trunk, arch, "end", grid=arch.end_head_grid)
-    model = keras.Model(inp, [feature, logits], name="end_binary_folded")
+    model = keras.Model(inp, [feature, logits], name="end_folded")
     for tensor, kern, b in weights:
         model.get_layer(tensor._keras_history.operation.name).set_weights(
             [kern.astype(np.float32), b.astype(np.float32)])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import statistics
 import sys
@@ -30,8 +29,6 @@ import numpy as np
 
 from tierlite.boards import Board, format_bytes, load_board
 from tierlite.errors import BundleError, ConfigError, TierliteError
-
-log = logging.getLogger("tierlite.firmware")
 
 ARENA_STEP = 16  # arena sizes are searched in 16-byte steps (TFLM aligns buffers to 16)
 PARITY_TOLERANCE = 1  # quantization steps TFLM may differ from LiteRT's reference kernels
@@ -1050,9 +1047,13 @@ def resolve_boards(spec: str) -> list[Board]:
     """`--board pi4`, `--board a,b`, `--board mcu` / `linux` / `all`, or a path to a board YAML."""
     from tierlite.boards import list_boards
 
-    if spec in ("mcu", "linux", "all"):
-        return [b for b in list_boards() if spec == "all" or b.kind == spec]
-    return [load_board(s.strip()) for s in spec.split(",") if s.strip()]
+    boards: list[Board] = []
+    for name in (s.strip() for s in spec.split(",")):
+        if name in ("mcu", "linux", "all"):
+            boards += [b for b in list_boards() if name == "all" or b.kind == name]
+        elif name:
+            boards.append(load_board(name))
+    return list({b.name: b for b in boards}.values())  # each board once, in the order given
 
 
 def markdown_table(reports: list[dict[str, Any]]) -> str:

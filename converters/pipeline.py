@@ -217,6 +217,7 @@ def evaluate_bundle(bundle_dir: str | Path, test_dir: str | Path, model=None,
     res: dict[str, Any] = {
         "bundle": str(bundle_dir), "test_dir": str(test_dir), "frames": int(len(y)),
         "skipped_files": len(test.skipped),
+        "jpeg_bytes_per_frame": float(np.mean([p.stat().st_size for p in test.paths])) if test.paths else None,
         "segment_bytes": {t: b.segment(t).bytes for t in TIERS},
         "feature_bytes": {"end": fbytes[0], "edge": fbytes[1]}, "feature_encoding": enc,
         "int8_exit_accuracy": {t: float((l.argmax(1) == y).mean()) for t, l in zip(TIERS, q_logits)},

@@ -35,11 +35,15 @@ def _cached_bundle(request, digits_dir: Path, binarized: bool) -> Path:
     key = _source_key("converters", "tierlite")
     cache = Path(request.config.cache.mkdir(f"bundle-{'bin' if binarized else 'int8'}-{key}"))
     if not (cache / "manifest.json").exists():
-        work = cache.with_name(cache.name + ".tmp")
+        # Per-process scratch name: two pytest runs may build the same key at once.
+        work = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
         build_bundle(digits_dir / "train", work, preset="small", binarized=binarized, seed=0)
-        shutil.rmtree(cache)
-        work.rename(cache)
+        if not (cache / "manifest.json").exists():
+            shutil.rmtree(cache, ignore_errors=True)
+            work.rename(cache)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return cache
 
 

@@ -101,7 +101,7 @@ def test_bench_accuracy_end_to_end(tmp_path, digits_dir, small_bundle_dir, binar
     assert {t["target"] for t in doc["results"]["targets"]} >= {"system top-1", "uplink reduction vs JPEG offload"}
     md = (out / "accuracy.md").read_text()
     assert "cloud-only offload" in md and "Targets" in md
-    assert all((out / p).is_file() for p in doc["plots"]) and len(doc["plots"]) == 3
+    assert all((out / p).is_file() for p in doc["plots"]) and len(doc["plots"]) == 4
 
 
 def test_bench_fleet_end_to_end(tmp_path, digits_dir, small_bundle_dir):

@@ -106,7 +106,7 @@ def test_binarized_end_two_valued_weights_and_binary_boundary(binary_bundle_dir,
     names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
     binary_convs = 0
     for op in interp._get_ops_details():
-        if op["op_name"] != "CONV_2D" or "end_bin" not in names[op["inputs"][1]]:
+        if op["op_name"] != "CONV_2D" or "/end_bin" not in names[op["inputs"][1]]:
             continue  # the stem (real weights on pixels) is not binarized
         w = interp.get_tensor(op["inputs"][1])
         for channel in w:
@@ -192,3 +192,24 @@ def test_checkpoint_reloads_and_reexports(small_bundle_dir, digits_dir, tmp_path
     f = predict_logits(model, data.images)
     for qi, fi in zip(q, f):
         assert (qi.argmax(1) == fi.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("binarized", [False, True])
+def test_mobilenet_family_exports_at_96(tmp_path, binarized):
+    """The depthwise-separable family at 96x96 converts and chains (untrained weights: structure only)."""
+    from tierlite.converters.models import build_joint
+    from tierlite.converters.pipeline import export_bundle
+    from tierlite.converters.presets import resolve
+
+    arch, _ = resolve("mobilenet-96", binarized=binarized, end=[[16, 2], [16, 1]], edge=[[32, 2]],
+                      cloud=[[32, 1]], binary_end=[[16, 2], [16, 2]], stem=8)
+    model = build_joint(arch)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (24, 96, 96, 3), dtype=np.uint8)
+    out = export_bundle(model, tmp_path / "b", arch=arch, classes=[str(i) for i in range(10)],
+                        calib_images=frames, calib_labels=rng.integers(0, 10, 24), report_dir=tmp_path)
+    b = Bundle.load(out)
+    assert b.input_shape == (1, 96, 96, 3) and b.feature_encoding["kind"] == ("binary" if binarized else "int8")
+    f = Segment(b, "end").run(frames[0][None]).feature
+    g = Segment(b, "edge").run(f).feature
+    assert Segment(b, "cloud").run(g).logits.shape == (10,)

@@ -433,3 +433,64 @@ def test_manager_restart_during_probation_resumes_then_rolls_back(tmp_path, keys
     third = UpdateManager(node.policy, "cam-1", ["end"], node.swap, segment_factory=FakeSegment)
     assert third.startup(node.v1).version == 1 and 2 in third.status()["rejected"]
     third.close()
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def test_keygen_and_publish_dry_run_cli(tmp_path, capsys):
+    from tierlite.cli import main
+
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    assert "key id" in capsys.readouterr().out
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 2  # no silent overwrite
+    assert "pass --force" in capsys.readouterr().err
+    v1 = make_bundle(tmp_path / "v1", 1)
+    end = bytearray((v1 / "end.tflite").read_bytes())
+    end[7] ^= 0xFF
+    v2 = make_bundle(tmp_path / "v2", 2, files={"end.tflite": bytes(end)})
+    code = main(["publish", "--bundle", str(v2), "--parent", str(v1), "--key", str(tmp_path / "keys" / "update.key"),
+                 "--dry-run", "--json", str(tmp_path / "r.json"), "--artifact-out", str(tmp_path / "a.tlu")])
+    assert code == 0
+    assert "ships end.tflite (XOR patch)" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["artifact"]["artifact_bytes"] == (tmp_path / "a.tlu").stat().st_size
+    art = read_artifact((tmp_path / "a.tlu").read_bytes())
+    verify_document(art.manifest, [load_public_key(tmp_path / "keys" / "update.pub")], "artifact")
+    os.chmod(tmp_path / "keys" / "update.key", 0o644)
+    assert main(["publish", "--bundle", str(v2), "--key", str(tmp_path / "keys" / "update.key"), "--dry-run"]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_cloud_worker_trigger_runs_the_job_when_enough_examples_arrived(tmp_path, keys, caplog):
+    """The scheduler's trigger logic with a real child `tierlite retrain` (which fails fast here:
+    the store is empty) and a stand-in for the worker's MQTT client (only subscribe() is used)."""
+    from tierlite.cloud.retrain import RetrainScheduler
+    from tierlite.cloud.store import HardExampleStore
+    from tierlite.config import CloudConfig, config_from_dict
+
+    class Subscriptions:
+        topics: list[str] = []
+
+        def subscribe(self, topic, handler, qos=0):
+            self.topics.append(topic)
+
+    bundle = make_bundle(tmp_path / "v1", 1)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    HardExampleStore(tmp_path / "hard.sqlite").close()
+    cfg = config_from_dict({"bundle": str(bundle), "store": {"path": str(tmp_path / "hard.sqlite")}, "metrics_port": None,
+                            "retrain": {"replay": str(tmp_path / "train"), "every_examples": 5,
+                                        "min_interval_seconds": 0}}, CloudConfig, "cloud.yaml", tmp_path)
+    mqtt = Subscriptions()
+    sched = RetrainScheduler(cfg, mqtt)
+    assert mqtt.topics == ["tierlite/update/+/frames/+"]  # it keeps opted-in nodes' frames
+    sched.tick(0)
+    sched.tick(4)
+    assert sched._proc is None  # 4 new examples: not yet
+    with caplog.at_level(logging.INFO, "tierlite.cloud.retrain"):
+        sched.tick(5)
+        assert sched._proc is not None and "starting run 1 (5 new hard examples)" in caplog.text
+        assert _wait(lambda: sched._proc.poll() is not None, 60)
+        sched.tick(5)
+    assert "run 1 failed (exit 2)" in caplog.text and "only 0 stored hard examples" in caplog.text
+    sched.close()
+    state = json.loads((tmp_path / "hard.retrain.json").read_text())
+    assert state["runs"] == 1 and state["parent"] == str(bundle.resolve())  # nothing published: same parent

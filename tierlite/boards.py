@@ -3,7 +3,8 @@
 A profile says what a camera node is made of (CPU, accelerator, memory, camera, network) and what
 tierlite may use of it: a flash budget for the model and a RAM budget for the tensor arena, the
 runtime plugin and its threads. `tierlite firmware` checks a model against the budgets;
-`tierlite device --board NAME` takes the runtime plugin, threads and camera size from it.
+`tierlite device --board NAME` takes the runtime plugin, its threads and options from it (the
+camera block states the capture the budgets assume).
 
     board = load_board("pi4")               # a packaged profile, or a path to your own YAML
     open_runtime(model, board.runtime, board.runtime_options())

@@ -687,7 +687,10 @@ class UpdateConfig:
     state_dir: str
     enabled: bool = True
     recent_frames: int = 64  # recent inputs kept for the shadow check
-    min_agreement: float = 0.8  # top-1 agreement on recent frames the current model was sure of
+    # Top-1 agreement on recent frames the current model was sure of. Not higher: under drift the
+    # current model is often sure and wrong, and the update exists to disagree there; a broken
+    # or mislabelled model agrees on ~1/classes of them.
+    min_agreement: float = 0.5
     max_shadow_escalation_increase: float = 0.25  # candidate's escalation rate on recent frames vs current
     watch_frames: int = 100  # frames served by a new version before it is confirmed
     watch_seconds: float = 120.0  # ... or this long, whichever comes first
@@ -780,13 +783,12 @@ class UpdateManager:
     """Receives, verifies, shadow-checks, swaps in and if needed rolls back model updates for
     the tiers one process runs (("end",) on a camera node, ("edge",) in an edge worker).
 
-    The owner (device daemon, edge worker) wires it in with four calls:
+    The owner (device daemon, edge worker) wires it in with three calls and one callback:
       bundle = manager.startup(configured_bundle)   # the version to run (survives restarts)
-      manager.attach(paho_client) in on_connect     # (re)subscribes to the update topic
-      manager.on_message(topic, payload)            # for topics under <prefix>/update/<model>
-      manager.observe(tier, x, logits, escalated, error=False)  # after every frame it serves
-    and gives it `swap(bundle, segments)`, which must install the new segments between two frames
-    (e.g. assign one reference the frame loop reads at the start of each frame).
+      manager.attach(mqtt_client)                   # a tierlite.mqtt.MqttClient, once
+      manager.observe(tier, x, logits, escalated)   # after every frame it serves
+    and `swap(bundle, segments)`, which must install the new model between two frames (e.g.
+    replace the one reference the frame loop reads at the start of each frame).
     """
 
     def __init__(self, policy: UpdateConfig, node_id: str, tiers: Iterable[str], swap: SwapFn,
@@ -889,9 +891,6 @@ class UpdateManager:
         and the retained announcement reaches a node that comes back online at once)."""
         self._client = mqtt
         mqtt.subscribe(self.topic, self.on_message, qos=1)
-
-    def wants(self, topic: str) -> bool:
-        return topic == self.topic or topic.startswith(self.topic + "/v")
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Network input: never raises. Cheap; heavy work goes to the worker thread."""

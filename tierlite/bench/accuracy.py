@@ -128,20 +128,21 @@ class ChainRunner:
         from tierlite.segment import decode_feature, encode_feature
 
         x = image[None]
+        payload, shape, enc = b"", (), self.encoding
         for k, seg in enumerate(self.segments):
             t0 = time.perf_counter()
+            if k > 0:  # a receiving tier decodes the wire payload: exactly what the wire delivers
+                x = decode_feature(payload, shape, enc)
             out = seg.run(x)
             normalized_entropy(softmax(out.logits))  # the exit decision is part of the tier's work
             self.seconds[k][i] = time.perf_counter() - t0
             self.logits[k][i] = out.logits
             if out.feature is None:
                 break
-            # The end tier's feature goes over the wire in the bundle's encoding (binary: 1 bit);
-            # the next tier sees exactly what the wire delivers.
+            # end -> edge in the bundle's encoding (binary: 1 bit per element), edge -> cloud int8
             enc = self.encoding if k == 0 else {"kind": "int8"}
-            payload = encode_feature(out.feature, enc)
+            payload, shape = encode_feature(out.feature, enc), out.feature.shape
             self.feature_bytes[k] = len(payload)
-            x = decode_feature(payload, out.feature.shape, enc)
 
     def trace(self) -> ChainTrace:
         return ChainTrace(self.name, self.tiers, self.logits, self.seconds, self.feature_bytes,
@@ -585,6 +586,9 @@ def write_accuracy_report(report: Report, rows: list[dict[str, Any]], targets: l
                             + markdown_table(REAL_COLUMNS, real))
     report.add_markdown("Targets (from the brief; reported, not asserted):\n\n" + markdown_table(TARGET_COLUMNS, targets))
     report.add_markdown("\n".join(f"- {n}" for n in NOTES))
+    report.scatter_plot("tradeoff", [(r["config"], r["uplink_mqtt_B"], r["top1"]) for r in rows],
+                        "mean uplink bytes / frame, MQTT (symlog)", "top-1 %",
+                        "Accuracy against camera uplink, same frames", logx=True)
     plot_rows = [r for r in rows if r["uplink_mqtt_B"] > 0] or rows
     report.bar_plot("uplink", [r["config"] for r in plot_rows], [r["uplink_mqtt_B"] for r in plot_rows],
                     "mean uplink bytes / frame (MQTT)", "Camera uplink per frame", log=True)

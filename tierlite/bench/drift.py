@@ -219,7 +219,7 @@ def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store
 # -- the benchmark ------------------------------------------------------------------------------
 def run_drift(args: argparse.Namespace) -> int:
     from tierlite.bundle import Bundle
-    from tierlite.cloud.retrain import PrivacyPolicy, RetrainOptions, default_frames_path, retrain
+    from tierlite.cloud.retrain import default_frames_path
     from tierlite.data import load_image_folder
     from tierlite.update import generate_keypair, load_private_key
 

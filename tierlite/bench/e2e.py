@@ -7,7 +7,8 @@ daemon's own result event: frame in hand -> result (camera decision for frames i
 
 cloud-only offload: the node publishes each frame's JPEG file (4-byte frame id + JPEG) to a
 Sedna-style offload worker process (tierlite.bench.offload: decode, full chain, answer) through a
-Mosquitto started with the edge gateway's own config generator; latency = publish -> answer.
+Mosquitto with the edge gateway's generated config (tierlite.demo.ExternalBroker); latency =
+publish -> answer.
 
 Frames are offered one at a time at --e2e-fps (a camera's pace), so latency is not queueing.
 """
@@ -136,19 +137,17 @@ def _pace(t0: float, k: int, fps: float) -> None:
 def run_offload(frames, idx: np.ndarray, bundle_dir: Path, fps: float, runtime: str, progress: bool) -> dict[str, Any]:
     """Sedna-style baseline: JPEG up, the cloud decodes and runs the full chain, answer back."""
     from tierlite.bench.offload import FRAME_ID, offload_topic
-    from tierlite.bench.stack import free_port
-    from tierlite.config import BrokerConfig, MosquittoConfig
-    from tierlite.edge.broker import MosquittoProcess, mosquitto_config
+    from tierlite.config import BrokerConfig
+    from tierlite.demo import ExternalBroker
     from tierlite.mqtt import MqttClient
     from tierlite.wire import decode_answer, topic
 
     tmp = Path(tempfile.mkdtemp(prefix="tierlite-offload-"))
-    port = free_port()
-    mq = MosquittoProcess(MosquittoConfig(port=port), tmp, mosquitto_config(MosquittoConfig(port=port)))
+    mq = ExternalBroker(tmp)  # Mosquitto with the edge gateway's generated config
+    port = mq.port
     worker = None
     client = None
     try:
-        mq.start()
         log = open(tmp / "offload.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "tierlite.bench.offload", "--port", str(port),
                                    "--bundle", str(bundle_dir), "--runtime", runtime],

@@ -6,7 +6,7 @@ rates against the real runtime: `tierlite edge` (managed Mosquitto, 1 then 2 edg
 on a shared subscription) and one `tierlite cloud` worker, all separate processes. Per step:
 achieved escalations/s, latency p50/p99 (send -> answer back at the node), lost / duplicated /
 rejected answers, CPU per process (/proc). The knee is the first offered rate whose p99 passes
---knee-ms; stepping stops there. Every step is bounded in time and in count.
+--knee-ms in two attempts in a row (the box may be shared); stepping stops there. Every step is bounded in time and in count.
 """
 from __future__ import annotations
 
@@ -76,7 +76,13 @@ def run_fleet(args: argparse.Namespace) -> int:
                     pids = {**stack.pids(), "load generator": os.getpid()}
                     res = load.step(rate, args.step_seconds, drain=args.drain_seconds,
                                     max_messages=args.max_messages, cpu_pids=pids)
-                    steps.append(res.to_json())
+                    first_p99 = res.latency["p99_ms"]
+                    if first_p99 is not None and first_p99 > args.knee_ms:
+                        # Past the knee, or a burst of load from outside the benchmark? Run the step
+                        # again; the knee is where both attempts pass the limit.
+                        res = load.step(rate, args.step_seconds, drain=args.drain_seconds,
+                                        max_messages=args.max_messages, cpu_pids=pids)
+                    steps.append({**res.to_json(), "first_attempt_p99_ms": first_p99})
                     bar.update()
                     if not args.quiet:
                         say(f"  offered {rate}/s: achieved {res.achieved_per_s:.0f}/s, p50 "
@@ -106,8 +112,12 @@ def summarize(workers: int, steps: list[dict[str, Any]], knee_ms: float) -> dict
             and s["lost"] == 0 and s["duplicated"] == 0 and s["rejected"] == 0]
     best = max(good, key=lambda s: s["achieved_per_s"], default=None)
     past = next((s for s in steps if s["latency"]["p99_ms"] is None or s["latency"]["p99_ms"] > knee_ms), None)
+    per_escalation = {}
+    if best and best["achieved_per_s"] > 0:
+        per_escalation = {k: v * 10.0 / best["achieved_per_s"] for k, v in best["cpu_percent"].items() if v is not None}
     return {
         "edge_workers": workers, "steps": steps,
+        "cpu_ms_per_escalation": per_escalation,  # CPU time per escalation per process, at the sustained step
         "sustained_per_s": best["achieved_per_s"] if best else 0.0,
         "sustained_step": best,
         "knee_offered_per_s": past["offered_per_s"] if past else None,
@@ -137,13 +147,14 @@ STEP_COLUMNS = [
     ("edge_workers", "edge workers", None), ("offered_per_s", "offered /s", None),
     ("achieved_per_s", "achieved /s", lambda x: f"{x:,.0f}"), ("p50", "p50 ms", None), ("p99", "p99 ms", None),
     ("lost", "lost", None), ("duplicated", "dup", None), ("rejected", "rejected", None),
-    ("cpu", "CPU (% of one core)", str),
+    ("behind_s", "sender lag s", lambda x: f"{x:.2f}"), ("cpu", "CPU (% of one core)", str),
 ]
 SUMMARY_COLUMNS = [
     ("edge_workers", "edge workers", None), ("sustained_per_s", "sustained escalations/s (p99 <= knee, 0 lost)",
                                              lambda x: f"{x:,.0f}"),
     ("knee", "knee: offered rate where p99 passed the limit", str), ("lost_at_or_below_knee", "lost (steps <= knee)", None),
     ("duplicated_total", "duplicated", None), ("cpu", "CPU at the sustained step (% of one core)", str),
+    ("cost", "CPU ms per escalation", str),
 ]
 TARGET_COLUMNS = [("target", "target", str), ("config", "measured on", str), ("goal", "goal", str),
                   ("measured", "measured", None), ("status", "status", str)]
@@ -157,7 +168,8 @@ def write_fleet_report(report: Report, runs: list[dict[str, Any]], args) -> None
                          "p99": s["latency"]["p99_ms"], "cpu": _cpu_text(s["cpu_percent"])})
     summary = [{**r, "knee": f"{r['knee_offered_per_s']:,}/s" if r["knee_offered_per_s"] else
                 f"not reached (<= {r['steps'][-1]['offered_per_s']:,}/s)" if r["steps"] else "–",
-                "cpu": _cpu_text(r["sustained_step"]["cpu_percent"]) if r["sustained_step"] else "–"} for r in runs]
+                "cpu": _cpu_text(r["sustained_step"]["cpu_percent"]) if r["sustained_step"] else "–",
+                "cost": ", ".join(f"{k} {v:.3f}" for k, v in r["cpu_ms_per_escalation"].items()) or "–"} for r in runs]
     report.add_markdown(f"{args.nodes} simulated nodes, {args.frames} distinct real escalations replayed, "
                         f"{args.step_seconds:g} s per step, knee at p99 > {args.knee_ms:g} ms.\n")
     report.add_markdown(markdown_table(SUMMARY_COLUMNS, summary))

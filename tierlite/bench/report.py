@@ -49,7 +49,16 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "tierlite": __version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: how busy the machine was besides the benchmark."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def command_line(name: str, args: Any = None) -> str:
@@ -226,8 +235,10 @@ class Report:
 
     def header(self) -> str:
         m = self.machine
+        load = "/".join(f"{x:g}" for x in m.get("load_average_at_start") or [])
         return (f"Command: `{self.command}`  \n"
-                f"Machine: {m['cores']} cores, {m['cpu_model']}; Python {m['python']}, tierlite {m['tierlite']}  \n"
+                f"Machine: {m['cores']} cores, {m['cpu_model']}; Python {m['python']}, tierlite {m['tierlite']}; "
+                f"load average at start {load or 'n/a'} (1/5/15 min)  \n"
                 f"Date: {m['date']}\n")
 
     def write(self) -> dict[str, Path]:
@@ -237,6 +248,7 @@ class Report:
             merged = json.loads(res_path.read_text()) if res_path.exists() else {}
         except json.JSONDecodeError:
             merged = {}
+        self.machine["load_average_at_end"] = load_average()
         merged[self.name] = {"command": self.command, "machine": self.machine, "results": self.results,
                              "plots": self.plots}
         res_path.write_text(json.dumps(merged, indent=2, default=_json_default) + "\n")
@@ -288,6 +300,24 @@ class Report:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        return self._save(fig, stem)
+
+    def scatter_plot(self, stem: str, points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str,
+                     title: str, logx: bool = False) -> Path | None:
+        """Labelled points (label, x, y), e.g. accuracy against bytes per frame."""
+        plt = _pyplot()
+        if plt is None:
+            return None
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for label, x, y in points:
+            ax.scatter([x], [y], s=25)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if logx:
+            ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
         return self._save(fig, stem)
 
     def _save(self, fig, stem: str) -> Path:

@@ -12,23 +12,15 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tierlite.demo import TierProcess, free_port, wait_until, write_yaml  # the demo's process helpers
 from tierlite.errors import TierliteError
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Stack", "free_port"]
 
 
 class Stack:
@@ -45,7 +37,7 @@ class Stack:
         self.host = "127.0.0.1"
         self.port = 0
         self.dir: Path | None = None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, TierProcess] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._status_lock = threading.Lock()
         self._watch = None
@@ -63,15 +55,10 @@ class Stack:
         self.stop()
 
     def _write(self, name: str, doc: dict[str, Any]) -> Path:
-        path = self.dir / name
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path
+        return write_yaml(self.dir / name, doc)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.dir / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "tierlite", "--log-level", self.log_level, *argv],
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        self.procs[name] = TierProcess(name, ["--log-level", self.log_level, *argv], self.dir)
 
     def start(self) -> None:
         from tierlite.config import BrokerConfig
@@ -125,15 +112,14 @@ class Stack:
                 and all(c.get("state") == "online" for c in clouds))
 
     def _wait(self, cond, what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while not cond():
+        def ready() -> bool:
             for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise TierliteError(f"bench: `tierlite {name.split('-')[0]}` exited with code {p.returncode} "
-                                        f"while starting: {self._log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise TierliteError(f"bench: {what} not ready within {self.timeout:.0f}s (logs in {self.dir})")
-            time.sleep(0.05)
+                if not p.running():
+                    raise TierliteError(f"bench: `tierlite {name.split('-')[0]}` exited with code "
+                                        f"{p.proc.returncode} while starting: {self._log_tail(name)}")
+            return cond()
+
+        wait_until(ready, self.timeout, f"{what} (logs in {self.dir})")
 
     def _log_tail(self, name: str) -> str:
         try:
@@ -152,7 +138,7 @@ class Stack:
         if gw.get("broker", {}).get("pid"):
             out["mosquitto"] = gw["broker"]["pid"]
         if "edge" in self.procs:
-            out["edge gateway"] = self.procs["edge"].pid
+            out["edge gateway"] = self.procs["edge"].proc.pid
         for w in gw.get("workers", []):
             if w.get("pid"):
                 out[f"edge worker {w['index']}"] = w["pid"]
@@ -168,13 +154,7 @@ class Stack:
             self._watch = None
         # Cloud workers first, the gateway (which stops its workers and Mosquitto) last.
         for name, p in sorted(self.procs.items(), key=lambda kv: kv[0] == "edge"):
-            if p.poll() is None:
-                p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            p.stop()
         self.procs = {}
         if self.dir is not None and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -30,18 +30,12 @@ class TFLMRuntime(Runtime):
             self._interp = tflm.Interpreter.from_file(str(model_path), arena_size=config.arena_bytes)
         except (ValueError, RuntimeError) as e:
             raise RuntimeUnavailable(f"TFLite Micro cannot load {model_path}: {e}") from None
-        self._inputs = self._details(self._interp.get_input_details)
-        self._outputs = self._details(self._interp.get_output_details)
+        # The TFLM wrapper has no tensor counts; read them from the flatbuffer it ships a schema for.
+        from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
 
-    @staticmethod
-    def _details(getter) -> list[TensorDetail]:
-        details, i = [], 0
-        while True:
-            try:
-                details.append(detail_from_interpreter(getter(i)))
-            except (IndexError, RuntimeError, ValueError):
-                return details
-            i += 1
+        graph = schema.Model.GetRootAs(self.model_path.read_bytes(), 0).Subgraphs(0)
+        self._inputs = [detail_from_interpreter(self._interp.get_input_details(i)) for i in range(graph.InputsLength())]
+        self._outputs = [detail_from_interpreter(self._interp.get_output_details(i)) for i in range(graph.OutputsLength())]
 
     @property
     def inputs(self) -> list[TensorDetail]:

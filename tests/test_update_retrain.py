@@ -1,0 +1,90 @@
+"""The retraining job on real int8 segments: a fleet's drifted hard examples (low light + noise,
+written to the real stores the way the cloud worker and frame collector write them) distilled
+into the exit heads, with the privacy policy deciding whose frames may be used."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tierlite.bundle import Bundle
+from tierlite.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def fleet_store(tmp_path_factory, small_bundle_dir, digits_dir):
+    from tierlite.bench.drift import low_light, simulate_fleet
+    from tierlite.bundle import write_manifest
+    from tierlite.cloud.retrain import Chain
+    from tierlite.converters.pipeline import default_workdir
+    from tierlite.data import load_image_folder
+    from tierlite.policy import normalized_entropy, softmax
+
+    work = tmp_path_factory.mktemp("retrain")
+    test = load_image_folder(digits_dir / "test", (32, 32))
+    drifted, _ = low_light(test.images, gain=0.6, noise=6.0, seed=1)
+    # The fleet runs the bundle with an end threshold that escalates half of the drifted frames
+    # (how many a drift makes unsure depends on the model; the job under test is what follows).
+    bundle = work / "fleet-bundle"
+    shutil.copytree(small_bundle_dir, bundle)
+    (bundle.parent / "fleet-bundle-work").symlink_to(default_workdir(small_bundle_dir).resolve())
+    h = normalized_entropy(softmax(Chain(Bundle.load(bundle)).from_frames(drifted)["end_logits"]))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["thresholds"]["end"] = float(np.median(h))
+    write_manifest(bundle, manifest)
+    stats = simulate_fleet(bundle, drifted, ["cam-1", "cam-2"], work / "hard.sqlite", share_frames=True)
+    assert 40 < stats["escalated_by_end"] < 60, stats
+    (work / "privacy.yaml").write_text("default: features\nnodes:\n  cam-1: raw\n")
+    return work, bundle
+
+
+def test_retrain_distils_heads_keeps_boundary_and_honours_privacy(fleet_store, digits_dir, capsys):
+    fleet_store, small_bundle_dir = fleet_store
+    out = fleet_store / "candidate"
+    code = main(["retrain", "--store", str(fleet_store / "hard.sqlite"), "--bundle", str(small_bundle_dir),
+                 "--out", str(out), "--replay", str(digits_dir / "train"), "--privacy", str(fleet_store / "privacy.yaml"),
+                 "--min-examples", "20", "--json", str(fleet_store / "report.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held-out end exit: teacher agreement" in printed and "verdict:" in printed
+    report = json.loads((fleet_store / "report.json").read_text())
+    parent, cand = Bundle.load(small_bundle_dir), Bundle.load(out)
+    assert cand.version == parent.version + 1 and cand.manifest["parent_version"] == parent.version
+    # privacy: only cam-1 opted in; cam-2's uploaded frames are never used
+    assert report["data"]["frames_not_allowed"] > 0 and report["data"]["with_frames"] > 0
+    assert report["candidate"]["heads"] == ["edge", "end"]
+    # the heads learnt from the teacher on frames they never saw in training
+    end = report["holdout"]["end"]
+    assert end["candidate_agreement"] > end["parent_agreement"], end
+    # frozen shared layers: same files where nothing was trained, same size and boundary elsewhere
+    assert (out / "cloud.tflite").read_bytes() == (small_bundle_dir / "cloud.tflite").read_bytes()
+    for tier in ("end", "edge"):
+        new, old = (out / f"{tier}.tflite").read_bytes(), (small_bundle_dir / f"{tier}.tflite").read_bytes()
+        assert len(new) == len(old) and new != old
+        assert cand.segment(tier).outputs == parent.segment(tier).outputs  # same tensors, same quantization
+    for t, v in cand.thresholds.items():
+        assert 0.0 <= v <= 1.0 or v == -1.0, (t, v)
+    # the candidate runs on the device runtime and speaks the same boundary as the parent
+    from tierlite.segment import Segment
+
+    frame = np.full((1, 32, 32, 3), 128, np.uint8)
+    assert np.array_equal(Segment(cand, "end").run(frame).feature, Segment(parent, "end").run(frame).feature)
+    # what it costs to ship: two small XOR patches
+    from tierlite.update import build_artifact
+
+    _, art = build_artifact(out, parent=parent)
+    assert art.patched == ["edge.tflite", "end.tflite"] and art.artifact_bytes < 8000, art
+
+
+def test_retrain_refuses_without_enough_examples(fleet_store, digits_dir, capsys):
+    fleet_store, small_bundle_dir = fleet_store
+    code = main(["retrain", "--store", str(fleet_store / "hard.sqlite"), "--bundle", str(small_bundle_dir),
+                 "--out", str(fleet_store / "never"), "--replay", str(digits_dir / "train"),
+                 "--min-examples", "100000"])
+    assert code == 2
+    assert "need at least 100000 (--min-examples)" in capsys.readouterr().err
+    assert not (fleet_store / "never").exists()
