@@ -15,10 +15,11 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def to_tflite(keras_model, representative: np.ndarray, uint8_input: bool) -> byt
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8 if uint8_input else tf.int8
     converter.inference_output_type = tf.int8
-    return converter.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
+        return converter.convert()
 
 
 def _interpreter(model: bytes):

@@ -92,7 +92,7 @@ def _custom_layers():
         """Conv2D whose effective kernel is sign(w) * mean|w| per output channel.
 
         Gradients pass straight through (STE); latent weights are clipped to [-1, 1]
-        (see `clip_latent_weights`), as in BinaryConnect / XNOR-Net.
+        (clipped in the training step), as in BinaryConnect / XNOR-Net.
         """
 
         def convolution_op(self, inputs, kernel):
@@ -122,19 +122,6 @@ def _custom_layers():
             return {**super().get_config(), "high": self.high}
 
     return BinaryConv2D, BinaryStep
-
-
-def clip_latent_weights(model) -> None:
-    """Keep binary layers' latent weights in [-1, 1] (called after each optimizer step)."""
-    BinaryConv2D, _ = _custom_layers()
-    for layer in _all_layers(model):
-        if isinstance(layer, BinaryConv2D):
-            layer.kernel.assign(_clip(layer.kernel))
-
-
-def _clip(v):
-    from keras import ops
-    return ops.clip(v, -1.0, 1.0)
 
 
 def _all_layers(model):
@@ -249,7 +236,6 @@ def build_end(cfg: ArchConfig):
 
 def build_edge(cfg: ArchConfig, feature_shape):
     import keras
-    L = keras.layers
     inp = keras.Input(tuple(feature_shape), name="end_feature_in")
     first = cfg.edge[0][0] if cfg.edge else cfg.boundary * 4
     x = _conv_bn(inp, int(first), 3, 1, "edge_expand")  # widen the narrow boundary again
@@ -299,8 +285,7 @@ def segments_of(joint):
 
 
 def count_params(model) -> int:
-    return int(sum(int(w.shape.num_elements() if hasattr(w.shape, "num_elements") else _prod(w.shape))
-                   for w in model.weights))
+    return int(sum(_prod(w.shape) for w in model.weights))
 
 
 def _prod(shape) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,11 @@ log = logging.getLogger("tierlite.converters")
 def default_workdir(out_dir: str | Path) -> Path:
     """Where the checkpoint and reports of a bundle live: "<bundle>-work" beside it.
 
-    A trailing ".tmp" is dropped, so a bundle built in "X.tmp" and renamed to "X" (as the test
-    fixtures do) still finds its checkpoint in "X-work".
+    A trailing ".tmp" or ".tmp<pid>" is dropped, so a bundle built in "X.tmp123" and renamed to
+    "X" (as the test fixtures do) still finds its checkpoint in "X-work".
     """
     out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name.removesuffix(".tmp") + "-work")
+    return out_dir.with_name(re.sub(r"\.tmp\d*$", "", out_dir.name) + "-work")
 
 
 def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "small", binarized: bool = False,
@@ -142,7 +143,9 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
                         "exit_accuracy_int8": exit_acc, "system_accuracy": chosen.accuracy,
                         "cloud_only_accuracy": chosen.cloud_only_accuracy, "fractions": chosen.fractions,
                         "feature_bytes": {"end": fbytes[0], "edge": fbytes[1]},
-                        "camera_uplink_bytes_per_frame": chosen.camera_uplink_bytes},
+                        "camera_uplink_bytes_per_frame": chosen.camera_uplink_bytes,
+                        # every max drop of the sweep (validation), for benchmarks of other operating points
+                        "operating_points": [{"max_drop": p.max_drop, "thresholds": p.thresholds} for p in points]},
         "model": {"family": arch.family, "binarized": arch.binarized, "arch": arch.to_json()},
     }
     manifest.update(extra or {})

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.converters.models import ArchConfig, _custom_layers, build_joint, clip_latent_weights
+from tierlite.converters.models import ArchConfig, _all_layers, _custom_layers, build_joint
 from tierlite.converters.presets import TrainConfig
 from tierlite.errors import BundleError, ConfigError
 
@@ -118,7 +118,6 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         opt = keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
     # No decay on BN/bias, nor on binary layers' latent weights (only their sign matters).
     BinaryConv2D, _ = _custom_layers()
-    from tierlite.converters.models import _all_layers
     binary_kernels = [l.kernel for l in _all_layers(model) if isinstance(l, BinaryConv2D)]
     opt.exclude_from_weight_decay(var_list=binary_kernels, var_names=["gamma", "beta", "bias"])
     opt.build(model.trainable_variables)
@@ -145,6 +144,8 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
                 loss += distill * temp * temp * tf.add_n(kd)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
+        for k in binary_kernels:  # BinaryConnect: latent weights stay in [-1, 1]
+            k.assign(tf.clip_by_value(k, -1.0, 1.0))
         correct = [tf.reduce_sum(tf.cast(tf.argmax(o, 1, output_type=tf.int32) == y, tf.float32)) for o in outs]
         return loss, tf.stack(correct)
 
@@ -161,8 +162,6 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         for s in range(steps_per_epoch):
             idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
             loss, correct = step(train_images[idx], train_labels[idx].astype(np.int32))
-            if has_binary:
-                clip_latent_weights(model)
             if not np.isfinite(float(loss)):
                 raise ConfigError(f"training diverged (loss {float(loss)}) at epoch {epoch} step {s + 1}; "
                                   f"lower the learning rate (now {tc.lr})")
@@ -193,7 +192,6 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
 
 
 def _copy_matching_weights(src, dst) -> None:
-    from tierlite.converters.models import _all_layers
     by_name = {l.name: l for l in _all_layers(src)}
     copied = 0
     for layer in _all_layers(dst):

@@ -494,3 +494,31 @@ def test_cloud_worker_trigger_runs_the_job_when_enough_examples_arrived(tmp_path
     sched.close()
     state = json.loads((tmp_path / "hard.retrain.json").read_text())
     assert state["runs"] == 1 and state["parent"] == str(bundle.resolve())  # nothing published: same parent
+
+
+def test_frame_uploads_are_validated_and_stored(tmp_path):
+    import cv2
+
+    from tierlite.cloud.frames import FrameCollector, FrameStore
+    from tierlite.update import decode_frame_upload, encode_frame_upload
+
+    ok, jpg = cv2.imencode(".jpg", np.full((32, 32, 3), 80, np.uint8))
+    payload = encode_frame_upload(jpg.tobytes(), 3)
+    header, body = decode_frame_upload(payload)
+    assert header["version"] == 3 and body == jpg.tobytes()
+    for bad in (b"", b"TLF1", payload[:12], b"XXXX" + payload[4:], payload[:-len(body)] + b"not a jpeg"):
+        with pytest.raises(UpdateError):
+            decode_frame_upload(bad)
+
+    class Subscriptions:
+        def subscribe(self, topic, handler, qos=0):
+            self.topic = topic
+
+    store = FrameStore(tmp_path / "frames.sqlite")
+    collector = FrameCollector(store, Subscriptions(), "site1/cams")
+    collector.on_upload("site1/cams/update/toy/frames/cam-7", payload)
+    collector.on_upload("site1/cams/update/toy/frames/cam-7", b"garbage")  # dropped, counted, logged
+    assert (collector.stored, collector.dropped) == (1, 1)
+    (rec,) = list(store.iter_frames("toy"))
+    assert (rec.node, rec.bundle_version) == ("cam-7", 3) and rec.image((32, 32)).shape == (32, 32, 3)
+    store.close()

@@ -239,3 +239,21 @@ def test_hard_example_store_batches_and_reads_back_while_writing(tmp_path):
     store.close()
     with pytest.raises(StoreError, match="not found"):
         HardExampleStore.open_readonly(tmp_path / "none.sqlite")
+
+
+def test_example_configs_in_docs_are_valid(tmp_path, small_bundle_dir):
+    """docs/examples/*.yaml use every section; only the deployment paths are swapped for local ones."""
+    import yaml
+
+    from tierlite.config import CloudConfig, DeviceConfig, EdgeConfig, config_from_dict
+
+    examples = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "examples"
+    for name, cls in (("node.yaml", DeviceConfig), ("edge.yaml", EdgeConfig), ("cloud.yaml", CloudConfig)):
+        data = yaml.safe_load((examples / name).read_text())
+        data["bundle"] = str(small_bundle_dir)
+        for section, key in (("", "results_file"), ("mosquitto", "state_dir"), ("store", "path")):
+            holder = data.get(section) if section else data
+            if holder and key in holder:
+                holder[key] = str(tmp_path / key)
+        cfg = config_from_dict(data, cls, name, tmp_path)
+        assert cfg.bundle == str(small_bundle_dir)

@@ -72,7 +72,7 @@ class TierProcess:
     def __init__(self, name: str, args: list[str], log_dir: Path):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "wb")  # fresh per start: callers wait for lines in it
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.proc = subprocess.Popen([sys.executable, "-m", "tierlite", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

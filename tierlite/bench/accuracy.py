@@ -217,21 +217,14 @@ def run_offline(frames: Frames, chains: list[ChainRunner], refs: list[ReferenceR
 def operating_points(bundle_path: str | Path, bundle, drops: list[float],
                      val_data: str | None = None) -> list[tuple[float, dict[str, float], str]]:
     """(drop in points, thresholds, where they came from) for each max drop, chosen on validation
-    data, never on the test frames: the manifest (its own max_drop), then the converters' sweep
-    (<bundle>-work/calibration.json, validation split), then --val-data recomputed with the
-    converters' calibration code."""
-    from tierlite.converters.pipeline import default_workdir
-
+    data, never on the test frames: the manifest (its chosen max_drop, then calibration.operating_points,
+    the converters' sweep), else <bundle>-work/calibration.json (the same sweep, older bundles), else
+    --val-data recomputed with the converters' calibration code."""
     cal = bundle.manifest.get("calibration", {})
-    sweep_file = default_workdir(bundle_path) / "calibration.json"
-    sweep = {}
-    if sweep_file.is_file():
-        import json
-
-        try:
-            sweep = {round(float(p["max_drop"]), 6): p["thresholds"] for p in json.loads(sweep_file.read_text())["sweep"]}
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-            log.warning("%s: unreadable calibration sweep, ignored", sweep_file)
+    sweep = {round(float(p["max_drop"]), 6): p["thresholds"] for p in cal.get("operating_points", [])}
+    sweep_file = Path("calibration.json")
+    if not sweep:  # bundles exported before the manifest kept the sweep: the converters' report
+        sweep_file, sweep = _sweep_report(Path(bundle_path))
     val_logits = None
     out = []
     for drop in drops:
@@ -239,7 +232,8 @@ def operating_points(bundle_path: str | Path, bundle, drops: list[float],
         if cal.get("max_drop") is not None and round(float(cal["max_drop"]), 6) == frac:
             out.append((drop, bundle.thresholds, "manifest (validation)"))
         elif frac in sweep:
-            out.append((drop, {k: float(v) for k, v in sweep[frac].items()}, f"{sweep_file.name} (validation)"))
+            where = "manifest sweep" if cal.get("operating_points") else sweep_file.name
+            out.append((drop, {k: float(v) for k, v in sweep[frac].items()}, f"{where} (validation)"))
         elif val_data:
             from tierlite.converters.calibrate import search_thresholds
 
@@ -253,6 +247,25 @@ def operating_points(bundle_path: str | Path, bundle, drops: list[float],
                               f"(manifest has {cal.get('max_drop')}, sweep has {sorted(sweep)}); "
                               "pass --val-data DIR (validation frames, never test) to compute them")
     return out
+
+
+def _sweep_report(bundle_path: Path) -> tuple[Path, dict[float, dict]]:
+    """The converters' calibration.json for this bundle (beside it in <bundle>-work, or in the
+    folder that holds it), as {max_drop: thresholds}; empty if there is none."""
+    import json
+
+    from tierlite.converters.pipeline import default_workdir
+
+    beside = default_workdir(bundle_path) / "calibration.json"  # named after the bundle: it is this one's
+    for f in (beside, bundle_path.parent / "calibration.json"):
+        try:
+            doc = json.loads(f.read_text())
+            if f != beside and Path(doc.get("bundle", "")).resolve() != bundle_path.resolve():
+                continue
+            return f, {round(float(p["max_drop"]), 6): p["thresholds"] for p in doc["sweep"]}
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    return Path("calibration.json"), {}
 
 
 def _validation_logits(bundle, val_data: str):
@@ -284,6 +297,7 @@ class ConfigResult:
     bundle_dir: Path | None = None  # for the real-runtime pass
     tiers: tuple[str, ...] = ("end", "edge", "cloud")
     threshold_source: str = ""
+    edge_to_cloud: np.ndarray | None = None  # (N,) edge feature bytes sent on to the cloud (the WAN, per site)
 
     def row(self, truth: np.ndarray) -> dict[str, Any]:
         n = len(truth)
@@ -301,6 +315,7 @@ class ConfigResult:
             "camera_p50_ms": cam["p50_ms"], "camera_p99_ms": cam["p99_ms"],
             "e2e_offline_p50_ms": e2e["p50_ms"], "e2e_offline_p99_ms": e2e["p99_ms"],
             "camera_model_B": self.camera_model_bytes,
+            "edge_to_cloud_payload_B": float(self.edge_to_cloud.mean()) if self.edge_to_cloud is not None else None,
         }
 
 
@@ -319,8 +334,9 @@ def cascade(trace: ChainTrace, name: str, kind: str, thresholds: dict[str, float
     spent = np.stack(trace.seconds, axis=1)
     visited = np.arange(len(trace.tiers))[None, :] <= tier[:, None]
     e2e = (spent * visited).sum(axis=1)
+    wan = np.where(tier > 1, trace.feature_bytes[1], 0) if len(trace.tiers) > 2 else None
     return ConfigResult(name, kind, tier, labels, payload, mqtt, trace.seconds[0], e2e, trace.camera_model_bytes,
-                        dict(thresholds), drop, tiers=tuple(trace.tiers))
+                        dict(thresholds), drop, tiers=tuple(trace.tiers), edge_to_cloud=wan)
 
 
 def camera_only(trace: ChainTrace, name: str) -> ConfigResult:
@@ -443,12 +459,18 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
     targets = check_targets(rows)
     report.results.update(frames=n, data=str(args.data), e2e_frames=e2e_n, rows=rows, targets=targets,
-                          notes=NOTES)
+                          notes=NOTES, bundles={t.name: _describe(t.bundle) for t in traces.values()})
     write_accuracy_report(report, rows, targets, e2e_n)
     print_summary(rows, targets)
     paths = report.write()
     say(f"wrote {paths['results']} and {paths['markdown']}")
     return 0
+
+
+def _describe(bundle) -> dict[str, Any]:
+    return {"name": bundle.name, "version": bundle.version, "path": str(bundle.root),
+            "segment_bytes": {t: s.bytes for t, s in bundle.segments.items()},
+            "feature_encoding": bundle.feature_encoding["kind"]}
 
 
 NOTES = [
@@ -575,8 +597,11 @@ def _real_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_accuracy_report(report: Report, rows: list[dict[str, Any]], targets: list[dict[str, Any]],
                           e2e_n: int) -> None:
+    bundles = "; ".join(f"{k}: {b['name']} v{b['version']} (segments "
+                        + ", ".join(f"{t} {v:,} B" for t, v in b["segment_bytes"].items()) + ")"
+                        for k, b in report.results["bundles"].items())
     report.add_markdown(f"{rows[0]['frames']:,} frames; real-runtime end-to-end on a stratified subset of "
-                        f"{e2e_n} frames per networked configuration.\n")
+                        f"{e2e_n} frames per networked configuration. Bundles: {bundles}.\n")
     report.add_markdown(markdown_table(COLUMNS, _display_rows(rows)))
     real = _real_rows(rows)
     if real:

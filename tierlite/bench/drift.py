@@ -61,6 +61,10 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--privacy", choices=("raw", "features"), default="raw",
                    help="raw: nodes opt in to uploading escalated frames (end + edge heads retrained); "
                         "features: only boundary features leave the nodes (edge head retrained)")
+    p.add_argument("--end-scope", choices=("head", "segment"), default="head",
+                   help="retrain the end exit head (default) or the whole end segment (needs the checkpoint)")
+    p.add_argument("--hint-weight", type=float, default=1.0, help="boundary hint weight for --end-scope segment")
+    p.add_argument("--checkpoint", help="the bundle's Keras checkpoint (--end-scope segment; default <bundle>-work)")
     p.add_argument("--canary", type=float, default=0.25, help="share of nodes updated first (default 0.25)")
     p.add_argument("--margin", type=float, default=1.0, help="retraining verdict margin, points")
     p.add_argument("--offline", action="store_true", help="simulate the fleet in this process (no MQTT)")
@@ -257,6 +261,7 @@ def run_drift(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"scenario": {"gain": args.gain, "noise_sigma": args.noise, "jpeg_quality": 85,
                                             "nodes": args.nodes, "fleet_frames": int(len(fleet_idx)),
                                             "eval_frames": int(len(eval_idx)), "privacy": args.privacy,
+                                            "end_scope": args.end_scope,
                                             "data": str(data), "bundle": str(bundle_dir)},
                                "before": before}
 
@@ -294,7 +299,8 @@ def _retrain(store: Path, frames: Path, bundle_dir: Path, replay: Path, work: Pa
     say("drift: retraining on what the fleet escalated")
     opts = RetrainOptions(store=store, bundle=bundle_dir, out=work / "candidate", frames=frames, replay=replay,
                           privacy=PrivacyPolicy(default=args.privacy), margin=args.margin, seed=args.seed,
-                          cache_dir=work.parent / "cache")
+                          cache_dir=work.parent / "cache", end_scope=args.end_scope, hint_weight=args.hint_weight,
+                          checkpoint=Path(args.checkpoint) if args.checkpoint else None)
     opts.check()
     report = retrain(opts)
     say(report.summary())

@@ -18,7 +18,7 @@ from tierlite.bench.report import Progress, Report, Target, fmt_num, markdown_ta
 from tierlite.errors import ConfigError
 
 DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
-DEFAULT_RATES = "250,500,1000,1500,2000,3000,4000,6000,8000,12000"
+DEFAULT_RATES = "100,250,500,1000,1500,2000,3000,4000,6000,8000,12000"
 
 T_PER_WORKER = Target("sustained escalations/s, one edge worker", 3000.0, True, "/s")
 T_SCALING = Target("speed-up with two edge workers", 1.8, True, "x")
