@@ -211,7 +211,8 @@ def run_calibrate(args) -> int:
         manifest["thresholds"] = chosen.thresholds
         manifest.setdefault("calibration", {}).update(
             split=args.images.name, frames=len(data.labels), max_drop=args.max_drop,
-            system_accuracy=chosen.accuracy, fractions=chosen.fractions)
+            system_accuracy=chosen.accuracy, fractions=chosen.fractions,
+            operating_points=[{"max_drop": p.max_drop, "thresholds": p.thresholds} for p in points])
         write_manifest(b.root, manifest)
         print(f"thresholds written to {b.root / 'manifest.json'}")
     return 0

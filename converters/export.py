@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,10 @@ def to_tflite(keras_model, representative: np.ndarray, uint8_input: bool) -> byt
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8 if uint8_input else tf.int8
     converter.inference_output_type = tf.int8
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # The converter prints its SavedModel signature and warns that int8 inputs lack
+        # statistics (they are calibrated from the representative data instead).
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()
 
 

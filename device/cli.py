@@ -9,7 +9,7 @@ log = logging.getLogger("tierlite.device")
 
 def configure_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="node YAML (see docs/RUNTIME.md)")
-    p.add_argument("--board", help="board profile (tierlite.boards, e.g. pi4, pi5, coral-usb-pi4): "
+    p.add_argument("--board", help="board profile (tierlite.boards, e.g. pi4, pi5, pi-zero-2w, coral-usb): "
                                    "sets the runtime plugin and threads")
     p.add_argument("--runtime", help="runtime plugin, overrides config and board (litert, tflite-runtime, edgetpu, tflm)")
     p.add_argument("--threads", type=int, help="interpreter threads, overrides config and board")

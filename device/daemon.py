@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -277,7 +276,8 @@ class DeviceDaemon:
         return {"node": self.node, "state": state, "model": m.bundle.name, "model_version": m.bundle.version,
                 "runtime": getattr(m.segment.runtime, "key", "?"), "threshold": m.threshold, "pid": os.getpid(),
                 "frames": s.frames, "by_tier": dict(s.by_tier), "fallbacks": dict(s.fallbacks),
-                "bytes_up": s.bytes_up, "ts": round(time.time(), 3),
+                "bytes_up": s.bytes_up, "late_answers": s.late_answers, "bad_answers": s.bad_answers,
+                "ts": round(time.time(), 3),
                 **({"update": self.updates.status()} if self.updates is not None else {})}
 
     def publish_status(self, state: str = "online") -> None:

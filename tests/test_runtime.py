@@ -9,12 +9,11 @@ import dataclasses
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from runtime_support import (TIER_NAMES, Mosquitto, Proc, Watcher, check_against_offline, free_port, read_results,
+from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_results,
                              select_frames, wait_for, write_yaml)
 
 pytestmark = pytest.mark.timeout(240)
@@ -233,7 +232,7 @@ def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_
     frame_dir, thresholds, _ = frames
     port = free_port()
     cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, port, frame_dir, thresholds[0],
-                        source={"loop": True, "limit": 400, "fps": 40}, deadline_ms=1000, wait_for_broker=0)
+                        source={"loop": True, "limit": 240, "fps": 40}, deadline_ms=1000, wait_for_broker=0)
     cloud, edge, _, _ = start_stack(tmp_path, small_bundle_dir, port, PREFIX, thresholds, workers=1)
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     results = tmp_path / "node.jsonl"
@@ -254,6 +253,6 @@ def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_
         if device.proc.poll() is None:
             device.stop()
     final = read_results(results)
-    assert sorted(r["frame"] for r in final) == list(range(400))
+    assert sorted(r["frame"] for r in final) == list(range(240))
     log = device.log()
     assert "cannot reach broker" in log and "connected to 127.0.0.1" in log and "Traceback" not in log

@@ -2,7 +2,6 @@
 brokers, two ports), advertised by zeroconf on loopback; a node configured with `broker: auto`."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -65,7 +65,10 @@ def world(tmp_path_factory, small_bundle_dir, digits_dir):
     broker_cfg = {"port": broker.port, **FAST}
     cloud = Proc(["cloud", "--config", str(write_yaml(work / "cloud.yaml", {
         "bundle": str(v1), "prefix": PREFIX, "broker": broker_cfg, "metrics_port": None,
-        "store": {"path": str(work / "hard.sqlite"), "flush_interval": 0.1}}))], work / "cloud.log")
+        "store": {"path": str(work / "hard.sqlite"), "flush_interval": 0.1},
+        # keep frames from opted-in nodes; retraining is run by hand here (no trigger)
+        "retrain": {"replay": str(digits_dir / "train"), "every_examples": None, "every_seconds": None}}))],
+        work / "cloud.log")
     edge = Proc(["edge", "--config", str(write_yaml(work / "edge.yaml", {
         "bundle": str(v1), "prefix": PREFIX, "broker": broker_cfg, "mosquitto": {"managed": False},
         "discovery": {"advertise": False}, "workers": 1, "metrics_port": None,
@@ -84,12 +87,12 @@ def world(tmp_path_factory, small_bundle_dir, digits_dir):
     broker.stop()
 
 
-def start_node(w, name: str, limit: int, fps: float, **extra) -> tuple[Proc, Path]:
+def start_node(w, name: str, limit: int, fps: float, share_frames: bool = False, **extra) -> tuple[Proc, Path]:
     cfg = write_yaml(w["work"] / f"{name}.yaml", {**extra,
         "node_id": name, "bundle": str(w["v1"]), "prefix": PREFIX, "broker": {"port": w["broker"].port, **FAST},
         "source": {"uri": str(w["frames"]), "fps": fps, "loop": True, "limit": limit}, "deadline_ms": 2000,
         "results_file": str(w["work"] / f"{name}.jsonl"),
-        "update": {**w["update"], "state_dir": str(w["work"] / f"{name}-models")}})
+        "update": {**w["update"], "state_dir": str(w["work"] / f"{name}-models"), "share_frames": share_frames}})
     return Proc(["device", "--config", str(cfg)], w["work"] / f"{name}.log"), w["work"] / f"{name}.jsonl"
 
 
@@ -133,7 +136,8 @@ def test_updates_over_mqtt_with_real_nodes(world):
     late, late_results = start_node(w, "cam-b", limit=20, fps=50)  # cam-b runs a little, then goes offline
     assert late.wait(60) == 0, late.log()[-3000:]
     # cam-a escalates every frame (threshold 0), so its v2 features meet the v1 edge during the canary
-    node, results_file = start_node(w, "cam-a", limit=1500, fps=50, threshold=0.0)
+    # cam-a also opted in to uploading the frames it escalates (the privacy policy's "raw")
+    node, results_file = start_node(w, "cam-a", limit=1500, fps=50, share_frames=True, threshold=0.0)
     wait_for(lambda: len(read_results(results_file)) >= 40, 60, "cam-a serving frames")
     mqtt = publisher(w)
     try:
@@ -207,6 +211,13 @@ def test_updates_over_mqtt_with_real_nodes(world):
     state = json.loads((w["work"] / "cam-a-models" / "state.json").read_text())
     assert state["current"] == 2 and state["previous"] == 1 and 3 in state["rejected"]
     assert (w["work"] / "cam-a-models" / "versions" / "v1" / "manifest.json").is_file()  # kept for rollback
+    # the cloud worker kept the frames cam-a uploaded, and none from cam-b (which did not opt in)
+    from tierlite.cloud.frames import FrameStore
+
+    with FrameStore(w["work"] / "hard.frames.sqlite", readonly=True) as frames_store:
+        uploaded = list(frames_store.iter_frames(Bundle.load(w["v1"]).name))
+    assert uploaded and {f.node for f in uploaded} == {"cam-a"}
+    assert uploaded[0].image((32, 32)).shape == (32, 32, 3)
 
 
 def _sha(data: bytes) -> str:

@@ -251,7 +251,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print(f"== bundle: {'training a small bundle (a minute or two)' if args.retrain or not (work / 'bundle' / 'manifest.json').exists() else 'reusing'} {work / 'bundle'}")
     t0 = time.monotonic()
-    bundle_dir = prepare_bundle(data / "train", work / "bundle", retrain=args.retrain)
+    with _quiet(logs / "train.log"):  # TensorFlow's export chatter goes to the log, progress here
+        bundle_dir = prepare_bundle(data / "train", work / "bundle", retrain=args.retrain)
     bundle = Bundle.load(bundle_dir)
     train_s = time.monotonic() - t0
     print(f"   {bundle.name} v{bundle.version}: thresholds {bundle.thresholds}, feature "
@@ -343,9 +344,48 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if all(c == 0 for c in codes.values()) and report["frames"] == total else 1
 
 
-def build_report(results: list[dict], bundle, edge_metrics: dict, cloud_metrics: dict) -> dict[str, Any]:
-    from tierlite.metrics import scrape  # noqa: F401  (metrics come in already scraped)
+class _quiet:
+    """Send this process's stdout/stderr (file descriptors, so C++ logs too) to a file, printing
+    an elapsed-time line every 15 s to the real stdout."""
 
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import threading
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = (os.dup(1), os.dup(2))
+        self._file = open(self.path, "ab")
+        os.dup2(self._file.fileno(), 1)
+        os.dup2(self._file.fileno(), 2)
+        self._done = threading.Event()
+        out = os.fdopen(os.dup(self._saved[0]), "w")
+        t0 = time.monotonic()
+
+        def tick():
+            while not self._done.wait(15):
+                print(f"   ... {time.monotonic() - t0:.0f}s (log: {self.path})", file=out, flush=True)
+            out.close()
+
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+        self._file.close()
+        self._thread.join(timeout=1)
+
+
+def build_report(results: list[dict], bundle, edge_metrics: dict, cloud_metrics: dict) -> dict[str, Any]:
     labels = bundle.labels
     n = len(results)
 

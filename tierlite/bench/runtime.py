@@ -221,7 +221,10 @@ def run_runtime(args: argparse.Namespace) -> int:
     else:
         digits = make_digits_folder(work / "digits")
         print("== bundle: small preset on digits (trained once, then reused from --workdir)")
-        bundle_dir = prepare_bundle(digits / "train", work / "bundle")
+        from tierlite.demo import _quiet
+
+        with _quiet(work / "train.log"):
+            bundle_dir = prepare_bundle(digits / "train", work / "bundle")
         data = Path(args.data) if args.data else digits / "test"
     bundle = Bundle.load(bundle_dir)
     images = _frames(data, bundle, 500)
