@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tierlite.boards import board_names, list_boards, load_board, parse_board, segment_file
+from tierlite.boards import board_names, list_boards, load_board, parse_board
 from tierlite.errors import ConfigError
 
 REQUIRED = ["pi4", "pi5", "pi-zero-2w", "coral-usb", "coral-devboard", "esp32s3-eye", "stm32h743-nucleo",
@@ -42,12 +42,12 @@ def test_device_gets_runtime_threads_and_camera_from_a_profile(small_bundle_dir)
     assert (pi4.runtime, pi4.runtime_options()) == ("litert", {"threads": 4})
     assert (pi4.camera.width, pi4.camera.height, pi4.camera.format) == (640, 480, "rgb888")
     bundle = Bundle.load(small_bundle_dir)
-    rt = open_runtime(segment_file(bundle, "end", pi4.runtime), pi4.runtime, pi4.runtime_options())
+    rt = open_runtime(bundle.model_file("end", pi4.runtime), pi4.runtime, pi4.runtime_options())
     assert rt.inputs[0].shape == bundle.input_shape
     coral = load_board("coral-usb")
     assert coral.runtime_options() == {"threads": 4, "device": "usb"}
     # No Edge TPU here: the plugin says so instead of crashing; the plain segment is what loads.
-    assert segment_file(bundle, "end", "edgetpu") == bundle.segment_path("end")
+    assert bundle.model_file("end", "edgetpu") == bundle.segment_path("end")
     with pytest.raises(RuntimeUnavailable):
         open_runtime(bundle.segment_path("end"), coral.runtime, coral.runtime_options())
 

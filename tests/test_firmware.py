@@ -300,7 +300,6 @@ def test_compiled_model_joins_the_bundle(small_bundle_dir, tmp_path):
     """The bundle side of the Edge TPU path: the compiled file is listed with its hash, verified on
     load, and picked for the edgetpu runtime. (edgetpu_compiler itself is x86-64-only and not
     installed here; a copy of the end segment stands in for its output file.)"""
-    from tierlite.boards import segment_file
     from tierlite.bundle import Bundle
     from tierlite.converters.edgetpu import add_to_bundle
     from tierlite.errors import BundleError
@@ -311,8 +310,8 @@ def test_compiled_model_joins_the_bundle(small_bundle_dir, tmp_path):
     shutil.copyfile(root / "end.tflite", compiled)
     assert add_to_bundle(root, compiled) == "end_edgetpu.tflite"
     bundle = Bundle.load(root)
-    assert segment_file(bundle, "end", "edgetpu") == root / "end_edgetpu.tflite"
-    assert segment_file(bundle, "end", "litert") == root / "end.tflite"
+    assert bundle.model_file("end", "edgetpu") == root / "end_edgetpu.tflite"
+    assert bundle.model_file("end", "litert") == root / "end.tflite"
     (root / "end_edgetpu.tflite").write_bytes(b"tampered")
     with pytest.raises(BundleError, match="sha256 mismatch for end_edgetpu.tflite"):
         Bundle.load(root)

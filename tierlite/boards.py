@@ -251,14 +251,3 @@ def format_bytes(n: int) -> str:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
 
-
-def segment_file(bundle, tier: str, runtime: str) -> Path:
-    """The model file `runtime` should load for `tier`: the Edge TPU-compiled copy that
-    `tierlite firmware --board coral-*` lists in the manifest's `files` ({file, tier, runtime:
-    "edgetpu"}) when the runtime is edgetpu, else the plain segment. A compiled model holds an
-    edgetpu-custom-op that only the Edge TPU delegate runs: fall back to the plain segment."""
-    if runtime == "edgetpu":
-        for entry in bundle.manifest.get("files", []):
-            if entry.get("runtime") == "edgetpu" and entry.get("tier") == tier:
-                return bundle.root / str(entry["file"])
-    return bundle.segment_path(tier)

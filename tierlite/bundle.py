@@ -110,6 +110,16 @@ class Bundle:
     def segment_path(self, tier: str) -> Path:
         return self.root / self.segment(tier).file
 
+    def model_file(self, tier: str, runtime: str) -> Path:
+        """The file `runtime` should load for `tier`: the Edge TPU-compiled copy that
+        `tierlite firmware --board coral-*` lists in `files` ({file, tier, runtime: "edgetpu"})
+        when the runtime is edgetpu, else the plain segment."""
+        if runtime == "edgetpu":
+            for entry in self.manifest.get("files", []):
+                if entry.get("runtime") == "edgetpu" and entry.get("tier") == tier:
+                    return self.root / str(entry["file"])
+        return self.segment_path(tier)
+
     def segment(self, tier: str) -> SegmentInfo:
         try:
             return self.segments[tier]

@@ -2,14 +2,17 @@
 and encode/decode boundary features for the wire (int8 raw or bit-packed binary)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tierlite.bundle import Bundle, TensorInfo
-from tierlite.errors import BundleError, WireError
+from tierlite.errors import BundleError, RuntimeUnavailable, WireError
 from tierlite.runtimes import open_runtime
+
+log = logging.getLogger("tierlite.segment")
 
 
 @dataclass
@@ -31,12 +34,24 @@ class Segment:
                  options: dict | None = None, fallback: bool = True):
         self.bundle, self.tier = bundle, tier
         self.info = bundle.segment(tier)
-        self.runtime = open_runtime(bundle.segment_path(tier), runtime, options, fallback=fallback)
+        self.runtime = self._open(runtime, options, fallback)
         self._check_io()
         self._feature = self.info.output("feature")
         self._logits = self.info.output("logits")
         if self._logits is None:
             raise BundleError(f"{tier} segment has no output with role 'logits'")
+
+    def _open(self, runtime: str, options: dict | None, fallback: bool):
+        compiled = self.bundle.model_file(self.tier, runtime)
+        if compiled != self.bundle.segment_path(self.tier):
+            try:
+                return open_runtime(compiled, runtime, options)
+            except RuntimeUnavailable as e:
+                if not fallback:
+                    raise
+                # An Edge TPU-compiled model only runs through the delegate: fall back to the plain file.
+                log.warning("%s; running the plain %s segment instead", e, self.tier)
+        return open_runtime(self.bundle.segment_path(self.tier), runtime, options, fallback=fallback)
 
     def _check_io(self) -> None:
         pairs = [("input", m, r) for m, r in zip(self.info.inputs, self.runtime.inputs)]
