@@ -106,16 +106,11 @@ class CloudWorker:
         self.metrics.reject(reason)
         if self.rejected <= 10 or self.rejected % 1000 == 0:
             log.warning("dropped escalation on %s (%d dropped so far): %s", topic[:100], self.rejected, err)
-        peek = wire.peek_frame(payload)
-        try:
-            node = wire.node_of(topic, self.prefix)
-        except WireError:
-            return
-        if peek is not None and reason in ("bundle", "quantization", "shape", "encoding"):
-            m = self._model
-            reply = wire.encode_reject("cloud", peek[1], err, m.bundle.name, m.bundle.version)
-            self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
-            self.metrics.sent("reject", len(reply))
+        m = self._model
+        reject = wire.reject_reply("cloud", self.prefix, topic, payload, err, m.bundle.name, m.bundle.version)
+        if reject is not None:
+            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
+            self.metrics.sent("reject", len(reject[1]))
 
     def _on_connect(self) -> None:
         m = self._model

@@ -136,16 +136,11 @@ class EdgeWorker:
         self.metrics.reject(reason)
         if self.rejected <= 10 or self.rejected % 1000 == 0:
             log.warning("dropped feature on %s (%d dropped so far): %s", topic[:100], self.rejected, err)
-        peek = wire.peek_frame(payload)
-        try:
-            node = wire.node_of(topic, self.prefix)
-        except WireError:
-            return
-        if peek is not None and reason in ("bundle", "quantization", "shape", "encoding"):
-            m = self._model  # the node waits for this frame: tell it now instead of at its deadline
-            reply = wire.encode_reject("edge", peek[1], err, m.bundle.name, m.bundle.version)
-            self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
-            self.metrics.sent("reject", len(reply))
+        m = self._model
+        reject = wire.reject_reply("edge", self.prefix, topic, payload, err, m.bundle.name, m.bundle.version)
+        if reject is not None:
+            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
+            self.metrics.sent("reject", len(reject[1]))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_connect(self) -> None:

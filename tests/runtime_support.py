@@ -6,35 +6,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-import yaml
+
+from tierlite.demo import free_port, read_jsonl, wait_until, write_yaml  # noqa: F401 (re-exported to tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TIER_NAMES = ("end", "edge", "cloud")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Mosquitto:
@@ -119,17 +103,6 @@ class Watcher:
 
     def stop(self) -> None:
         self.client.stop()
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def read_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # -- offline reference --------------------------------------------------------------------------

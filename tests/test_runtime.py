@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_results,
-                             select_frames, wait_for, write_yaml)
+from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_jsonl,
+                             select_frames, wait_until, write_yaml)
 
 pytestmark = pytest.mark.timeout(240)
 PREFIX = "tierlite"
@@ -64,7 +64,7 @@ def wait_stack_ready(port: int, prefix: str, workers: int, timeout: float = 30.0
                 online[t] = json.loads(p).get("state") == "online"
         return sum(online.values()) >= workers + 1
 
-    wait_for(ready, timeout, f"{workers} edge worker(s) and a cloud worker online")
+    wait_until(ready, timeout, f"{workers} edge worker(s) and a cloud worker online")
     return w
 
 
@@ -101,10 +101,10 @@ def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, 
     watcher = Watcher(broker.port, [f"{PREFIX}/cam1/result", f"{PREFIX}/cam1/status"], "results")
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     assert device.wait(60) == 0, device.log()[-3000:]
-    results = read_results(tmp_path / "node.jsonl")
+    results = read_jsonl(tmp_path / "node.jsonl")
     check_against_offline(results, expected)
     # the same events on MQTT, as JSON a Home Assistant / Node-RED user reads
-    wait_for(lambda: len(watcher.json_on("/result")) == len(expected), 5, "results on MQTT")
+    wait_until(lambda: len(watcher.json_on("/result")) == len(expected), 5, "results on MQTT")
     on_mqtt = {(r["frame"], r["tier"], r["label"]) for r in watcher.json_on("/result")}
     assert on_mqtt == {(r["frame"], r["tier"], r["label"]) for r in results}
     status = watcher.json_on("/status")
@@ -119,7 +119,7 @@ def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, 
 
     n_cloud = sum(r["tier"] == "cloud" for r in results)
     store_path = int8_stack["dir"] / "hard.sqlite"
-    wait_for(lambda: HardExampleStore.open_readonly(store_path).count() >= n_cloud, 5, "hard examples stored")
+    wait_until(lambda: HardExampleStore.open_readonly(store_path).count() >= n_cloud, 5, "hard examples stored")
     with HardExampleStore.open_readonly(store_path) as store:
         rows = list(store.iter_examples(node="cam1"))
         arrays = store.read_arrays(node="cam1")
@@ -162,14 +162,14 @@ def test_bad_feature_messages_are_dropped_and_counted(tmp_path, int8_stack, brok
         return all(metric(now, "tierlite_rejected_messages_total", reason=r) - metric(
             before, "tierlite_rejected_messages_total", reason=r) == len(p) for r, p in bad.items())
 
-    wait_for(counted, 10, "rejected messages counted per reason")
-    answers = [wire.decode_answer(p) for p in wait_for(lambda: len(watcher.on(lambda t: True)) >= 2 and
+    wait_until(counted, 10, "rejected messages counted per reason")
+    answers = [wire.decode_answer(p) for p in wait_until(lambda: len(watcher.on(lambda t: True)) >= 2 and
                                                            watcher.on(lambda t: True), 10, "answers")]
     assert {(a.kind, a.frame_id) for a in answers} == {(wire.Kind.REJECT, 8), (wire.Kind.ANSWER, 7)}
     reject = next(a for a in answers if a.kind == wire.Kind.REJECT)
     assert reject.reason == wire.RejectReason.BUNDLE
     cloud_url = f"http://127.0.0.1:{int8_stack['metrics_cloud']}/metrics"
-    wait_for(lambda: metric(scrape(cloud_url), "tierlite_rejected_messages_total", reason="truncated") >= 1, 10,
+    wait_until(lambda: metric(scrape(cloud_url), "tierlite_rejected_messages_total", reason="truncated") >= 1, 10,
              "the cloud counts its bad message")
     watcher.stop()
     assert int8_stack["edge"].proc.poll() is None and int8_stack["cloud"].proc.poll() is None
@@ -187,18 +187,18 @@ def test_edge_worker_killed_mid_run_every_frame_gets_one_result(tmp_path, int8_s
         status = [json.loads(p) for t, p in gw.messages if t.endswith("_gateway/edge/status")]
         return status[-1]["workers"] if status else None
 
-    pids = [w["pid"] for w in wait_for(workers, 5, "gateway status")]
+    pids = [w["pid"] for w in wait_until(workers, 5, "gateway status")]
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
-    wait_for(lambda: len(read_results(tmp_path / "node.jsonl")) >= 60, 30, "the device to get going")
+    wait_until(lambda: len(read_jsonl(tmp_path / "node.jsonl")) >= 60, 30, "the device to get going")
     os.kill(pids[0], signal.SIGKILL)
     assert device.wait(60) == 0, device.log()[-3000:]
-    results = read_results(tmp_path / "node.jsonl")
+    results = read_jsonl(tmp_path / "node.jsonl")
     frames_seen = sorted(r["frame"] for r in results)
     assert frames_seen == list(range(n)), "no frame without exactly one result"
     assert {r["tier"] for r in results if not r["fallback"]} >= {"edge", "cloud"}
     assert all(r["reason"] == "deadline" for r in results if r["fallback"])
     # the gateway restarts the dead worker
-    wait_for(lambda: (w := workers()) and w[0]["pid"] != pids[0] and w[0]["online"], 20, "worker restarted")
+    wait_until(lambda: (w := workers()) and w[0]["pid"] != pids[0] and w[0]["online"], 20, "worker restarted")
     assert "edge worker 0" in int8_stack["edge"].log() and "exited with code -9" in int8_stack["edge"].log()
 
 
@@ -219,7 +219,7 @@ def test_binary_features_end_to_end(tmp_path, broker, binary_bundle_dir, digits_
         assert device.wait(60) == 0, device.log()[-3000:]
     finally:
         assert edge.stop() == 0 and cloud.stop() == 0
-    results = read_results(tmp_path / "node.jsonl")
+    results = read_jsonl(tmp_path / "node.jsonl")
     check_against_offline(results, expected)
     feature = bundle.segment("end").output("feature")
     packed = encoded_size(feature.shape, bundle.feature_encoding)
@@ -237,13 +237,13 @@ def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     results = tmp_path / "node.jsonl"
     try:
-        wait_for(lambda: len(read_results(results)) >= 40, 30, "local results with no broker")
-        early = read_results(results)
+        wait_until(lambda: len(read_jsonl(results)) >= 40, 30, "local results with no broker")
+        early = read_jsonl(results)
         assert all(r["tier"] == "end" for r in early)
         assert any(r["reason"] == "offline" for r in early), "unsure frames fell back while offline"
         b = Mosquitto(tmp_path / "late-broker", port).start()
         try:
-            wait_for(lambda: any(r["tier"] != "end" for r in read_results(results)), 30,
+            wait_until(lambda: any(r["tier"] != "end" for r in read_jsonl(results)), 30,
                      "escalations answered once the broker is up")
             assert device.wait(60) == 0
         finally:
@@ -252,7 +252,7 @@ def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_
     finally:
         if device.proc.poll() is None:
             device.stop()
-    final = read_results(results)
+    final = read_jsonl(results)
     assert sorted(r["frame"] for r in final) == list(range(240))
     log = device.log()
     assert "cannot reach broker" in log and "connected to 127.0.0.1" in log and "Traceback" not in log

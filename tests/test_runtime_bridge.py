@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_results, select_frames,
-                             wait_for, write_yaml)
+from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_jsonl, select_frames,
+                             wait_until, write_yaml)
 
 pytestmark = pytest.mark.timeout(240)
 PREFIX = "tierlite"
@@ -35,8 +35,8 @@ def site(tmp_path_factory, small_bundle_dir, digits_dir):
         "metrics_port": None})
     cloud = Proc(["cloud", "--config", str(cloud_cfg)], work / "cloud.log")
     edge = Proc(["edge", "--config", str(edge_cfg)], work / "edge.log")
-    wait_for(lambda: "gateway ready" in edge.log(), 30, "the gateway")
-    wait_for(lambda: "zeroconf: advertising" in edge.log(), 10, "the advertisement")
+    wait_until(lambda: "gateway ready" in edge.log(), 30, "the gateway")
+    wait_until(lambda: "zeroconf: advertising" in edge.log(), 10, "the advertisement")
     yield {"work": work, "thresholds": thresholds, "expected": expected, "cloud_broker": cloud_broker,
            "edge_port": edge_port, "gateway_id": gateway_id, "edge_cfg": edge_cfg, "edge": edge, "cloud": cloud}
     assert edge.stop() == 0, edge.log()[-2000:]
@@ -65,7 +65,7 @@ def test_discovery_node_with_auto_broker_finds_the_gateway(site, small_bundle_di
     assert device.wait(60) == 0, device.log()[-3000:]
     assert f"discovered gateway tierlite-test-{site['gateway_id']}" in device.log()
     # escalated frames crossed the bridge to the cloud broker and came back
-    check_against_offline(read_results(work / "auto.jsonl"), site["expected"])
+    check_against_offline(read_jsonl(work / "auto.jsonl"), site["expected"])
     states = [s["state"] for s in watcher.json_on("/status")]
     assert states[0] == "online" and states[-1] == "offline"
     watcher.stop()
@@ -81,12 +81,12 @@ def test_two_brokers_bridge_carries_escalations_and_answers(site, small_bundle_d
         "results_file": str(work / "bridged.jsonl")})
     device = Proc(["device", "--config", str(cfg)], work / "bridged.log")
     assert device.wait(60) == 0, device.log()[-3000:]
-    results = read_results(work / "bridged.jsonl")
+    results = read_jsonl(work / "bridged.jsonl")
     check_against_offline(results, site["expected"])
     n_cloud = sum(r["tier"] == "cloud" for r in results)
     assert n_cloud == sum(t == 2 for t, _ in site["expected"].values()) > 0
     # every cloud-tier frame was seen on the cloud broker exactly once, and its answer on the edge broker
-    wait_for(lambda: len(at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))) == n_cloud, 5, "escalations")
+    wait_until(lambda: len(at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))) == n_cloud, 5, "escalations")
     from tierlite import wire
 
     answers = [wire.decode_answer(p) for p in at_edge.on(lambda t: t.endswith("/bridgecam/answer"))]

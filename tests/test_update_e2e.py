@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime_support import Mosquitto, Proc, Watcher, read_results, wait_for, write_yaml
+from runtime_support import Mosquitto, Proc, Watcher, read_jsonl, wait_until, write_yaml
 
 pytestmark = pytest.mark.timeout(240)
 PREFIX = "tierlite"
@@ -75,7 +75,7 @@ def world(tmp_path_factory, small_bundle_dir, digits_dir):
         "update": {**update, "state_dir": str(work / "edge-models")}}))], work / "edge.log")
     watcher = Watcher(broker.port, [f"{PREFIX}/_gateway/+/worker/+", f"{PREFIX}/_cloud/+/status",
                                     f"{PREFIX}/update/+/report/+"], "update-e2e")
-    wait_for(lambda: len({t for t, p in watcher.messages if "/worker/" in t or "/_cloud/" in t
+    wait_until(lambda: len({t for t, p in watcher.messages if "/worker/" in t or "/_cloud/" in t
                           if json.loads(p).get("state") == "online"}) >= 2, 60, "edge worker and cloud worker online")
     yield {"work": work, "key": load_private_key(priv), "other": load_private_key(other), "v1": v1, "v2": v2,
            "v3": v3, "broker": broker, "frames": frames, "update": update, "watcher": watcher,
@@ -123,7 +123,7 @@ def wait_event(w, node: str, state: str, count: int = 1, timeout: float = 30.0) 
     def found():
         hits = [r for r in reports(w, node) if r["last_event"].get("state") == state]
         return hits[-1] if len(hits) >= count else None
-    return wait_for(found, timeout, f"{node} to report '{state}' #{count}")
+    return wait_until(found, timeout, f"{node} to report '{state}' #{count}")
 
 
 def test_updates_over_mqtt_with_real_nodes(world):
@@ -138,7 +138,7 @@ def test_updates_over_mqtt_with_real_nodes(world):
     # cam-a escalates every frame (threshold 0), so its v2 features meet the v1 edge during the canary
     # cam-a also opted in to uploading the frames it escalates (the privacy policy's "raw")
     node, results_file = start_node(w, "cam-a", limit=1500, fps=50, share_frames=True, threshold=0.0)
-    wait_for(lambda: len(read_results(results_file)) >= 40, 60, "cam-a serving frames")
+    wait_until(lambda: len(read_jsonl(results_file)) >= 40, 60, "cam-a serving frames")
     mqtt = publisher(w)
     try:
         # -- bad updates: each refused with a clear line, the node keeps v1 ---------------------
@@ -172,7 +172,7 @@ def test_updates_over_mqtt_with_real_nodes(world):
         assert result.stage == "complete", result.reason
         assert result.artifact.patched == ["edge.tflite", "end.tflite"]  # only the refitted heads travel
         assert result.artifact.artifact_bytes < result.artifact.bundle_bytes / 5
-        wait_for(lambda: any(json.loads(p).get("model_version") == 2 for t, p in w["watcher"].messages
+        wait_until(lambda: any(json.loads(p).get("model_version") == 2 for t, p in w["watcher"].messages
                              if "/worker/" in t), 30, "the edge worker to run v2")
 
         # -- a candidate that disagrees with the running model: the canary refuses, rollout halts -----
@@ -184,7 +184,7 @@ def test_updates_over_mqtt_with_real_nodes(world):
         # -- an older (replayed) update is refused ------------------------------------------------
         data, rep = build_artifact(w["v1"], private_key=w["key"])
         announce(mqtt, w, data, rep, w["key"])
-        wait_for(lambda: "v1 is older than the running v2 (downgrade or replay)" in node.log(), 20,
+        wait_until(lambda: "v1 is older than the running v2 (downgrade or replay)" in node.log(), 20,
                  "the node to refuse the older update")
         # put the good announcement back (the replayed v1 replaced it on the broker)
         data, rep = build_artifact(w["v2"], parent=v1, private_key=w["key"])
@@ -194,13 +194,13 @@ def test_updates_over_mqtt_with_real_nodes(world):
         late, late_results = start_node(w, "cam-b", limit=120, fps=50)
         assert late.wait(60) == 0, late.log()[-3000:]
         assert "update applied v2" in late.log(), late.log()[-3000:]
-        versions = [r["model_version"] for r in read_results(late_results)]
+        versions = [r["model_version"] for r in read_jsonl(late_results)]
         assert versions[:20] == [1] * 20 and versions[-1] == 2 and len(versions) == 140
     finally:
         mqtt.stop()
 
     assert node.stop() == 0, node.log()[-3000:]
-    results = read_results(results_file)
+    results = read_jsonl(results_file)
     frames = [r["frame"] for r in results]
     assert frames == list(range(len(results))), "every frame got exactly one result, in order"
     versions = [r["model_version"] for r in results]

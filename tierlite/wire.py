@@ -347,6 +347,24 @@ def encode_reject(tier: str, frame_id: int, err: WireError, bundle_name: str, bu
                               bundle_id(bundle_name), bundle_version, frame_id & 0xFFFFFFFF, 0.0, 1.0)
 
 
+# A tier tells the node at once that its frame cannot run here, instead of leaving it to its deadline.
+REJECT_REASONS_WORTH_ANSWERING = ("bundle", "quantization", "shape", "encoding")
+
+
+def reject_reply(tier: str, prefix: str, topic_name: str, payload: bytes, err: WireError,
+                 bundle_name: str, bundle_version: int) -> tuple[str, bytes] | None:
+    """(answer topic, REJECT payload) for a refused message whose header and topic still say which
+    node and frame it was; None when there is no one to tell."""
+    peek = peek_frame(payload)
+    if peek is None or reason_of(err) not in REJECT_REASONS_WORTH_ANSWERING:
+        return None
+    try:
+        node = node_of(topic_name, prefix)
+    except WireError:
+        return None
+    return topic(prefix, node, "answer"), encode_reject(tier, peek[1], err, bundle_name, bundle_version)
+
+
 def decode_answer(payload: bytes | memoryview) -> Answer:
     if len(payload) != ANSWER_STRUCT.size:
         raise wire_error("truncated" if len(payload) < ANSWER_STRUCT.size else "oversized",
