@@ -37,6 +37,7 @@ class ArchConfig:
     stem: int = 16                       # stem conv channels
     end: list = field(default_factory=lambda: [[16, 1], [32, 2]])    # [channels, stride] per block
     boundary: int = 8                    # channels of the end -> edge feature (bottleneck)
+    boundary_pool: int = 1               # average-pool the end trunk by this factor before the bottleneck
     edge: list = field(default_factory=lambda: [[64, 2]])
     edge_boundary: int = 0               # 0: edge feature = last edge block output (no bottleneck)
     cloud: list = field(default_factory=lambda: [[128, 2]])
@@ -227,7 +228,10 @@ def build_end(cfg: ArchConfig):
     else:
         x = _conv_bn(x, cfg.stem, 3, stem_stride(cfg), "end_stem")
         trunk = _blocks(x, cfg, cfg.end, "end_b")
-        f = L.Conv2D(cfg.boundary, 1, padding="same", use_bias=False, name="end_bottleneck_conv")(trunk)
+        f = trunk
+        if cfg.boundary_pool > 1:  # fewer positions, more channels: same bytes, richer feature
+            f = L.AveragePooling2D(cfg.boundary_pool, name="end_bottleneck_pool")(f)
+        f = L.Conv2D(cfg.boundary, 1, padding="same", use_bias=False, name="end_bottleneck_conv")(f)
         # Linear bottleneck: a symmetric range uses all 256 int8 levels on the wire.
         feature = L.BatchNormalization(momentum=0.9, name="end_feature")(f)
     logits = _exit_head(trunk, cfg, "end", grid=cfg.end_head_grid)

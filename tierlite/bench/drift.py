@@ -142,7 +142,9 @@ class Fleet:
                "broker": {"port": self.port, "reconnect_min": 0.1, "reconnect_max": 1.0},
                "source": {"uri": str(frames), "fps": fps}, "deadline_ms": 3000, "results_file": str(results),
                "update": {"trusted_keys": str(self.public_key), "state_dir": str(self.work / f"{node}-models"),
-                          "share_frames": self.share_frames}}
+                          "share_frames": self.share_frames,
+                          # the benchmark streams hours of a camera's escalations in seconds: no upload cap
+                          "max_frame_uploads_per_minute": 1_000_000}}
         path = self.work / f"{node}-{phase}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         with open(self.work / f"{node}-{phase}.log", "wb") as logf:
