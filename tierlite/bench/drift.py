@@ -320,7 +320,7 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
     cloud_extra = {"retrain": {"replay": str(replay.resolve()), "every_examples": None, "every_seconds": None}}
     say("drift: starting the edge gateway and cloud worker")
     with Stack(bundle_dir, edge_workers=1, cloud_workers=1, edge_extra={"update": update},
-               cloud_extra=cloud_extra, keep_dir=True) as stack:
+               cloud_extra=cloud_extra) as stack:
         fleet = Fleet(work, bundle_dir, stack.port, stack.prefix, pub, share_frames)
         try:
             say(f"drift: round 1, {len(nodes)} nodes stream {sum(len(s) for s in shards)} drifted frames")
