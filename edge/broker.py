@@ -28,7 +28,7 @@ def find_mosquitto(binary: str = "mosquitto") -> str | None:
 
 def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
     """Mosquitto bridge section: escalations out to the cloud broker, answers and model updates in,
-    update reports out. MQTT 5 bridge (no-local subscriptions: nothing echoes back)."""
+    update reports and opted-in frame uploads out. MQTT 5 bridge (no-local subscriptions: nothing echoes back)."""
     b = bridge
     lines = [
         f"connection tierlite-{gateway_id}",
@@ -45,6 +45,7 @@ def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
         f"topic {prefix}/+/answer in {b.qos}",
         f"topic {prefix}/update/# in 1",
         f"topic {prefix}/update/+/report/+ out 1",
+        f"topic {prefix}/update/+/frames/+ out 0",  # hard-case frames from nodes that opted in
     ]
     if b.username:
         lines.append(f"remote_username {b.username}")
