@@ -34,6 +34,7 @@ class TrainConfig:
     calibration_frames: int = 300     # representative frames for int8 export
     max_drop: float = 0.005           # accuracy drop (fraction) allowed vs cloud-only when calibrating
     log_every_s: float = 20.0         # progress line interval
+    freeze: list = field(default_factory=list)  # segments kept fixed, e.g. ["end", "edge"] to tune the cloud
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1 or self.batch_size < 1:
@@ -42,6 +43,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
             raise ConfigError(f"loss_weights must be 3 non-negative numbers (end, edge, cloud), got {self.loss_weights}")
+        if not set(self.freeze) <= {"end", "edge", "cloud"}:
+            raise ConfigError(f"freeze takes segment names (end, edge, cloud), got {self.freeze}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         return self

@@ -107,6 +107,8 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         keras.mixed_precision.set_global_policy("float32")
     if init_from is not None:
         _copy_matching_weights(init_from, model)
+    for name in tc.freeze:  # frozen segments also keep their BatchNorm statistics
+        model.get_layer(name).trainable = False
 
     n = len(train_labels)
     steps_per_epoch = max(1, n // tc.batch_size)

@@ -41,18 +41,21 @@ def test_latency_and_table_helpers():
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1,234 | x |", "| – | y |"]
 
 
-def _step(rate, p99, lost=0):
-    return {"offered_per_s": rate, "achieved_per_s": rate * 0.99, "lost": lost, "duplicated": 0, "rejected": 0,
-            "latency": {"p50_ms": 1.0, "p99_ms": p99}, "cpu_percent": {}}
+def _step(rate, p99, lost=0, share=0.99):
+    return {"offered_per_s": rate, "achieved_per_s": rate * share, "lost": lost, "duplicated": 0, "rejected": 0,
+            "latency": {"p50_ms": 1.0, "p99_ms": p99}, "cpu_percent": {"edge worker 0": rate / 100.0}}
 
 
-def test_fleet_summary_finds_knee_and_sustained_rate():
-    run = summarize(1, [_step(100, 5), _step(200, 20), _step(400, 80)], knee_ms=50)
+def test_fleet_summary_finds_knee_sustained_rate_and_cost():
+    run = summarize(1, [_step(100, 5), _step(200, 20), _step(400, 80), _step(800, 900, share=0.6)], knee_ms=50)
     assert run["knee_offered_per_s"] == 400
-    assert run["sustained_per_s"] == pytest.approx(198)
+    assert run["sustained_per_s"] == pytest.approx(396)  # kept up, though past the knee
+    assert run["sustained_under_knee_per_s"] == pytest.approx(198)
+    assert run["cpu_ms_per_escalation"]["edge worker 0"] == pytest.approx(4.0 * 10 / 396)
+    assert run["cpu_bound_capacity_per_s"] == pytest.approx(1000 / (4.0 * 10 / 396))
     lossy = summarize(1, [_step(100, 5), _step(200, 20, lost=3)], knee_ms=50)
     assert lossy["knee_offered_per_s"] is None and lossy["sustained_per_s"] == pytest.approx(99)
-    assert lossy["lost_at_or_below_knee"] == 3
+    assert lossy["lost_total"] == 3 and lossy["lost_up_to_sustained"] == 0
 
 
 def test_escalation_overhead_is_the_real_wire_message(small_bundle_dir):
