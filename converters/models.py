@@ -98,8 +98,8 @@ def _custom_layers():
 
         def convolution_op(self, inputs, kernel):
             alpha = ops.mean(ops.abs(kernel), axis=(0, 1, 2), keepdims=True)
-            binary = ops.where(kernel >= 0, 1.0, -1.0) * alpha
-            kernel = kernel + ops.stop_gradient(ops.cast(binary, kernel.dtype) - kernel)
+            sign = ops.cast(ops.where(kernel >= 0, 1.0, -1.0), kernel.dtype)  # kernel may be bfloat16
+            kernel = kernel + ops.stop_gradient(sign * alpha - kernel)
             return super().convolution_op(inputs, kernel)
 
     @keras.saving.register_keras_serializable(package="tierlite")

@@ -18,7 +18,7 @@ from tierlite.bench.report import Progress, Report, Target, fmt_num, markdown_ta
 from tierlite.errors import ConfigError
 
 DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
-DEFAULT_RATES = "100,250,500,1000,1500,2000,3000,4000,6000,8000,12000"
+DEFAULT_RATES = "100,250,500,750,1000,1250,1500,2000,2500,3000,4000,6000,8000,12000"
 
 T_PER_WORKER = Target("sustained escalations/s, one edge worker", 3000.0, True, "/s")
 T_SCALING = Target("speed-up with two edge workers", 1.8, True, "x")
@@ -28,7 +28,7 @@ T_ESCALATION_P99 = Target("escalation p99 at the lowest offered rate", 10.0, Fal
 def configure_fleet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle the nodes, edge workers and cloud worker run")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"image folder the escalations are made from (default {DEFAULT_DATA})")
-    p.add_argument("--frames", type=int, default=256, help="distinct real frames replayed (default 256)")
+    p.add_argument("--frames", type=int, default=256, help="distinct real escalations replayed (default 256)")
     p.add_argument("--nodes", type=int, default=100, help="simulated camera nodes (default 100)")
     p.add_argument("--workers", default="1,2", help="edge worker counts to test, in order (default 1,2)")
     p.add_argument("--rates", default=DEFAULT_RATES, help=f"offered escalations/s per step (default {DEFAULT_RATES})")

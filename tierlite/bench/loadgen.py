@@ -1,9 +1,10 @@
 """Load generator: simulated camera nodes publishing real escalations over real MQTT.
 
-Each simulated node is one MQTT connection (tierlite.mqtt.MqttClient, as a camera would hold),
-subscribed to its own <prefix>/<node>/answer. Escalations are real FEATURE messages: the end
-segment run on real frames, encoded once with tierlite.wire; each send patches a unique frame id
-and the send time into the header. Sending is open-loop at an offered rate (a scheduler thread
+Each simulated node is one MQTT connection (as a camera would hold), subscribed to its own
+<prefix>/<node>/answer. Escalations are real FEATURE messages: the end segment run on real
+frames, keeping the frames its exit is unsure of at the bundle's threshold (what a node really
+sends), encoded once with tierlite.wire; each send patches a unique frame id and the send time
+into the header. Sending is open-loop at an offered rate (a scheduler thread
 that never waits for answers, so a slow system cannot slow the offered load and hide its own
 latency), round-robin over the nodes. Latency = answer received - message sent, same clock.
 
@@ -26,19 +27,29 @@ _ID_OFFSET = struct.calcsize("<2sBBBBBBII")
 _ID_SENT = struct.Struct("<IQ")
 
 
-def real_escalations(bundle, images: np.ndarray, runtime: str = "litert", threads: int = 1) -> list[bytes]:
-    """FEATURE messages for `images`: the real end segment's feature and exit logits, encoded with
-    tierlite.wire exactly as a node sends them (frame id and time patched per send)."""
+def real_escalations(bundle, images: np.ndarray, runtime: str = "litert", threads: int = 1,
+                     limit: int | None = None) -> list[bytes]:
+    """FEATURE messages for the frames of `images` that the node really escalates (end exit unsure
+    at the bundle's end threshold), at most `limit`: the real end segment's feature and exit logits,
+    encoded with tierlite.wire exactly as a node sends them (frame id and time patched per send).
+    If no frame is unsure (an easy data set), every frame is used, so the load still exists."""
+    from tierlite.policy import decide
     from tierlite.segment import Segment
     from tierlite.wire import Kind, boundary_spec, encode_tensor_message
 
     end = Segment(bundle, "end", runtime=runtime, options={"threads": threads})
     spec = boundary_spec(bundle, Kind.FEATURE)
-    out = []
+    threshold = bundle.thresholds.get("end", 1.0)
+    unsure, every = [], []
     for img in images:
         o = end.run(img[None])
-        out.append(encode_tensor_message(spec, 0, o.feature, [o.logits], sent_us=0))
-    return out
+        message = encode_tensor_message(spec, 0, o.feature, [o.logits], sent_us=0)
+        every.append(message)
+        if not decide(o.logits, threshold)[0]:
+            unsure.append(message)
+        if limit is not None and len(unsure) >= limit:
+            break
+    return (unsure or every)[:limit]
 
 
 @dataclass
@@ -213,10 +224,11 @@ class FleetLoad:
 
 def load_messages(bundle_path: str | Path, data: str | Path, frames: int, seed: int = 0,
                   runtime: str = "litert") -> tuple[Any, list[bytes]]:
-    """(bundle, FEATURE messages) for a stratified sample of `frames` real frames of `data`."""
+    """(bundle, up to `frames` real escalations) from a stratified sample of `data` (4x as many frames
+    are read, since the camera keeps most frames)."""
     from tierlite.bundle import Bundle
     from tierlite.data import load_image_folder
 
     bundle = Bundle.load(bundle_path)
-    imgs = load_image_folder(data, size=tuple(bundle.input_shape[1:3]), limit=frames, seed=seed)
-    return bundle, real_escalations(bundle, imgs.images, runtime)
+    imgs = load_image_folder(data, size=tuple(bundle.input_shape[1:3]), limit=4 * frames, seed=seed)
+    return bundle, real_escalations(bundle, imgs.images, runtime, limit=frames)
