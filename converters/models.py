@@ -38,6 +38,8 @@ class ArchConfig:
     end: list = field(default_factory=lambda: [[16, 1], [32, 2]])    # [channels, stride] per block
     boundary: int = 8                    # channels of the end -> edge feature (bottleneck)
     boundary_pool: int = 1               # average-pool the end trunk by this factor before the bottleneck
+    boundary_after: int = -1             # end block whose output feeds the bottleneck (-1: the last);
+                                         # earlier = higher resolution for edge/cloud, more bytes
     edge: list = field(default_factory=lambda: [[64, 2]])
     edge_boundary: int = 0               # 0: edge feature = last edge block output (no bottleneck)
     cloud: list = field(default_factory=lambda: [[128, 2]])
@@ -58,6 +60,8 @@ class ArchConfig:
             blocks = getattr(self, name)
             if not all(isinstance(b, (list, tuple)) and len(b) == 2 and int(b[1]) in (1, 2) for b in blocks):
                 raise ConfigError(f"{name}: blocks must be [channels, stride(1|2)] pairs, got {blocks!r}")
+        if not -1 <= self.boundary_after < len(self.end):
+            raise ConfigError(f"boundary_after must be -1 or an end block index < {len(self.end)}")
         if self.boundary < 1:
             raise ConfigError("boundary (end feature channels) must be >= 1")
         return self
@@ -172,9 +176,9 @@ def _separable_block(x, ch, stride, name):
     return L.ReLU(name=f"{name}_out")(y)
 
 
-def _blocks(x, cfg: ArchConfig, blocks, prefix):
+def _blocks(x, cfg: ArchConfig, blocks, prefix, first=0):
     block = _residual_block if cfg.family == "resnet" else _separable_block
-    for i, (ch, stride) in enumerate(blocks):
+    for i, (ch, stride) in enumerate(blocks, start=first):
         x = block(x, int(ch), int(stride), f"{prefix}{i}")
     return x
 
@@ -227,8 +231,11 @@ def build_end(cfg: ArchConfig):
         feature = BinaryStep(name="end_feature")(f)
     else:
         x = _conv_bn(x, cfg.stem, 3, stem_stride(cfg), "end_stem")
-        trunk = _blocks(x, cfg, cfg.end, "end_b")
-        f = trunk
+        cut = len(cfg.end) if cfg.boundary_after < 0 else cfg.boundary_after + 1
+        tap = _blocks(x, cfg, cfg.end[:cut], "end_b")
+        # The exit may look deeper than the boundary: later end blocks feed only the camera's exit.
+        trunk = _blocks(tap, cfg, cfg.end[cut:], "end_b", first=cut)
+        f = tap
         if cfg.boundary_pool > 1:  # fewer positions, more channels: same bytes, richer feature
             f = L.AveragePooling2D(cfg.boundary_pool, name="end_bottleneck_pool")(f)
         f = L.Conv2D(cfg.boundary, 1, padding="same", use_bias=False, name="end_bottleneck_conv")(f)

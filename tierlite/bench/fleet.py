@@ -150,12 +150,6 @@ def summarize(workers: int, steps: list[dict[str, Any]], knee_ms: float) -> dict
         # what the edge workers could answer if each had a core of its own: 1000 ms / CPU ms per escalation
         # (edge_ms sums every worker's share of one escalation's cost)
         "cpu_bound_capacity_per_s": len(edge_ms) * 1000.0 / sum(edge_ms) if edge_ms else None,
-        "sustained_per_s": best["achieved_per_s"] if best else 0.0,
-        "sustained_step": best,
-        "knee_offered_per_s": past["offered_per_s"] if past else None,
-        "lost_at_or_below_knee": sum(s["lost"] for s in steps if s is not past),
-        "duplicated_total": sum(s["duplicated"] for s in steps),
-        "lowest_rate_p99_ms": steps[0]["latency"]["p99_ms"] if steps else None,
     }
 
 
