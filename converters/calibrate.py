@@ -143,10 +143,15 @@ def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    # Pareto frontier: best accuracy for each camera fraction.
-    order = np.argsort(-table["end"])
-    sc = ax1.scatter(table["end"][order] * 100, table["accuracy"][order] * 100, s=3,
-                     c=table["camera_uplink_bytes"][order], cmap="viridis", alpha=0.5)
+    # Every scored threshold pair (faint) and, per camera fraction, the most accurate one.
+    ax1.scatter(table["end"] * 100, table["accuracy"] * 100, s=2, color="0.8")
+    best: dict[float, int] = {}
+    for i, (cam, acc_i) in enumerate(zip(table["end"], table["accuracy"])):
+        if cam not in best or acc_i > table["accuracy"][best[cam]]:
+            best[cam] = i
+    idx = np.array(sorted(best.values(), key=lambda i: table["end"][i]))
+    sc = ax1.scatter(table["end"][idx] * 100, table["accuracy"][idx] * 100, s=6,
+                     c=table["camera_uplink_bytes"][idx], cmap="viridis")
     fig.colorbar(sc, ax=ax1, label="camera uplink bytes / frame")
     cam = [p.camera_fraction * 100 for p in points]
     acc = [p.accuracy * 100 for p in points]
@@ -157,7 +162,8 @@ def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str
     ax1.axhline(points[0].cloud_only_accuracy * 100, color="k", ls="--", lw=0.8, label="cloud only")
     ax1.set_xlabel("frames decided on the camera (%)")
     ax1.set_ylabel("system top-1 (%)")
-    ax1.set_ylim(max(0.0, min(acc) - 5), 100)
+    top = max(float(table["accuracy"].max()), points[0].cloud_only_accuracy) * 100
+    ax1.set_ylim(max(0.0, min(acc) - 3), min(100.0, top + 1))
     ax1.legend(fontsize=8)
     ax2.plot([p.camera_uplink_bytes for p in points], acc, "bo-", label="camera -> edge")
     if jpeg_bytes:

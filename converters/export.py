@@ -149,6 +149,7 @@ def export_segments(joint, arch: ArchConfig, representative: np.ndarray) -> dict
     end_bytes = to_tflite(end_export, _pixel_representative(representative), uint8_input=True)
     ins, outs = tensor_infos(end_bytes, arch.num_classes)
     out["end"] = ExportedSegment("end", end_bytes, ins, outs)
+    log.info("exported end segment: %d bytes", len(end_bytes))
     producer = out["end"]
     for tier, model in (("edge", edge), ("cloud", cloud)):
         feat_info = next(o for o in producer.outputs if o.role == "feature")
@@ -159,7 +160,6 @@ def export_segments(joint, arch: ArchConfig, representative: np.ndarray) -> dict
         out[tier] = ExportedSegment(tier, tfl, ins, outs)
         producer = out[tier]
         log.info("exported %s segment: %d bytes", tier, len(tfl))
-    log.info("exported end segment: %d bytes", len(end_bytes))
     return out
 
 

@@ -102,8 +102,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             "parent_version": m.get("parent_version"), "labels": b.labels, "input": m["input"],
             "feature_encoding": enc, "thresholds": b.thresholds, "signed": "signature" in m,
             "calibration": m.get("calibration", {}), "segments": segs,
-            "bytes_per_escalated_frame": {"camera->edge": segs[0]["feature_bytes"],
-                                          "edge->cloud": next((s["feature_bytes"] for s in segs if s["tier"] == "edge"), 0)}}
+            "bytes_per_escalated_frame": {
+                "camera->edge": segs[0]["feature_bytes"],
+                "edge->cloud": next((s["feature_bytes"] for s in segs if s["tier"] == "edge"), 0)}}
 
 
 def _fmt_tensor(t: dict) -> str:
@@ -126,19 +127,20 @@ def format_text(info: dict) -> str:
     if info["kind"] == "tflite":
         return "\n".join([f"{info['file']}  sha256 {info['sha256'][:16]}..."] + _fmt_model(info, "  "))
     enc = info["feature_encoding"]
-    lines = [f"bundle {info['name']} v{info['version']}" + (f" (parent v{info['parent_version']})"
-                                                             if info.get("parent_version") else "")
-             + ("  signed" if info["signed"] else ""),
-             f"  labels ({len(info['labels'])}): {', '.join(info['labels'][:12])}{' ...' if len(info['labels']) > 12 else ''}",
+    labels = info["labels"]
+    parent = f" (parent v{info['parent_version']})" if info.get("parent_version") else ""
+    binary = f" (low {enc['low']}, high {enc['high']})" if enc["kind"] == "binary" else ""
+    lines = [f"bundle {info['name']} v{info['version']}{parent}" + ("  signed" if info["signed"] else ""),
+             f"  labels ({len(labels)}): {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
              f"  input: {info['input'].get('shape')} {info['input'].get('dtype')} {info['input'].get('color', '')}",
-             f"  boundary feature: {enc['kind']}" + (f" (low {enc['low']}, high {enc['high']})" if enc["kind"] == "binary" else ""),
+             f"  boundary feature: {enc['kind']}{binary}",
              "  thresholds (normalized entropy): " + ", ".join(f"{k} {v:.4f}" for k, v in info["thresholds"].items())]
     for s in info["segments"]:
         lines.append(f"  [{s['tier']}] {Path(s['file']).name} exit {s['exit_index']}")
         lines += _fmt_model(s, "      ")
     bpf = info["bytes_per_escalated_frame"]
-    lines.append(f"  bytes per escalated frame: camera->edge {bpf['camera->edge']} B, edge->cloud {bpf['edge->cloud']} B "
-                 "(feature payload, before the wire header)")
+    lines.append(f"  bytes per escalated frame: camera->edge {bpf['camera->edge']} B, "
+                 f"edge->cloud {bpf['edge->cloud']} B (feature payload, before the wire header)")
     cal = info.get("calibration") or {}
     if "system_accuracy" in cal:
         fr = cal.get("fractions", {})

@@ -42,7 +42,8 @@ class TrainConfig:
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
-            raise ConfigError(f"loss_weights must be 3 non-negative numbers (end, edge, cloud), got {self.loss_weights}")
+            raise ConfigError("loss_weights must be 3 non-negative numbers (end, edge, cloud), "
+                              f"got {self.loss_weights}")
         if not set(self.freeze) <= {"end", "edge", "cloud"}:
             raise ConfigError(f"freeze takes segment names (end, edge, cloud), got {self.freeze}")
         if not 0.0 < self.val_fraction < 0.5:

@@ -213,3 +213,16 @@ def test_mobilenet_family_exports_at_96(tmp_path, binarized):
     f = Segment(b, "end").run(frames[0][None]).feature
     g = Segment(b, "edge").run(f).feature
     assert Segment(b, "cloud").run(g).logits.shape == (10,)
+
+
+def test_boundary_can_be_cut_before_the_end_exit():
+    """boundary_after: edge/cloud start from an earlier (higher-resolution) end block."""
+    from tierlite.converters.models import build_segments
+    from tierlite.converters.presets import resolve
+
+    arch, _ = resolve("full", boundary=4, boundary_after=1, boundary_pool=1,
+                      edge=[[64, 1], [128, 2]], cloud=[[256, 2]])
+    end, edge, cloud = build_segments(arch)
+    assert tuple(end.outputs[0].shape[1:]) == (16, 16, 4)      # feature after block 1
+    assert end.get_layer("end_b2_out") is not None              # the camera exit still sees block 2
+    assert tuple(edge.outputs[0].shape[1:]) == (8, 8, 128) and tuple(cloud.outputs[0].shape[1:]) == (10,)
