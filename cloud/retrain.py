@@ -81,6 +81,9 @@ class PrivacyPolicy:
         return self.nodes.get(node, self.default) == "raw"
 
 
+END_SCOPES = ("head", "branch", "segment")
+
+
 @dataclass
 class RetrainOptions:
     store: Path
@@ -92,8 +95,11 @@ class RetrainOptions:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     temperature: float = 3.0
     hard_weight: float = 1.0  # weight of CE on the teacher's answer beside the soft targets
-    end_scope: str = "head"  # "segment": with opted-in frames, retrain the whole end segment (FitNets hint)
-    checkpoint: Path | None = None  # the parent's Keras checkpoint (end_scope "segment")
+    # With opted-in frames: "head" refits the end exit head in the int8 model; "branch" retrains (in
+    # TensorFlow) every end layer the boundary feature does not depend on, so the boundary stays
+    # put; "segment" retrains the whole end segment under a FitNets hint.
+    end_scope: str = "head"
+    checkpoint: Path | None = None  # the parent's Keras checkpoint (end_scope "branch" / "segment")
     hint_weight: float = 1.0  # weight of the boundary-feature hint (end_scope "segment")
     end_epochs: int = 8
     steps: int = 300
@@ -128,8 +134,8 @@ class RetrainOptions:
             raise ConfigError(f"--holdout must be in (0, 0.9), got {self.holdout}")
         if not self.store.is_file():
             raise ConfigError(f"--store: hard-example store not found: {self.store}")
-        if self.end_scope not in ("head", "segment"):
-            raise ConfigError(f"--end-scope must be 'head' or 'segment', got {self.end_scope!r}")
+        if self.end_scope not in END_SCOPES:
+            raise ConfigError(f"--end-scope must be one of {', '.join(END_SCOPES)}, got {self.end_scope!r}")
 
 
 def default_frames_path(store: Path) -> Path:
@@ -479,9 +485,10 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     new_W: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     plans = [("edge", edge_x[~hold_edge], edge_t[~hold_edge], replay["edge_pooled"])]
     new_end: bytes | None = None
-    if n_frames and (~hold_end).sum() and opts.end_scope == "segment":
+    if n_frames and (~hold_end).sum() and opts.end_scope != "head":
         new_end, heads["end"] = retrain_end_segment(parent, opts, hard["frames"][~hold_end],
-                                                    r_out["cloud_logits"][~hold_end], rx, ry)
+                                                    r_out["cloud_logits"][~hold_end], rx, ry,
+                                                    branch_only=opts.end_scope == "branch")
     elif n_frames and (~hold_end).sum():
         plans.insert(0, ("end", r_out["end_pooled"][~hold_end], r_out["cloud_logits"][~hold_end], replay["end_pooled"]))
     for tier, x_kd, t_kd, x_ce in plans:
@@ -509,7 +516,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     cand_val = candidate_chain.from_frames(vx)
     if new_end is None:
         _check_boundary_identical(val, cand_val)
-    else:  # a retrained end trunk keeps the boundary close (hint), not bit-identical: measure it
+    else:  # a re-exported end keeps the boundary close (frozen or hinted), not bit-identical: measure it
         diff = np.abs(val["end_features"].astype(np.int16) - cand_val["end_features"].astype(np.int16))
         heads["end"]["boundary_within_one_step"] = float((diff <= 1).mean())
         heads["end"]["boundary_mean_abs_steps"] = float(diff.mean())
@@ -579,20 +586,33 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
 
 
 def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray, teacher: np.ndarray,
-                        replay_x: np.ndarray, replay_y: np.ndarray) -> tuple[bytes, dict[str, Any]]:
-    """Opted-in frames: retrain the whole end segment (trunk, bottleneck, exit head) from the
-    parent's Keras checkpoint, with the same distillation loss as the heads plus a FitNets-style
-    hint, MSE between the new and the parent's boundary feature (so the edge, the cloud and nodes
-    still on the parent version keep understanding it), then export it to int8 with the parent's
-    exact boundary and logits quantization. Needs TensorFlow."""
+                        replay_x: np.ndarray, replay_y: np.ndarray,
+                        branch_only: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """Opted-in frames: retrain the end segment from the parent's Keras checkpoint with the same
+    distillation loss as the heads, then export it to int8 with the parent's exact boundary and
+    logits quantization. Needs TensorFlow.
+
+    branch_only: only the layers that feed the camera's exit alone are trained (with an early cut,
+    `boundary_after`, the end blocks past the tap and the head); the layers that make the boundary
+    feature are frozen, so the edge, the cloud and nodes on the parent version read the same
+    feature. Otherwise the whole segment trains under a FitNets-style hint, MSE between the new and
+    the parent's boundary feature, which keeps it close."""
+    import keras
     import tensorflow as tf
 
     from tierlite.converters.export import _pixel_representative, to_tflite
     from tierlite.converters.models import segments_of
     from tierlite.converters.train import load_checkpoint
 
-    joint, _ = load_checkpoint(opts.checkpoint or _workdir(parent, opts))
+    checkpoint = Path(opts.checkpoint or _workdir(parent, opts))
+    joint, meta = load_checkpoint(checkpoint)
     end = segments_of(joint)[0]
+    if branch_only:
+        shared = {layer.name for layer in keras.Model(end.inputs, end.outputs[0]).layers}
+        for layer in end.layers:
+            layer.trainable = layer.name not in shared
+        if not end.trainable_variables:
+            raise ConfigError("the end segment has no layers of its own past the boundary to retrain")
     f_parent = [np.asarray(end.predict(x.astype(np.float32), batch_size=256, verbose=0)[0]) for x in (frames, replay_x)]
     T, n = opts.temperature, len(frames)
     pt = tf.constant(softmax(teacher / T), tf.float32)
@@ -615,7 +635,9 @@ def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray
         opt.apply_gradients(zip(grads, end.trainable_variables))
         return loss, hint
 
-    log.info("retrain: end segment on %d frames + %d replay, %d epochs (TensorFlow)", n, len(replay_x), opts.end_epochs)
+    trained = [layer.name for layer in end.layers if layer.trainable_weights]
+    log.info("retrain: end %s on %d frames + %d replay, %d epochs (TensorFlow): %s", "branch" if branch_only else "segment",
+             n, len(replay_x), opts.end_epochs, ", ".join(trained))
     for epoch in range(opts.end_epochs):
         order = rng.permutation(n)
         for i in range(0, n, batch):
@@ -626,11 +648,29 @@ def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray
                               f_parent[1][r])
         log.info("retrain: end segment epoch %d/%d: loss %.3f, boundary hint %.4f", epoch + 1, opts.end_epochs,
                  float(loss), float(hint))
-    rep = np.concatenate([replay_x[: max(1, min(500, len(replay_x)))], frames[:200]])
+    rep = _parent_representative(meta, checkpoint) if branch_only else None
+    if rep is None:  # the boundary moves anyway (segment scope) or the parent's frames are not at hand
+        rep = np.concatenate([replay_x[: max(1, min(500, len(replay_x)))], frames[:200]])
     model = to_tflite(end, _pixel_representative(rep), uint8_input=True)
     model = _pin_quantization(model, parent, len(parent.labels))
-    return model, {"retrained": "whole end segment", "frames": int(n), "replay_frames": int(len(replay_x)),
+    return model, {"retrained": "end branch past the boundary" if branch_only else "whole end segment",
+                   "layers": trained, "frames": int(n), "replay_frames": int(len(replay_x)),
                    "epochs": opts.end_epochs, "hint_weight": opts.hint_weight, "final_hint_mse": float(hint)}
+
+
+def _parent_representative(meta: dict, checkpoint: Path) -> np.ndarray | None:
+    """The frames the parent's int8 export was calibrated on: calibrating the re-export on the
+    same frames gives the frozen layers the same quantization, hence a bit-identical boundary."""
+    from tierlite.converters.datasets import checkpoint_splits, representative_frames
+
+    workdir = checkpoint.parent if checkpoint.suffix == ".keras" else checkpoint
+    workdir = workdir.parent if workdir.name == "checkpoint" else workdir
+    try:
+        splits = checkpoint_splits(meta, workdir)
+    except DataError as e:
+        log.warning("retrain: %s; calibrating the re-export on replay frames (boundary close, not identical)", e)
+        return None
+    return representative_frames(splits.train.images, meta["train"]["calibration_frames"], meta["seed"])
 
 
 def _pin_quantization(model: bytes, parent: Bundle, num_classes: int) -> bytes:

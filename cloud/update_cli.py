@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from tierlite.cloud.retrain import END_SCOPES
 from tierlite.errors import ConfigError
 
 log = logging.getLogger("tierlite.cloud.update")
@@ -94,7 +95,7 @@ def publish(bundle_dir, parent, args) -> dict:
 def configure_retrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="the cloud worker's hard-example store (SQLite file)")
     p.add_argument("--bundle", required=True, help="the bundle the fleet runs now (the parent version)")
-    p.add_argument("--checkpoint", help="its trained Keras model, for --end-scope segment (default: <bundle>-work)")
+    p.add_argument("--checkpoint", help="its trained Keras model, for --end-scope branch/segment (default: <bundle>-work)")
     p.add_argument("--out", help="directory for the candidate bundle (default: <bundle>-v<N+1> next to it)")
     p.add_argument("--replay", help="labelled training folder mixed in so clean accuracy holds "
                                     "(default: the checkpoint's training folder, if it still exists)")
@@ -106,10 +107,11 @@ def configure_retrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (default 3)")
     p.add_argument("--hard-weight", type=float, default=1.0,
                    help="weight of the teacher's answer as a hard target beside the soft targets (default 1)")
-    p.add_argument("--end-scope", choices=("head", "segment"), default="head",
+    p.add_argument("--end-scope", choices=END_SCOPES, default="head",
                    help="with frames from opted-in nodes: refit the end exit head only (default; boundary "
-                        "bit-identical) or retrain the whole end segment (FitNets hint keeps the boundary close; "
-                        "needs the Keras checkpoint and TensorFlow)")
+                        "bit-identical), retrain the end layers past the boundary tap (branch) or the whole end "
+                        "segment (FitNets hint keeps the boundary close); branch and segment need the Keras "
+                        "checkpoint and TensorFlow")
     p.add_argument("--hint-weight", type=float, default=1.0, help="weight of the boundary hint (--end-scope segment)")
     p.add_argument("--steps", type=int, default=300, help="full-batch optimizer steps per head (default 300)")
     p.add_argument("--min-examples", type=int, default=50, help="refuse to run on fewer hard examples")

@@ -85,23 +85,17 @@ def run_export(args) -> int:
 
 
 def _export_from_checkpoint(workdir: Path, out: Path, name, version, max_drop):
-    import numpy as np
-
-    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.datasets import checkpoint_splits, representative_frames
     from tierlite.converters.models import ArchConfig
     from tierlite.converters.pipeline import export_bundle
     from tierlite.converters.train import load_checkpoint
 
     model, meta = load_checkpoint(workdir)
     arch, tc = ArchConfig.from_json(meta["arch"]), meta["train"]
-    train_dir = meta.get("train_dir")
-    if not train_dir or not Path(train_dir).is_dir():
-        raise DataError(f"checkpoint's training folder is not available: {train_dir}")
-    splits = load_splits(train_dir, arch.input_size, tc["val_fraction"], meta["seed"], tc.get("limit"),
-                         Path(workdir) / "cache")
-    rng = np.random.default_rng(meta["seed"])
+    train_dir = meta["train_dir"]
+    splits = checkpoint_splits(meta, workdir)
     n = len(splits.train.labels)
-    rep = splits.train.images[rng.choice(n, min(tc["calibration_frames"], n), replace=False)]
+    rep = representative_frames(splits.train.images, tc["calibration_frames"], meta["seed"])
     preset = meta.get("preset", "custom")
     return export_bundle(
         model, out, arch=arch, classes=meta["classes"], calib_images=splits.val.images,

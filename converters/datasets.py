@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tierlite.data import ImageSet, list_image_folder, load_image_folder, split_validation
+from tierlite.errors import DataError
 
 log = logging.getLogger("tierlite.converters")
 
@@ -65,3 +66,20 @@ def load_splits(train_dir: str | Path, size: int, val_fraction: float, seed: int
     tr, va = split_validation(full.labels, val_fraction, seed)
     return Splits(full.subset(tr), full.subset(va), full.classes,
                   [(str(p), r) for p, r in full.skipped])
+
+
+def representative_frames(images: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The training frames int8 export calibrates on: a seeded sample, so re-exporting the same
+    checkpoint (the retraining job) reproduces the parent's quantization of layers it froze."""
+    rng = np.random.default_rng(seed)
+    return images[rng.choice(len(images), min(count, len(images)), replace=False)]
+
+
+def checkpoint_splits(meta: dict, workdir: str | Path) -> Splits:
+    """The train/validation splits a checkpoint was trained on (its metadata), from the workdir's cache."""
+    train_dir = meta.get("train_dir")
+    if not train_dir or not Path(train_dir).is_dir():
+        raise DataError(f"checkpoint's training folder is not available: {train_dir}")
+    tc = meta["train"]
+    return load_splits(train_dir, meta["arch"]["input_size"], tc["val_fraction"], meta["seed"], tc.get("limit"),
+                       Path(workdir) / "cache")

@@ -23,6 +23,7 @@ import numpy as np
 
 from tierlite.bundle import TIERS, Bundle, write_archive, write_manifest
 from tierlite.converters import calibrate
+from tierlite.converters.datasets import representative_frames
 from tierlite.converters.models import ArchConfig
 from tierlite.converters.presets import resolve
 from tierlite.errors import BundleError
@@ -55,9 +56,7 @@ def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "smal
     out_dir = Path(out_dir)
     workdir = Path(workdir) if workdir else default_workdir(out_dir)
     model, arch, tc, splits = train_model(train_dir, workdir, preset, binarized, seed, init_from, **overrides)
-    rng = np.random.default_rng(seed)
-    rep = splits.train.images[rng.choice(len(splits.train.labels),
-                                         min(tc.calibration_frames, len(splits.train.labels)), replace=False)]
+    rep = representative_frames(splits.train.images, tc.calibration_frames, seed)
     out = export_bundle(model, out_dir, arch=arch, classes=splits.classes, calib_images=splits.val.images,
                         calib_labels=splits.val.labels, representative=rep,
                         name=name or f"{Path(train_dir).resolve().parent.name or 'tierlite'}-{preset}"

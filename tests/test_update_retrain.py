@@ -88,3 +88,23 @@ def test_retrain_refuses_without_enough_examples(fleet_store, digits_dir, capsys
     assert code == 2
     assert "need at least 100000 (--min-examples)" in capsys.readouterr().err
     assert not (fleet_store / "never").exists()
+
+
+def test_retrain_end_branch_keeps_the_boundary(fleet_store, digits_dir):
+    """--end-scope branch trains, in TensorFlow, only the end layers the boundary feature does not
+    depend on; the re-exported end segment must speak the parent's boundary."""
+    fleet_store, small_bundle_dir = fleet_store
+    out = fleet_store / "candidate-branch"
+    code = main(["retrain", "--store", str(fleet_store / "hard.sqlite"), "--bundle", str(small_bundle_dir),
+                 "--out", str(out), "--replay", str(digits_dir / "train"), "--privacy", "raw",
+                 "--end-scope", "branch", "--min-examples", "20", "--json", str(fleet_store / "branch.json")])
+    assert code == 0
+    end = json.loads((fleet_store / "branch.json").read_text())["heads"]["end"]
+    assert end["retrained"] == "end branch past the boundary"
+    # the small preset's exit branches off after the last end block: only its head trains
+    assert "end_logits" in end["layers"] and set(end["layers"]) <= {"end_logits", "end_hidden"}, end
+    # calibrated on the parent's own representative frames, the frozen layers quantize alike
+    assert end["boundary_mean_abs_steps"] == 0.0, end
+    parent, cand = Bundle.load(small_bundle_dir), Bundle.load(out)
+    assert cand.segment("end").outputs == parent.segment("end").outputs
+    assert (out / "end.tflite").read_bytes() != (small_bundle_dir / "end.tflite").read_bytes()

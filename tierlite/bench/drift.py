@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from tierlite.bench.report import Report, Target, markdown_table, say
+from tierlite.cloud.retrain import END_SCOPES
 from tierlite.errors import ConfigError, TierliteError
 
 log = logging.getLogger("tierlite.bench.drift")
@@ -61,10 +62,11 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--privacy", choices=("raw", "features"), default="raw",
                    help="raw: nodes opt in to uploading escalated frames (end + edge heads retrained); "
                         "features: only boundary features leave the nodes (edge head retrained)")
-    p.add_argument("--end-scope", choices=("head", "segment"), default="head",
-                   help="retrain the end exit head (default) or the whole end segment (needs the checkpoint)")
+    p.add_argument("--end-scope", choices=END_SCOPES, default="head",
+                   help="retrain the end exit head (default), the end layers past the boundary tap, or the "
+                        "whole end segment (branch and segment need the checkpoint)")
     p.add_argument("--hint-weight", type=float, default=1.0, help="boundary hint weight for --end-scope segment")
-    p.add_argument("--checkpoint", help="the bundle's Keras checkpoint (--end-scope segment; default <bundle>-work)")
+    p.add_argument("--checkpoint", help="the bundle's Keras checkpoint (--end-scope branch/segment; default <bundle>-work)")
     p.add_argument("--canary", type=float, default=0.25, help="share of nodes updated first (default 0.25)")
     p.add_argument("--margin", type=float, default=1.0, help="retraining verdict margin, points")
     p.add_argument("--offline", action="store_true", help="simulate the fleet in this process (no MQTT)")
