@@ -2,10 +2,7 @@
 node, and every escalated frame into the hard-example store."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -13,10 +10,10 @@ from tierlite import wire
 from tierlite.bundle import Bundle
 from tierlite.config import CloudConfig
 from tierlite.errors import WireError
-from tierlite.metrics import TierMetrics
 from tierlite.mqtt import MqttClient, default_client_id
 from tierlite.policy import decide
 from tierlite.segment import Segment, decode_feature
+from tierlite.tierworker import TierWorker
 
 log = logging.getLogger("tierlite.cloud")
 
@@ -28,26 +25,22 @@ class _Model:
     spec: wire.BoundarySpec
 
 
-class CloudWorker:
+class CloudWorker(TierWorker):
+    tier, consumes = "cloud", "escalation"
+
     def __init__(self, config: CloudConfig, bundle: Bundle | None = None, store=None):
         from tierlite.cloud.store import HardExampleStore
 
+        super().__init__(config.prefix, config.broker.qos, config.worker_id,
+                         f"{config.prefix}/_cloud/{config.worker_id}/status")
         self.config = config
-        self.prefix = config.prefix
         self._model = self._load(bundle or Bundle.load(config.bundle))
-        self.metrics = TierMetrics("cloud")
         self.store = store if store is not None else (
             HardExampleStore(config.store.path, config.store.batch, config.store.flush_interval)
             if config.store.enabled else None)
-        self.stop_event = threading.Event()
-        self.processed = 0
-        self.rejected = 0
         self._stored_reported = 0
-        self._qos = config.broker.qos
-        self._status_topic = f"{self.prefix}/_cloud/{config.worker_id}/status"
-        gone = json.dumps({"worker": config.worker_id, "state": "offline"}).encode()
         self.mqtt = MqttClient(config.broker, default_client_id("cloud", config.worker_id),
-                               will=(self._status_topic, gone, 1, True), on_connect=self._on_connect)
+                               will=self._will(), on_connect=self._on_connect)
         escalate = f"{self.prefix}/+/escalate"
         if config.broker.protocol == "5":
             escalate = f"$share/{config.share_group}/{escalate}"
@@ -60,16 +53,6 @@ class CloudWorker:
     def _load(self, bundle: Bundle) -> _Model:
         segment = Segment(bundle, "cloud", self.config.runtime, {"threads": self.config.threads}, fallback=True)
         return _Model(bundle, segment, wire.boundary_spec(bundle, wire.Kind.ESCALATE))
-
-    def swap_bundle(self, bundle: Bundle) -> None:
-        new = self._load(bundle)
-        old, self._model = self._model, new
-        log.info("cloud model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version, bundle.name, bundle.version)
-        self._on_connect()
-
-    @property
-    def bundle(self) -> Bundle:
-        return self._model.bundle
 
     def on_escalate(self, topic: str, payload: bytes) -> None:
         t0 = time.perf_counter()
@@ -100,24 +83,6 @@ class CloudWorker:
                 end_feature=msg.end_feature, end_feature_shape=end.shape if msg.end_feature is not None else None,
                 end_feature_encoding=spec.end_encoding, end_feature_scale=end.scale, end_feature_zero_point=end.zero_point)
 
-    def _reject(self, topic: str, payload: bytes, err: WireError) -> None:
-        self.rejected += 1
-        reason = wire.reason_of(err)
-        self.metrics.reject(reason)
-        if self.rejected <= 10 or self.rejected % 1000 == 0:
-            log.warning("dropped escalation on %s (%d dropped so far): %s", topic[:100], self.rejected, err)
-        m = self._model
-        reject = wire.reject_reply("cloud", self.prefix, topic, payload, err, m.bundle.name, m.bundle.version)
-        if reject is not None:
-            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
-            self.metrics.sent("reject", len(reject[1]))
-
-    def _on_connect(self) -> None:
-        m = self._model
-        self.mqtt.publish(self._status_topic, json.dumps(
-            {"worker": self.config.worker_id, "state": "online", "pid": os.getpid(), "model": m.bundle.name,
-             "model_version": m.bundle.version}), 1, retain=True)
-
     def _housekeeping(self) -> None:
         if self.store is not None:
             try:
@@ -139,14 +104,10 @@ class CloudWorker:
         log.info("cloud worker %s: %s v%d, store %s", self.config.worker_id, m.bundle.name, m.bundle.version,
                  self.store.path if self.store is not None else "off")
         wait_for_stop(self.stop_event, self._housekeeping, 0.1)
-        self.mqtt.stop(final=[(self._status_topic, json.dumps(
-            {"worker": self.config.worker_id, "state": "offline"}).encode(), 1, True)])
+        self.mqtt.stop(final=[self._will()])
         if self.retrain is not None:
             self.retrain.close()
         if self.store is not None:
             self.store.close()
         log.info("cloud worker %s: %d frames, %d rejected messages", self.config.worker_id, self.processed, self.rejected)
         return 0
-
-    def stop(self) -> None:
-        self.stop_event.set()

@@ -11,11 +11,9 @@ Run by the gateway as `python -m tierlite.edge.worker --config edge.yaml --index
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,10 @@ from tierlite import wire
 from tierlite.bundle import Bundle
 from tierlite.config import EdgeConfig
 from tierlite.errors import BundleError, WireError
-from tierlite.metrics import TierMetrics
 from tierlite.mqtt import MqttClient, default_client_id
 from tierlite.policy import decide
 from tierlite.segment import Segment, decode_feature
+from tierlite.tierworker import TierWorker
 
 log = logging.getLogger("tierlite.edge.worker")
 
@@ -41,12 +39,15 @@ class _Model:
     spec_out: wire.BoundarySpec | None  # None: the bundle has no cloud tier, the edge answers all
 
 
-class EdgeWorker:
+class EdgeWorker(TierWorker):
+    tier, consumes = "edge", "feature"
+
     def __init__(self, config: EdgeConfig, index: int = 0, bundle: Bundle | None = None,
                  runtime_options: dict | None = None):
+        super().__init__(config.prefix, config.broker.qos, f"{config.gateway_id}-w{index}",
+                         f"{config.prefix}/_gateway/{config.gateway_id}/worker/{index}")
         self.config = config
         self.index = index
-        self.prefix = config.prefix
         self.options = {"threads": config.threads, **(runtime_options or {})}
         bundle = bundle or Bundle.load(config.bundle)
         self.updates = None  # signed model updates (tierlite.update), with an `update:` section
@@ -60,21 +61,12 @@ class EdgeWorker:
                 prefix=self.prefix, segment_factory=lambda b, tier: Segment(b, tier, config.runtime, self.options, True))
             bundle = self.updates.startup(bundle)
         self._model = self._load(bundle)
-        self.metrics = TierMetrics("edge")
-        self.stop_event = threading.Event()
-        self.processed = 0
-        self.rejected = 0
-        qos = config.broker.qos
-        self._qos = qos
-        self.worker_id = f"{config.gateway_id}-w{index}"
-        self._status_topic = f"{self.prefix}/_gateway/{config.gateway_id}/worker/{index}"
-        gone = json.dumps({"worker": self.worker_id, "state": "offline"}).encode()
         self.mqtt = MqttClient(config.broker, default_client_id("edge", self.worker_id),
-                               will=(self._status_topic, gone, 1, True), on_connect=self._on_connect)
+                               will=self._will(), on_connect=self._on_connect)
         feature_filter = f"{self.prefix}/+/feature"
         if config.broker.protocol == "5":
             feature_filter = f"$share/{config.share_group}/{feature_filter}"
-        self.mqtt.subscribe(feature_filter, self.on_feature, qos.feature)
+        self.mqtt.subscribe(feature_filter, self.on_feature, self._qos.feature)
         if self.updates is not None:
             self.updates.attach(self.mqtt)
 
@@ -88,17 +80,8 @@ class EdgeWorker:
             raise BundleError(f"bundle {bundle.name} v{bundle.version} has no 'edge' threshold; set `threshold`")
         return _Model(bundle, segment, float(threshold), wire.boundary_spec(bundle, wire.Kind.FEATURE), spec_out)
 
-    def swap_bundle(self, bundle: Bundle) -> None:
-        """Replace the edge model between two messages (same contract as DeviceDaemon.swap_bundle)."""
-        new = self._load(bundle)
-        old, self._model = self._model, new
-        log.info("edge model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version,
-                 bundle.name, bundle.version)
-        self._on_connect()
-
-    @property
-    def bundle(self) -> Bundle:
-        return self._model.bundle
+    def _status_fields(self) -> dict:
+        return {"threshold": self._model.threshold}
 
     # -- message path ------------------------------------------------------------------------
     def on_feature(self, topic: str, payload: bytes) -> None:
@@ -130,25 +113,7 @@ class EdgeWorker:
                            (wire.now_us() - msg.sent_us) / 1e6)
         self.metrics.sent(kind, len(reply))
 
-    def _reject(self, topic: str, payload: bytes, err: WireError) -> None:
-        self.rejected += 1
-        reason = wire.reason_of(err)
-        self.metrics.reject(reason)
-        if self.rejected <= 10 or self.rejected % 1000 == 0:
-            log.warning("dropped feature on %s (%d dropped so far): %s", topic[:100], self.rejected, err)
-        m = self._model
-        reject = wire.reject_reply("edge", self.prefix, topic, payload, err, m.bundle.name, m.bundle.version)
-        if reject is not None:
-            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
-            self.metrics.sent("reject", len(reject[1]))
-
     # -- lifecycle ---------------------------------------------------------------------------
-    def _on_connect(self) -> None:
-        m = self._model
-        self.mqtt.publish(self._status_topic, json.dumps(
-            {"worker": self.worker_id, "state": "online", "pid": os.getpid(), "model": m.bundle.name,
-             "model_version": m.bundle.version, "threshold": m.threshold}), 1, retain=True)
-
     def start(self) -> None:
         self.mqtt.start()
 
@@ -163,11 +128,8 @@ class EdgeWorker:
         log.info("edge worker %s: %d frames, %d rejected messages", self.worker_id, self.processed, self.rejected)
         if self.updates is not None:
             self.updates.close()
-        self.mqtt.stop(final=[(self._status_topic, json.dumps({"worker": self.worker_id, "state": "offline"}).encode(), 1, True)])
+        self.mqtt.stop(final=[self._will()])
         return 0
-
-    def stop(self) -> None:
-        self.stop_event.set()
 
 
 def main(argv: list[str] | None = None) -> int:

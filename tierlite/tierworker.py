@@ -1,0 +1,82 @@
+"""What the edge and cloud workers share: the current model (swapped atomically between two
+messages), counters and metrics, the drop-count-log-REJECT path for bad network input, and the
+retained online/offline status. Each worker adds its own `_load` and message handler."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+from tierlite import wire
+from tierlite.bundle import Bundle
+from tierlite.errors import WireError
+from tierlite.metrics import TierMetrics
+
+log = logging.getLogger("tierlite.tierworker")
+
+
+class TierWorker:
+    tier = ""     # "edge" or "cloud": the tier that answers, in replies and metrics
+    consumes = ""  # what arrives, for log lines: "feature" / "escalation"
+
+    def __init__(self, prefix: str, qos, worker_id: str, status_topic: str):
+        self.prefix = prefix
+        self._qos = qos
+        self.worker_id = worker_id
+        self._status_topic = status_topic
+        self.metrics = TierMetrics(self.tier)
+        self.stop_event = threading.Event()
+        self.processed = 0
+        self.rejected = 0
+        self._model: Any = None  # set by the subclass from its `_load`; has .bundle
+        self.mqtt: Any = None
+
+    def _load(self, bundle: Bundle):
+        raise NotImplementedError
+
+    def _status_fields(self) -> dict[str, Any]:
+        """Extra fields of the online status (e.g. the threshold in force)."""
+        return {}
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._model.bundle
+
+    def swap_bundle(self, bundle: Bundle) -> None:
+        """Replace the model between two messages (same contract as DeviceDaemon.swap_bundle)."""
+        new = self._load(bundle)
+        old, self._model = self._model, new
+        log.info("%s model swapped: %s v%d -> %s v%d", self.tier, old.bundle.name, old.bundle.version,
+                 bundle.name, bundle.version)
+        self._on_connect()
+
+    def _reject(self, topic: str, payload: bytes, err: WireError) -> None:
+        """A message we cannot use: count it, log the first ones, and tell the node when we can."""
+        self.rejected += 1
+        self.metrics.reject(wire.reason_of(err))
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            log.warning("%s worker: dropped %s on %s (%d dropped so far): %s", self.tier, self.consumes,
+                        topic[:100], self.rejected, err)
+        b = self._model.bundle
+        reject = wire.reject_reply(self.tier, self.prefix, topic, payload, err, b.name, b.version)
+        if reject is not None:
+            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
+            self.metrics.sent("reject", len(reject[1]))
+
+    def _status(self, state: str) -> bytes:
+        doc: dict[str, Any] = {"worker": self.worker_id, "state": state}
+        if state == "online":
+            b = self._model.bundle
+            doc.update(pid=os.getpid(), model=b.name, model_version=b.version, **self._status_fields())
+        return json.dumps(doc).encode()
+
+    def _will(self) -> tuple[str, bytes, int, bool]:
+        return self._status_topic, self._status("offline"), 1, True
+
+    def _on_connect(self) -> None:
+        self.mqtt.publish(self._status_topic, self._status("online"), 1, retain=True)
+
+    def stop(self) -> None:
+        self.stop_event.set()
