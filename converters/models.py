@@ -263,8 +263,8 @@ def build_cloud(cfg: ArchConfig, feature_shape):
     import keras
     inp = keras.Input(tuple(feature_shape), name="edge_feature_in")
     x = inp
-    if cfg.edge_boundary:
-        x = _conv_bn(x, int(cfg.cloud[0][0]), 3, 1, "cloud_expand")
+    if cfg.edge_boundary:  # back to the edge trunk's width: the cloud's blocks keep their shapes
+        x = _conv_bn(x, int(cfg.edge[-1][0] if cfg.edge else cfg.boundary * 4), 3, 1, "cloud_expand")
     x = _blocks(x, cfg, cfg.cloud, "cloud_b")
     logits = _exit_head(x, cfg, "cloud", hidden=cfg.cloud_head_width)
     return keras.Model(inp, logits, name="cloud")

@@ -220,9 +220,10 @@ def test_boundary_can_be_cut_before_the_end_exit():
     from tierlite.converters.models import build_segments
     from tierlite.converters.presets import resolve
 
-    arch, _ = resolve("full", boundary=4, boundary_after=1, boundary_pool=1,
-                      edge=[[64, 1], [128, 2]], cloud=[[256, 2]])
+    arch, _ = resolve("full", edge=[[64, 1], [128, 2]], cloud=[[256, 2]])
     end, edge, cloud = build_segments(arch)
     assert tuple(end.outputs[0].shape[1:]) == (16, 16, 4)      # feature after block 1
     assert end.get_layer("end_b2_out") is not None              # the camera exit still sees block 2
-    assert tuple(edge.outputs[0].shape[1:]) == (8, 8, 128) and tuple(cloud.outputs[0].shape[1:]) == (10,)
+    # the edge squeezes its 8x8x128 trunk for the cloud hop; the cloud widens it back to 128
+    assert tuple(edge.outputs[0].shape[1:]) == (8, 8, arch.edge_boundary) and tuple(cloud.outputs[0].shape[1:]) == (10,)
+    assert cloud.get_layer("cloud_expand_conv").kernel.shape[-1] == 128
