@@ -81,7 +81,8 @@ class PrivacyPolicy:
         return self.nodes.get(node, self.default) == "raw"
 
 
-END_SCOPES = ("head", "branch", "segment")
+END_SCOPES = ("head", "branch", "segment", "profile")
+PROFILE_FRAMES = 2000  # uploaded frames a profile's statistics are estimated on (one batch)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class RetrainOptions:
     hard_weight: float = 1.0  # weight of CE on the teacher's answer beside the soft targets
     # With opted-in frames: "head" refits the end exit head in the int8 model; "branch" retrains (in
     # TensorFlow) every end layer the boundary feature does not depend on, so the boundary stays
-    # put; "segment" retrains the whole end segment under a FitNets hint.
+    # put; "segment" retrains the whole end segment under a FitNets hint; "profile" adds a
+    # condition profile (tierlite.profiles): the end with statistics of the uploaded frames.
     end_scope: str = "head"
     checkpoint: Path | None = None  # the parent's Keras checkpoint (end_scope "branch" / "segment")
     hint_weight: float = 1.0  # weight of the boundary-feature hint (end_scope "segment")
@@ -174,8 +176,12 @@ class RetrainReport:
                      f"{c['candidate']['camera_fraction'] * 100:.1f} %")
         end = self.heads.get("end", {})
         if "boundary_within_one_step" in end:
-            lines.append(f"  whole end segment retrained: boundary feature within one int8 step of the parent's on "
-                         f"{end['boundary_within_one_step'] * 100:.1f} % of values (mean {end['boundary_mean_abs_steps']:.2f} steps)")
+            lines.append(f"  {end['retrained']}: boundary feature (validation frames) within one int8 step of the "
+                         f"parent's on {end['boundary_within_one_step'] * 100:.1f} % of values "
+                         f"(mean {end['boundary_mean_abs_steps']:.2f} steps)")
+        if "selector_picks_uploaded" in end:
+            lines.append(f"  profile selector: picks {end['selector_picks_uploaded'] * 100:.1f} % of the uploaded frames, "
+                         f"{end['selector_picks_replay'] * 100:.1f} % of the replay (training) frames")
         lines.append(f"  thresholds {self.parent['thresholds']} -> {self.candidate['thresholds']}")
         lines.append(f"  verdict: {'BETTER' if self.better else 'not better'} ({self.reason})")
         return "\n".join(lines)
@@ -323,8 +329,11 @@ class Chain:
     def __init__(self, bundle: Bundle):
         from tierlite.segment import Segment
 
+        from tierlite.profiles import end_profiles
+
         self.bundle = bundle
         self.heads = {t: Head(bundle.segment_path(t).read_bytes(), t) for t in ("end", "edge")}
+        self.profiles = [(sel, Head((bundle.root / f).read_bytes(), "end")) for f, sel in end_profiles(bundle.manifest)]
         self.cloud = Segment(bundle, "cloud")
         self.info = {t: bundle.segment(t) for t in TIERS}
 
@@ -343,6 +352,13 @@ class Chain:
 
     def from_frames(self, images: np.ndarray) -> dict[str, np.ndarray]:
         pooled, outs = self.heads["end"].run(images)
+        for selector, head in self.profiles:  # as Segment does on the node: per frame
+            picked = selector.picks(images) if len(images) else np.zeros(0, bool)
+            if picked.any():
+                p_pooled, p_outs = head.run(images[picked])
+                pooled[picked] = p_pooled
+                for o, po in zip(outs, p_outs):
+                    o[picked] = po
         info = self.info["end"]
         feats = outs[info.output("feature").index]
         out = self.from_end_features(feats)
@@ -485,7 +501,11 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     new_W: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     plans = [("edge", edge_x[~hold_edge], edge_t[~hold_edge], replay["edge_pooled"])]
     new_end: bytes | None = None
-    if n_frames and (~hold_end).sum() and opts.end_scope != "head":
+    profile: tuple[bytes, Any] | None = None
+    if n_frames and (~hold_end).sum() and opts.end_scope == "profile":
+        profile_model, selector, heads["end"] = build_end_profile(parent, opts, hard["frames"][~hold_end], rx)
+        profile = (profile_model, selector)
+    elif n_frames and (~hold_end).sum() and opts.end_scope != "head":
         new_end, heads["end"] = retrain_end_segment(parent, opts, hard["frames"][~hold_end],
                                                     r_out["cloud_logits"][~hold_end], rx, ry,
                                                     branch_only=opts.end_scope == "branch")
@@ -512,9 +532,17 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
         (tmp / parent.segment(tier).file).write_bytes(chain.heads[tier].patched(W, b))
     if new_end is not None:
         (tmp / parent.segment("end").file).write_bytes(new_end)
-    candidate_chain = Chain(Bundle(tmp, parent.manifest, parent.segments))  # same tensors: only weights differ
+    manifest = json.loads(json.dumps(parent.manifest))
+    if profile is not None:  # one profile at a time: the new one replaces any the parent had
+        for e in [e for e in manifest.get("files", []) if e.get("role") == "profile"]:
+            (tmp / e["file"]).unlink(missing_ok=True)
+        name = f"end-profile-v{parent.version + 1}.tflite"
+        (tmp / name).write_bytes(profile[0])
+        manifest["files"] = [e for e in manifest.get("files", []) if e.get("role") != "profile"] + [
+            {"file": name, "sha256": "", "tier": "end", "role": "profile", "selector": profile[1].to_json()}]
+    candidate_chain = Chain(Bundle(tmp, manifest, parent.segments))  # same tensors: only weights differ
     cand_val = candidate_chain.from_frames(vx)
-    if new_end is None:
+    if new_end is None and profile is None:
         _check_boundary_identical(val, cand_val)
     else:  # a re-exported end keeps the boundary close (frozen or hinted), not bit-identical: measure it
         diff = np.abs(val["end_features"].astype(np.int16) - cand_val["end_features"].astype(np.int16))
@@ -555,7 +583,6 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
              "candidate": _clean_figures(cand_val_exits, vy, new_thr, fbytes)}
     better, reason = _verdict(holdout, clean, opts)
 
-    manifest = json.loads(json.dumps(parent.manifest))
     manifest.pop("signature", None)
     manifest.update(version=parent.version + 1, parent_version=parent.version, thresholds=new_thr)
     exit_acc = {t: float((l.argmax(1) == vy).mean()) for t, l in zip(TIERS, cand_val_exits)}
@@ -563,7 +590,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
         exit_accuracy_int8=exit_acc, system_accuracy=chosen.accuracy, cloud_only_accuracy=chosen.cloud_only_accuracy,
         fractions=chosen.fractions, camera_uplink_bytes_per_frame=chosen.camera_uplink_bytes, frames=int(len(vy)))
     manifest["retrain"] = {"parent_version": parent.version, "heads": sorted(heads), "teacher": "cloud exit",
-                           "end_scope": opts.end_scope if new_end is not None else "head",
+                           "end_scope": opts.end_scope if "end" in heads else "head",
                            "temperature": opts.temperature, "hard_examples": n_feat, "frames": n_frames,
                            "holdout": holdout, "better": better, "verdict": reason,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -575,7 +602,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     report = RetrainReport(
         parent={"name": parent.name, "version": parent.version, "thresholds": parent.thresholds},
         candidate={"version": parent.version + 1, "thresholds": new_thr, "heads": sorted(heads),
-                   "end_scope": opts.end_scope if new_end is not None else "head"},
+                   "end_scope": opts.end_scope if "end" in heads else "head"},
         data={"examples": n_feat + n_frames, "features": n_feat, "with_frames": n_frames,
               "frames_not_allowed": hard["refused_frames"], "holdout": int(hold_edge.sum()),
               "replay": int(len(ry)), "val": int(len(vy))},
@@ -656,6 +683,39 @@ def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray
     return model, {"retrained": "end branch past the boundary" if branch_only else "whole end segment",
                    "layers": trained, "frames": int(n), "replay_frames": int(len(replay_x)),
                    "epochs": opts.end_epochs, "hint_weight": opts.hint_weight, "final_hint_mse": float(hint)}
+
+
+def build_end_profile(parent: Bundle, opts: RetrainOptions, frames: np.ndarray,
+                      replay_x: np.ndarray) -> tuple[bytes, Any, dict[str, Any]]:
+    """A condition profile (tierlite.profiles) from the opted-in nodes' uploaded frames: the parent's
+    end segment with every BatchNorm's statistics re-estimated on those frames (no labels, no
+    teacher), exported to int8 with the parent's exact boundary and logits quantization, and the
+    selector that tells such frames from the training set's (the replay frames). Needs TensorFlow."""
+    import keras
+
+    from tierlite.converters.export import _pixel_representative, to_tflite
+    from tierlite.converters.models import segments_of
+    from tierlite.converters.train import load_checkpoint
+    from tierlite.profiles import Selector
+
+    joint, _ = load_checkpoint(Path(opts.checkpoint or _workdir(parent, opts)))
+    end = segments_of(joint)[0]
+    rng = np.random.default_rng(opts.seed)
+    sample = frames[rng.permutation(len(frames))[:PROFILE_FRAMES]].astype(np.float32)
+    norms = [layer for layer in end._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for bn in norms:
+        bn.momentum = 0.0  # the moving statistics become those of the one batch below
+    end(sample, training=True)
+    model = to_tflite(end, _pixel_representative(sample[:500]), uint8_input=True)
+    model = _pin_quantization(model, parent, len(parent.labels))
+    selector = Selector.fit(frames, replay_x)
+    hit = float(selector.picks(frames).mean()) if len(frames) else 0.0
+    false = float(selector.picks(replay_x).mean()) if len(replay_x) else 0.0
+    log.info("retrain: end profile: statistics of %d uploaded frames in %d BatchNorm layers; selector picks "
+             "%.1f %% of them and %.1f %% of the replay frames", len(sample), len(norms), hit * 100, false * 100)
+    return model, selector, {"retrained": "condition profile: end statistics of the uploaded frames",
+                             "frames": int(len(sample)), "batchnorm_layers": len(norms),
+                             "selector_picks_uploaded": hit, "selector_picks_replay": false}
 
 
 def _parent_representative(meta: dict, checkpoint: Path) -> np.ndarray | None:

@@ -109,9 +109,10 @@ def configure_retrain(p: argparse.ArgumentParser) -> None:
                    help="weight of the teacher's answer as a hard target beside the soft targets (default 1)")
     p.add_argument("--end-scope", choices=END_SCOPES, default="head",
                    help="with frames from opted-in nodes: refit the end exit head only (default; boundary "
-                        "bit-identical), retrain the end layers past the boundary tap (branch) or the whole end "
-                        "segment (FitNets hint keeps the boundary close); branch and segment need the Keras "
-                        "checkpoint and TensorFlow")
+                        "bit-identical), retrain the end layers past the boundary tap (branch), the whole end "
+                        "segment (FitNets hint keeps the boundary close), or add a condition profile (the end "
+                        "with statistics of the uploaded frames, chosen per frame on the node); all but head "
+                        "need the Keras checkpoint and TensorFlow")
     p.add_argument("--hint-weight", type=float, default=1.0, help="weight of the boundary hint (--end-scope segment)")
     p.add_argument("--steps", type=int, default=300, help="full-batch optimizer steps per head (default 300)")
     p.add_argument("--min-examples", type=int, default=50, help="refuse to run on fewer hard examples")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tierlite.errors import BundleError
+from tierlite.profiles import end_profiles
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -203,6 +204,12 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
             raise BundleError(f"{at}: missing or bad field {e}") from None
     if "end" not in segments:
         raise BundleError(f"{where}: a bundle needs at least an 'end' segment")
+    for i, e in enumerate(m.get("files") or []):
+        file = e.get("file") if isinstance(e, dict) else None
+        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts \
+                or not isinstance(e.get("sha256"), str):
+            raise BundleError(f"{where} files[{i}]: needs a plain relative 'file' and its 'sha256'")
+    end_profiles(m)  # condition profiles' selectors are well formed
     return segments
 
 

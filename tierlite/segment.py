@@ -35,7 +35,15 @@ class Segment:
         self.bundle, self.tier = bundle, tier
         self.info = bundle.segment(tier)
         self.runtime = self._open(runtime, options, fallback)
-        self._check_io()
+        self._check_io(self.runtime)
+        # Condition profiles (tierlite.profiles): same tensors, other statistics, picked per frame.
+        self.profiles = []
+        if tier == "end":
+            from tierlite.profiles import end_profiles
+            for file, selector in end_profiles(bundle.manifest):
+                rt = open_runtime(bundle.root / file, runtime, options, fallback=fallback)
+                self._check_io(rt)
+                self.profiles.append((selector, rt))
         self._feature = self.info.output("feature")
         self._logits = self.info.output("logits")
         if self._logits is None:
@@ -53,11 +61,11 @@ class Segment:
                 log.warning("%s; running the plain %s segment instead", e, self.tier)
         return open_runtime(self.bundle.segment_path(self.tier), runtime, options, fallback=fallback)
 
-    def _check_io(self) -> None:
-        pairs = [("input", m, r) for m, r in zip(self.info.inputs, self.runtime.inputs)]
-        pairs += [("output", m, self.runtime.outputs[m.index]) for m in self.info.outputs
-                  if m.index < len(self.runtime.outputs)]
-        if len(self.info.inputs) != len(self.runtime.inputs) or len(pairs) != len(self.info.inputs) + len(self.info.outputs):
+    def _check_io(self, runtime) -> None:
+        pairs = [("input", m, r) for m, r in zip(self.info.inputs, runtime.inputs)]
+        pairs += [("output", m, runtime.outputs[m.index]) for m in self.info.outputs
+                  if m.index < len(runtime.outputs)]
+        if len(self.info.inputs) != len(runtime.inputs) or len(pairs) != len(self.info.inputs) + len(self.info.outputs):
             raise BundleError(f"{self.tier} segment: tensor count differs from the manifest")
         for kind, m, r in pairs:
             if tuple(r.shape) != m.shape or r.dtype.name != m.dtype or (
@@ -78,11 +86,17 @@ class Segment:
             x = x.reshape(spec.shape)
         if x.dtype.name != spec.dtype:
             raise WireError(f"{self.tier} segment expects {spec.dtype}, got {x.dtype.name}")
-        outs = self.runtime.run([x])
+        outs = self._runtime_for(x).run([x])
         lo = self._logits
         logits = dequantize(outs[lo.index], lo.scale, lo.zero_point).reshape(-1)
         feature = outs[self._feature.index] if self._feature is not None else None
         return SegmentOutput(feature, logits)
+
+    def _runtime_for(self, x: np.ndarray):
+        for selector, runtime in self.profiles:
+            if selector.picks(x)[0]:
+                return runtime
+        return self.runtime
 
 
 # -- boundary feature codecs ----------------------------------------------------------------

@@ -63,8 +63,8 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
                    help="raw: nodes opt in to uploading escalated frames (end + edge heads retrained); "
                         "features: only boundary features leave the nodes (edge head retrained)")
     p.add_argument("--end-scope", choices=END_SCOPES, default="head",
-                   help="retrain the end exit head (default), the end layers past the boundary tap, or the "
-                        "whole end segment (branch and segment need the checkpoint)")
+                   help="retrain the end exit head (default), the end layers past the boundary tap (branch), "
+                        "the whole end segment, or add a condition profile (all but head need the checkpoint)")
     p.add_argument("--hint-weight", type=float, default=1.0, help="boundary hint weight for --end-scope segment")
     p.add_argument("--checkpoint", help="the bundle's Keras checkpoint (--end-scope branch/segment; default <bundle>-work)")
     p.add_argument("--canary", type=float, default=0.25, help="share of nodes updated first (default 0.25)")
