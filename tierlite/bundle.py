@@ -192,7 +192,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
             if tier in segments:
                 raise BundleError(f"{at}: duplicate tier {tier!r}")
             file = str(s["file"])
-            if Path(file).is_absolute() or ".." in Path(file).parts:
+            if not _plain_relative(file):
                 raise BundleError(f"{at}: file must be a plain relative name, got {file!r}")
             segments[tier] = SegmentInfo(
                 tier=tier, file=file, sha256=str(s["sha256"]), bytes=int(s.get("bytes", 0)),
@@ -206,11 +206,14 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
         raise BundleError(f"{where}: a bundle needs at least an 'end' segment")
     for i, e in enumerate(m.get("files") or []):
         file = e.get("file") if isinstance(e, dict) else None
-        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts \
-                or not isinstance(e.get("sha256"), str):
+        if not isinstance(file, str) or not _plain_relative(file) or not isinstance(e.get("sha256"), str):
             raise BundleError(f"{where} files[{i}]: needs a plain relative 'file' and its 'sha256'")
     end_profiles(m)  # condition profiles' selectors are well formed
     return segments
+
+
+def _plain_relative(name: str) -> bool:
+    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
@@ -220,6 +223,8 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
         f = root / s["file"]
         s["sha256"], s["bytes"] = sha256_file(f), f.stat().st_size
     for e in manifest.get("files", []):
+        if not _plain_relative(str(e.get("file", ""))):
+            raise BundleError(f"{root / MANIFEST} files: {e.get('file')!r} is not a plain relative name")
         e["sha256"] = sha256_file(root / e["file"])
     manifest.setdefault("schema", SCHEMA_VERSION)
     validate_manifest(manifest, str(root / MANIFEST))
