@@ -48,10 +48,17 @@ class ExportedSegment:
 # Conversion
 # ---------------------------------------------------------------------------------------------
 def to_tflite(keras_model, representative: np.ndarray, uint8_input: bool) -> bytes:
-    """Full-integer (int8) conversion of a batch-1 Keras model, calibrated on `representative`."""
+    """Full-integer (int8) conversion of a Keras model, calibrated on `representative`, with its
+    batch dimension fixed to 1: under a dynamic batch a Flatten exports as SHAPE/STRIDED_SLICE/PACK,
+    which the Edge TPU cannot run; with a static one they fold away (same outputs, bit for bit)."""
+    import keras
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    inputs = [keras.Input(batch_shape=(1,) + tuple(i.shape[1:]), dtype=i.dtype, name=i.name)
+              for i in keras_model.inputs]
+    static = keras.models.clone_model(keras_model, input_tensors=inputs if len(inputs) > 1 else inputs[0])
+    static.set_weights(keras_model.get_weights())
+    converter = tf.lite.TFLiteConverter.from_keras_model(static)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([r[None].astype(np.float32)] for r in representative)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
