@@ -101,7 +101,7 @@ class RetrainOptions:
     # put; "segment" retrains the whole end segment under a FitNets hint; "profile" adds a
     # condition profile (tierlite.profiles): the end with statistics of the uploaded frames.
     end_scope: str = "head"
-    checkpoint: Path | None = None  # the parent's Keras checkpoint (end_scope "branch" / "segment")
+    checkpoint: Path | None = None  # the parent's Keras checkpoint (every end_scope but "head")
     hint_weight: float = 1.0  # weight of the boundary-feature hint (end_scope "segment")
     end_epochs: int = 8
     steps: int = 300
@@ -470,6 +470,11 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     parent = Bundle.load(opts.bundle)
     for t in TIERS:
         parent.segment(t)
+    if opts.end_scope != "head":  # fail before decoding any data, not after
+        ck = Path(opts.checkpoint) if opts.checkpoint else _workdir(parent, opts)
+        if not ck.exists():
+            raise ConfigError(f"--end-scope {opts.end_scope} needs the parent's Keras checkpoint: {ck} not found "
+                              "(--checkpoint)")
     log.info("retrain: parent %s v%d; reading hard examples from %s", parent.name, parent.version, opts.store)
     hard = load_hard_examples(opts, parent)
     n_feat, n_frames = len(hard["nodes"]), len(hard["frame_nodes"])
@@ -631,8 +636,7 @@ def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray
     from tierlite.converters.models import segments_of
     from tierlite.converters.train import load_checkpoint
 
-    checkpoint = Path(opts.checkpoint or _workdir(parent, opts))
-    joint, meta = load_checkpoint(checkpoint)
+    joint, meta = load_checkpoint(opts.checkpoint or _workdir(parent, opts))
     end = segments_of(joint)[0]
     if branch_only:
         shared = {layer.name for layer in keras.Model(end.inputs, end.outputs[0]).layers}
@@ -675,7 +679,7 @@ def retrain_end_segment(parent: Bundle, opts: RetrainOptions, frames: np.ndarray
                               f_parent[1][r])
         log.info("retrain: end segment epoch %d/%d: loss %.3f, boundary hint %.4f", epoch + 1, opts.end_epochs,
                  float(loss), float(hint))
-    rep = _parent_representative(meta, checkpoint) if branch_only else None
+    rep = _parent_representative(meta, _workdir(parent, opts)) if branch_only else None
     if rep is None:  # the boundary moves anyway (segment scope) or the parent's frames are not at hand
         rep = np.concatenate([replay_x[: max(1, min(500, len(replay_x)))], frames[:200]])
     model = to_tflite(end, _pixel_representative(rep), uint8_input=True)
@@ -698,7 +702,7 @@ def build_end_profile(parent: Bundle, opts: RetrainOptions, frames: np.ndarray,
     from tierlite.converters.train import load_checkpoint
     from tierlite.profiles import Selector
 
-    joint, _ = load_checkpoint(Path(opts.checkpoint or _workdir(parent, opts)))
+    joint, _ = load_checkpoint(opts.checkpoint or _workdir(parent, opts))
     end = segments_of(joint)[0]
     rng = np.random.default_rng(opts.seed)
     sample = frames[rng.permutation(len(frames))[:PROFILE_FRAMES]].astype(np.float32)
@@ -718,13 +722,11 @@ def build_end_profile(parent: Bundle, opts: RetrainOptions, frames: np.ndarray,
                              "selector_picks_uploaded": hit, "selector_picks_replay": false}
 
 
-def _parent_representative(meta: dict, checkpoint: Path) -> np.ndarray | None:
+def _parent_representative(meta: dict, workdir: Path) -> np.ndarray | None:
     """The frames the parent's int8 export was calibrated on: calibrating the re-export on the
     same frames gives the frozen layers the same quantization, hence a bit-identical boundary."""
     from tierlite.converters.datasets import checkpoint_splits, representative_frames
 
-    workdir = checkpoint.parent if checkpoint.suffix == ".keras" else checkpoint
-    workdir = workdir.parent if workdir.name == "checkpoint" else workdir
     try:
         splits = checkpoint_splits(meta, workdir)
     except DataError as e:

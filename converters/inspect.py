@@ -101,7 +101,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"kind": "bundle", "path": str(path), "name": b.name, "version": b.version,
             "parent_version": m.get("parent_version"), "labels": b.labels, "input": m["input"],
             "feature_encoding": enc, "thresholds": b.thresholds, "signed": "signature" in m,
-            "calibration": m.get("calibration", {}), "segments": segs,
+            "calibration": m.get("calibration", {}), "segments": segs, "files": m.get("files", []),
             "bytes_per_escalated_frame": {
                 "camera->edge": segs[0]["feature_bytes"],
                 "edge->cloud": next((s["feature_bytes"] for s in segs if s["tier"] == "edge"), 0)}}
@@ -138,6 +138,9 @@ def format_text(info: dict) -> str:
     for s in info["segments"]:
         lines.append(f"  [{s['tier']}] {Path(s['file']).name} exit {s['exit_index']}")
         lines += _fmt_model(s, "      ")
+    for e in info.get("files", []):  # Edge TPU-compiled segments, condition profiles
+        kind = e.get("role") or f"{e.get('runtime', 'extra')} build"
+        lines.append(f"  [{e.get('tier', '?')} {kind}] {e['file']}  sha256 {e['sha256'][:16]}...")
     bpf = info["bytes_per_escalated_frame"]
     lines.append(f"  bytes per escalated frame: camera->edge {bpf['camera->edge']} B, "
                  f"edge->cloud {bpf['edge->cloud']} B (feature payload, before the wire header)")

@@ -39,6 +39,9 @@ class Selector:
     w: list
     b: float
 
+    def __post_init__(self):  # arrays once: picks() runs on every camera frame
+        self._mean, self._scale, self._w = (np.asarray(v, np.float64) for v in (self.mean, self.scale, self.w))
+
     @classmethod
     def fit(cls, profile_frames: np.ndarray, trained_frames: np.ndarray, l2: float = 1e-3,
             steps: int = 500) -> "Selector":
@@ -77,8 +80,7 @@ class Selector:
 
     def picks(self, images: np.ndarray) -> np.ndarray:
         """Boolean per frame: True where the profile should run."""
-        z = (frame_stats(images) - np.asarray(self.mean)) / np.asarray(self.scale)
-        return z @ np.asarray(self.w) + self.b > 0.0
+        return (frame_stats(images) - self._mean) / self._scale @ self._w + self.b > 0.0
 
 
 def end_profiles(manifest: dict[str, Any]) -> list[tuple[str, Selector]]:

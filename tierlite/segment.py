@@ -10,6 +10,7 @@ import numpy as np
 
 from tierlite.bundle import Bundle, TensorInfo
 from tierlite.errors import BundleError, RuntimeUnavailable, WireError
+from tierlite.profiles import end_profiles
 from tierlite.runtimes import open_runtime
 
 log = logging.getLogger("tierlite.segment")
@@ -39,7 +40,6 @@ class Segment:
         # Condition profiles (tierlite.profiles): same tensors, other statistics, picked per frame.
         self.profiles = []
         if tier == "end":
-            from tierlite.profiles import end_profiles
             for file, selector in end_profiles(bundle.manifest):
                 rt = open_runtime(bundle.root / file, runtime, options, fallback=fallback)
                 self._check_io(rt)

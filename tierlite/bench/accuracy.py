@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.bench.report import Progress, Report, Target, fmt_num, latency_ms, markdown_table, say
+from tierlite.bench.report import DEFAULT_DATA, Progress, Report, Target, fmt_num, latency_ms, markdown_table, say
 from tierlite.errors import ConfigError, DataError
 
 log = logging.getLogger("tierlite.bench.accuracy")
 
-DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
 DEFAULT_DROPS = "0.5,1,2"
 
 # Targets from the brief (reported against, never asserted).

@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.bench.report import Report, Target, markdown_table, say
+from tierlite.bench.report import DEFAULT_DATA, Report, Target, markdown_table, say
 from tierlite.cloud.retrain import END_SCOPES
 from tierlite.errors import ConfigError, TierliteError
 
 log = logging.getLogger("tierlite.bench.drift")
 
-DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
 T_DRIFT_GAIN = Target("end-exit accuracy on drifted frames, gain", 5.0, True, " pt")
 T_CLEAN_DROP = Target("end-exit accuracy on clean frames, drop", 0.5, False, " pt")
 T_ESCALATION = Target("drifted frames escalated by the end, change", 0.0, False, " pt")

@@ -14,10 +14,9 @@ import argparse
 import os
 from typing import Any
 
-from tierlite.bench.report import Progress, Report, Target, fmt_num, markdown_table, say
+from tierlite.bench.report import DEFAULT_DATA, Progress, Report, Target, fmt_num, markdown_table, say
 from tierlite.errors import ConfigError
 
-DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"
 DEFAULT_RATES = "100,250,500,750,1000,1250,1500,2000,2500,3000,4000,6000,8000,12000"
 
 T_PER_WORKER = Target("sustained escalations/s, one edge worker", 3000.0, True, "/s")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 RESULTS_FILE = "results.json"
+DEFAULT_DATA = "../shared/datasets/cifar10-jpeg/test"  # the labelled test folder beside the repo
 
 
 # -- machine and command ------------------------------------------------------------------
