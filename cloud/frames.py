@@ -22,9 +22,12 @@ from typing import Iterator
 
 import numpy as np
 
+from tierlite import topics
 from tierlite.data import decode_image
 from tierlite.errors import TierliteError
-from tierlite.update import decode_frame_upload
+from tierlite.update.frame_upload import decode_frame_upload
+
+__all__ = ["FrameCollector", "FrameRecord", "FrameStore"]
 
 log = logging.getLogger("tierlite.cloud.frames")
 
@@ -101,17 +104,15 @@ class FrameCollector:
     def __init__(self, store: FrameStore, mqtt, prefix: str):
         self.store, self.prefix = store, prefix
         self.stored = self.dropped = 0
-        mqtt.subscribe(f"{prefix}/update/+/frames/+", self.on_upload, qos=0)
+        mqtt.subscribe(topics.frame_uploads(prefix), self.on_upload, qos=0)
 
     def on_upload(self, topic: str, payload: bytes) -> None:
-        parts = topic.split("/")
         try:
-            if len(parts) < 4 or parts[-2] != "frames":
-                raise TierliteError(f"frame upload on unexpected topic {topic}")
+            model, node = topics.frame_upload_source(topic)
             header, jpeg = decode_frame_upload(payload)
-            self.store.add(parts[-1], parts[-3], int(header["version"]), jpeg)
+            self.store.add(node, model, int(header["version"]), jpeg)
             self.stored += 1
-        except (TierliteError, sqlite3.Error) as e:
+        except (TierliteError, ValueError, sqlite3.Error) as e:
             self.dropped += 1
             if self.dropped <= 5 or self.dropped % 1000 == 0:
                 log.warning("dropped a frame upload on %s (%d so far): %s", topic, self.dropped, e)

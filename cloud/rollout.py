@@ -1,7 +1,7 @@
 """Publishing a signed update to the fleet, in stages.
 
 1. Pack the new bundle as an artifact (a delta against the version the fleet runs, xz-compressed)
-   and sign its manifest (tierlite.update).
+   and sign its manifest (tierlite.cloud.publish).
 2. Publish the chunks and a signed announcement, retained, with rollout share = the canary share
    (or 1.0 without a canary): only nodes whose stable hash falls below the share take it.
 3. Canary: watch the nodes' update reports (<prefix>/update/<model>/report/<node>). When the canary
@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tierlite import topics
 from tierlite.bundle import Bundle
-from tierlite.errors import ConfigError
-from tierlite.update import (
-    DEFAULT_CHUNK_BYTES, ArtifactReport, UpdateError, build_artifact, chunk_artifact, clear_chunks,
-    make_announcement, publish_update, report_topic, update_topic,
-)
+from tierlite.cloud.publish import ArtifactReport, build_artifact, clear_chunks, make_announcement, publish_update
+from tierlite.errors import ConfigError, UpdateError
+from tierlite.update.delivery import DEFAULT_CHUNK_BYTES, chunk_artifact
+
+__all__ = ["RolloutResult", "connect", "rollout"]
 
 log = logging.getLogger("tierlite.cloud.rollout")
 
@@ -45,15 +46,15 @@ class RolloutResult:
 
 def connect(broker: str, prefix: str = "tierlite", timeout: float = 10.0):
     """A started tierlite.mqtt.MqttClient connected to host:port (UpdateError if unreachable)."""
-    from tierlite.config import BrokerConfig
+    from tierlite.config import BrokerConfig, config_from_dict
     from tierlite.mqtt import MqttClient, default_client_id
 
     host, _, port = broker.rpartition(":")
     try:
-        cfg = BrokerConfig(host=host or broker, port=int(port) if host else 1883)
-        cfg.check("--broker")
+        port_number = int(port) if host else 1883
     except ValueError:
         raise ConfigError(f"--broker: expected host:port, got {broker!r}") from None
+    cfg = config_from_dict({"host": host or broker, "port": port_number}, BrokerConfig, "--broker")
     mqtt = MqttClient(cfg, default_client_id("publish"))
     mqtt.start()
     if not mqtt.wait_connected(timeout):
@@ -70,8 +71,8 @@ class _Reports:
         self.retained: dict[str, Any] | None = None
         self.got_retained = threading.Event()
         self.changed = threading.Condition()
-        mqtt.subscribe(report_topic(prefix, model), self._on_report, qos=1)
-        mqtt.subscribe(update_topic(prefix, model), self._on_announcement, qos=1)
+        mqtt.subscribe(topics.update_reports(prefix, model), self._on_report, qos=1)
+        mqtt.subscribe(topics.update_announcement(prefix, model), self._on_announcement, qos=1)
 
     def _on_report(self, topic: str, payload: bytes) -> None:
         try:
@@ -116,7 +117,7 @@ def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite",
     ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=share, nodes=canary_nodes or [])
     publish_update(mqtt, prefix, data, ann, chunk_bytes)
     log.info("published %s v%s to %s (%d chunk(s), rollout share %.0f %%%s)", rep.name, rep.version,
-             update_topic(prefix, rep.name), chunks, 100 * share,
+             topics.update_announcement(prefix, rep.name), chunks, 100 * share,
              f", canary nodes {', '.join(canary_nodes)}" if canary_nodes else "")
     result = RolloutResult(rep, "published")
     if staged:
@@ -124,14 +125,15 @@ def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite",
         result.reports = {n: r for n, r in reports.reports.items()}
         if ok:
             ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=1.0)
-            mqtt.publish_and_wait(update_topic(prefix, rep.name), json.dumps(ann).encode(), qos=1, retain=True)
+            mqtt.publish_and_wait(topics.update_announcement(prefix, rep.name), json.dumps(ann).encode(), qos=1,
+                                  retain=True)
             result.stage, result.reason = "complete", reason
             log.info("canary held (%s); v%s announced to every node", reason, rep.version)
         else:
             # Withdraw: no further node takes it. Put the previous announcement back, if any, so
             # that nodes which come back online still converge on the last good version.
             payload = json.dumps(old).encode() if old else b""
-            mqtt.publish_and_wait(update_topic(prefix, rep.name), payload, qos=1, retain=True)
+            mqtt.publish_and_wait(topics.update_announcement(prefix, rep.name), payload, qos=1, retain=True)
             clear_chunks(mqtt, prefix, rep.name, rep.version, chunks)
             result.stage, result.reason = "halted", reason
             log.warning("rollout of v%s halted: %s", rep.version, reason)

@@ -33,12 +33,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from tierlite.bundle import FeatureEncoding
 from tierlite.errors import TierliteError
-from tierlite.segment import decode_feature
+from tierlite.wire import decode_feature
+
+__all__ = ["COLUMNS", "HardExample", "HardExampleStore", "SCHEMA_VERSION", "StoreError"]
 
 SCHEMA_VERSION = 1
 COLUMNS = ("ts", "sent_us", "node", "frame_id", "bundle_name", "bundle_version",
@@ -80,7 +83,7 @@ class HardExample:
     feature_zero_point: int
     end_feature: bytes | None
     end_feature_shape: tuple[int, ...] | None
-    end_feature_encoding: dict[str, Any] | None
+    end_feature_encoding: FeatureEncoding | None
     end_feature_scale: float | None
     end_feature_zero_point: int | None
     logits: dict[str, np.ndarray]  # "end", "edge", "cloud" -> float32 (classes,)
@@ -90,7 +93,7 @@ class HardExample:
 
     def feature_array(self) -> np.ndarray:
         """The cloud segment's input as the node's chain produced it (int8)."""
-        return decode_feature(self.feature, self.feature_shape, {"kind": "int8"})
+        return decode_feature(self.feature, self.feature_shape, FeatureEncoding.INT8)
 
     def end_feature_array(self) -> np.ndarray | None:
         """The end segment's feature (int8; bit-packed binary decoded to its two int8 levels)."""
@@ -108,7 +111,8 @@ class HardExample:
             feature_zero_point=row["feature_zero_point"],
             end_feature=bytes(row["end_feature"]) if row["end_feature"] is not None else None,
             end_feature_shape=end_shape,
-            end_feature_encoding=json.loads(row["end_feature_encoding"]) if row["end_feature_encoding"] else None,
+            end_feature_encoding=(FeatureEncoding.from_manifest(json.loads(row["end_feature_encoding"]))
+                                  if row["end_feature_encoding"] else None),
             end_feature_scale=row["end_feature_scale"], end_feature_zero_point=row["end_feature_zero_point"],
             logits={t: np.frombuffer(row[f"{t}_logits"], dtype="<f4").astype(np.float32) for t in ("end", "edge", "cloud")},
             label=row["label"], confidence=row["confidence"], entropy=row["entropy"])
@@ -157,13 +161,13 @@ class HardExampleStore:
             feature: bytes, feature_shape: tuple[int, ...], feature_scale: float, feature_zero_point: int,
             logits: dict[str, np.ndarray], label: int, confidence: float, entropy: float,
             end_feature: bytes | None = None, end_feature_shape: tuple[int, ...] | None = None,
-            end_feature_encoding: dict | None = None, end_feature_scale: float | None = None,
+            end_feature_encoding: FeatureEncoding | dict | None = None, end_feature_scale: float | None = None,
             end_feature_zero_point: int | None = None) -> None:
         row = (time.time(), sent_us, node, frame_id, bundle_name, bundle_version,
                bytes(feature), json.dumps(list(feature_shape)), float(feature_scale), int(feature_zero_point),
                bytes(end_feature) if end_feature is not None else None,
                json.dumps(list(end_feature_shape)) if end_feature is not None else None,
-               json.dumps(end_feature_encoding) if end_feature is not None else None,
+               json.dumps(FeatureEncoding.of(end_feature_encoding).to_manifest()) if end_feature is not None else None,
                end_feature_scale if end_feature is not None else None,
                end_feature_zero_point if end_feature is not None else None,
                *(np.asarray(logits[t], dtype="<f4").tobytes() for t in ("end", "edge", "cloud")),

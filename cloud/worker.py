@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
-from tierlite import wire
+from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import CloudConfig
 from tierlite.errors import WireError
 from tierlite.mqtt import MqttClient, default_client_id
 from tierlite.policy import decide
-from tierlite.segment import Segment, decode_feature
+from tierlite.segment import TierModel
 from tierlite.tierworker import TierWorker
 
+__all__ = ["CloudWorker"]
+
 log = logging.getLogger("tierlite.cloud")
-
-
-@dataclass
-class _Model:
-    bundle: Bundle
-    segment: Segment
-    spec: wire.BoundarySpec
 
 
 class CloudWorker(TierWorker):
@@ -32,7 +26,7 @@ class CloudWorker(TierWorker):
         from tierlite.cloud.store import HardExampleStore
 
         super().__init__(config.prefix, config.broker.qos, config.worker_id,
-                         f"{config.prefix}/_cloud/{config.worker_id}/status")
+                         topics.cloud_status(config.prefix, config.worker_id))
         self.config = config
         self._model = self._load(bundle or Bundle.load(config.bundle))
         self.store = store if store is not None else (
@@ -41,34 +35,31 @@ class CloudWorker(TierWorker):
         self._stored_reported = 0
         self.mqtt = MqttClient(config.broker, default_client_id("cloud", config.worker_id),
                                will=self._will(), on_connect=self._on_connect)
-        escalate = f"{self.prefix}/+/escalate"
-        if config.broker.protocol == "5":
-            escalate = f"$share/{config.share_group}/{escalate}"
-        self.mqtt.subscribe(escalate, self.on_escalate, self._qos.escalate)
+        share = config.share_group if config.broker.protocol == "5" else None
+        self.mqtt.subscribe(topics.node_filter(self.prefix, topics.ESCALATE).shared(share), self.on_escalate,
+                            self._qos.escalate)
         self.retrain = None  # co-updating (tierlite.cloud.retrain), with a `retrain:` section
         if config.retrain is not None:
             from tierlite.cloud.retrain import RetrainScheduler
             self.retrain = RetrainScheduler(config, self.mqtt)
 
-    def _load(self, bundle: Bundle) -> _Model:
-        segment = Segment(bundle, "cloud", self.config.runtime, {"threads": self.config.threads}, fallback=True)
-        return _Model(bundle, segment, wire.boundary_spec(bundle, wire.Kind.ESCALATE))
+    def _load(self, bundle: Bundle) -> TierModel:
+        return TierModel.load(bundle, "cloud", self.config.runtime, {"threads": self.config.threads})
 
     def on_escalate(self, topic: str, payload: bytes) -> None:
         t0 = time.perf_counter()
         m = self._model
-        spec = m.spec
+        spec = m.spec_in
         try:
-            node = wire.node_of(topic, self.prefix)
+            node = topics.node_of(topic, self.prefix)
             msg = wire.decode_tensor_message(payload, spec)
-            q = decode_feature(msg.feature, spec.input_info.shape, spec.encoding)
         except WireError as e:
             self._reject(topic, payload, e)
             return
-        out = m.segment.run(q)
-        _, label, conf, entropy = decide(out.logits, None)
+        out = m.segment.run(msg.tensor)
+        _, label, conf, entropy = decide(out.logits, m.threshold)
         reply = wire.encode_answer("cloud", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
-        self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
+        self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer)
         self.processed += 1
         self.metrics.frame(node, "answered", len(payload), time.perf_counter() - t0, (wire.now_us() - msg.sent_us) / 1e6)
         self.metrics.sent("answer", len(reply))

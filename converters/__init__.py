@@ -7,4 +7,18 @@ Entry points (TensorFlow is imported lazily, inside functions):
     tierlite.converters.train.load_checkpoint(workdir) -> (keras model, metadata)
     tierlite.converters.calibrate.search_thresholds(...)   (pure numpy)
 See docs/CONVERTERS.md.
+
+`__all__` is the API other tiers may use (the cloud's retraining job): import it from here, never
+from the submodules.
 """
+from tierlite.converters.calibrate import evaluate, search_thresholds
+from tierlite.converters.datasets import checkpoint_splits, load_splits, representative_frames
+from tierlite.converters.export import pixel_representative, tensor_infos, to_tflite
+from tierlite.converters.models import segments_of
+from tierlite.converters.pipeline import default_workdir
+from tierlite.converters.train import load_checkpoint
+
+__all__ = [
+    "checkpoint_splits", "default_workdir", "evaluate", "load_checkpoint", "load_splits", "pixel_representative",
+    "representative_frames", "search_thresholds", "segments_of", "tensor_infos", "to_tflite",
+]

@@ -36,11 +36,13 @@ def _parse_sets(items: list[str] | None) -> dict:
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("train_dir", type=Path, help="image folder: <dir>/<class>/*.jpg")
-    p.add_argument("--preset", default="small", help="small | full | mobilenet-96 (default small)")
+    p.add_argument("--preset", default="small", help="small | cifar10 | full | mobilenet-96 (default small)")
     p.add_argument("--binarized", action="store_true", help="binarized end segment (bit-packed boundary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--init-from", type=Path, help="workdir of a trained model whose matching layers seed this one")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the workdir's unfinished training run (a finished one is not retrained)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any model/training setting, e.g. --set boundary=8 --set distill=0")
 
@@ -62,7 +64,7 @@ def run_train(args) -> int:
     from tierlite.converters.pipeline import train_model
     _check_dir(args.train_dir)
     model, arch, tc, splits = train_model(args.train_dir, args.workdir, args.preset, args.binarized, args.seed,
-                                          args.init_from, **_overrides(args))
+                                          args.init_from, args.resume, **_overrides(args))
     print(f"checkpoint: {args.workdir / 'checkpoint' / 'model.keras'}")
     return 0
 
@@ -157,7 +159,8 @@ def run_convert(args) -> int:
     _check_dir(args.train_dir)
     workdir = args.workdir or default_workdir(args.out)
     out = build_bundle(args.train_dir, args.out, args.preset, args.binarized, args.seed, workdir=workdir,
-                       name=args.name, version=args.version, init_from=args.init_from, **_overrides(args))
+                       name=args.name, version=args.version, init_from=args.init_from, resume=args.resume,
+                       **_overrides(args))
     _finish(args, out, workdir)
     return 0
 
@@ -176,7 +179,8 @@ def run_calibrate(args) -> int:
     from tierlite.converters import calibrate
     from tierlite.converters.pipeline import default_workdir, run_chain
     from tierlite.data import load_image_folder
-    from tierlite.segment import encoded_size
+    from tierlite.bundle import FeatureEncoding
+    from tierlite.wire import encoded_size
 
     b = Bundle.load(args.bundle)
     _check_dir(args.images)
@@ -187,7 +191,7 @@ def run_calibrate(args) -> int:
         raise ConfigError(f"--max-drop is a fraction in [0, 1), got {args.max_drop}")
     logits = run_chain(args.bundle, data.images)
     fbytes = (encoded_size(b.segment("end").output("feature").shape, b.feature_encoding),
-              encoded_size(b.segment("edge").output("feature").shape, {"kind": "int8"}))
+              encoded_size(b.segment("edge").output("feature").shape, FeatureEncoding.INT8))
     points, table = calibrate.sweep(logits, data.labels, fbytes)
     chosen = calibrate.search_thresholds(logits, data.labels, fbytes, args.max_drop, table=table)
     prefix = args.report or default_workdir(args.bundle) / f"calibration-{args.images.name}"

@@ -139,7 +139,7 @@ def _boundary_representative(q: np.ndarray, info: TensorInfo) -> np.ndarray:
     return np.concatenate([x, extreme.reshape(1, *x.shape[1:])])
 
 
-def _pixel_representative(images: np.ndarray) -> np.ndarray:
+def pixel_representative(images: np.ndarray) -> np.ndarray:
     """Training frames plus one frame holding 0 and 255, so the uint8 input scale is exactly 1."""
     ramp = np.zeros_like(images[:1], dtype=np.float32)
     ramp.reshape(-1)[1::2] = 255.0
@@ -153,7 +153,7 @@ def export_segments(joint, arch: ArchConfig, representative: np.ndarray) -> dict
     end, edge, cloud = segments_of(joint)
     end_export = fold_binary_end(end, arch) if arch.binarized else end
     out: dict[str, ExportedSegment] = {}
-    end_bytes = to_tflite(end_export, _pixel_representative(representative), uint8_input=True)
+    end_bytes = to_tflite(end_export, pixel_representative(representative), uint8_input=True)
     ins, outs = tensor_infos(end_bytes, arch.num_classes)
     out["end"] = ExportedSegment("end", end_bytes, ins, outs)
     log.info("exported end segment: %d bytes", len(end_bytes))

@@ -6,9 +6,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tierlite.bundle import TIERS, Bundle, sha256_file
+from tierlite.bundle import TIERS, Bundle, FeatureEncoding, sha256_file
 from tierlite.errors import BundleError, RuntimeUnavailable
-from tierlite.segment import encoded_size
+from tierlite.wire import encoded_size
 
 
 def _runtime(path: Path):
@@ -95,7 +95,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         segs.append({"tier": tier, "exit_index": info.exit_index, **d,
                      "manifest_inputs": [t.to_json() for t in info.inputs],
                      "manifest_outputs": [t.to_json() for t in info.outputs],
-                     "feature_bytes": (encoded_size(feat.shape, enc if tier == "end" else {"kind": "int8"})
+                     "feature_bytes": (encoded_size(feat.shape, enc if tier == "end" else FeatureEncoding.INT8)
                                        if feat is not None else 0)})
     m = b.manifest
     return {"kind": "bundle", "path": str(path), "name": b.name, "version": b.version,

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.bundle import TIERS, Bundle, write_archive, write_manifest
+from tierlite.bundle import TIERS, Bundle, FeatureEncoding, write_archive, write_manifest
 from tierlite.converters import calibrate
 from tierlite.converters.datasets import representative_frames
 from tierlite.converters.models import ArchConfig
 from tierlite.converters.presets import resolve
 from tierlite.errors import BundleError
-from tierlite.segment import encoded_size
+from tierlite.wire import encoded_size
 
 log = logging.getLogger("tierlite.converters")
 
@@ -45,17 +45,19 @@ def default_workdir(out_dir: str | Path) -> Path:
 def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "small", binarized: bool = False,
                  seed: int = 0, *, workdir: str | Path | None = None, name: str | None = None,
                  version: int = 1, archive: str | Path | None = None, init_from: str | Path | None = None,
-                 **overrides) -> Path:
+                 resume: bool = False, **overrides) -> Path:
     """Train on `train_dir` (<class>/*.jpg), export, calibrate and write a bundle directory.
 
     overrides: any ArchConfig / TrainConfig field (epochs=3, boundary=8, ...).
     init_from: workdir/checkpoint of a trained model whose matching layers seed this one.
+    resume: continue the workdir's unfinished training run (or skip training if it is finished).
     Returns out_dir (a directory Bundle.load accepts).
     """
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     workdir = Path(workdir) if workdir else default_workdir(out_dir)
-    model, arch, tc, splits = train_model(train_dir, workdir, preset, binarized, seed, init_from, **overrides)
+    model, arch, tc, splits = train_model(train_dir, workdir, preset, binarized, seed, init_from, resume,
+                                          **overrides)
     rep = representative_frames(splits.train.images, tc.calibration_frames, seed)
     out = export_bundle(model, out_dir, arch=arch, classes=splits.classes, calib_images=splits.val.images,
                         calib_labels=splits.val.labels, representative=rep,
@@ -74,7 +76,7 @@ def build_bundle(train_dir: str | Path, out_dir: str | Path, preset: str = "smal
 
 
 def train_model(train_dir: str | Path, workdir: str | Path, preset: str = "small", binarized: bool = False,
-                seed: int = 0, init_from: str | Path | None = None, **overrides):
+                seed: int = 0, init_from: str | Path | None = None, resume: bool = False, **overrides):
     """Train only (checkpoint in <workdir>/checkpoint). Returns (model, arch, train config, splits)."""
     from tierlite.converters.datasets import load_splits
     from tierlite.converters.train import load_checkpoint, train
@@ -87,7 +89,7 @@ def train_model(train_dir: str | Path, workdir: str | Path, preset: str = "small
         log.warning("%d unreadable training image(s) skipped, e.g. %s (%s)", len(splits.skipped), *splits.skipped[0])
     seed_model = load_checkpoint(init_from)[0] if init_from else None
     model = train(arch, tc, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                  splits.classes, workdir, seed=seed, init_from=seed_model,
+                  splits.classes, workdir, seed=seed, init_from=seed_model, resume=resume,
                   extra={"preset": preset, "train_dir": str(Path(train_dir).resolve())})
     return model, arch, tc, splits
 
@@ -117,9 +119,9 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
         (out_dir / TIER_FILES[tier]).write_bytes(seg.model)
     if arch.binarized:
         low, high = binary_levels(segs["end"])
-        encoding = {"kind": "binary", "low": low, "high": high}
+        encoding = FeatureEncoding("binary", low, high)
     else:
-        encoding = {"kind": "int8"}
+        encoding = FeatureEncoding.INT8
 
     # Calibrate the exits on the int8 chain (what devices run), not on the float model.
     logits = run_chain_segments(segs, calib_images)
@@ -132,7 +134,7 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
         "labels": list(classes),
         "input": {"shape": [1, arch.input_size, arch.input_size, 3], "dtype": "uint8", "color": "RGB",
                   "scaling": "raw pixel values 0..255; the end segment rescales (x/255) itself"},
-        "feature_encoding": encoding,
+        "feature_encoding": encoding.to_manifest(),
         "segments": [{"tier": t, "file": TIER_FILES[t], "exit_index": i,
                       "inputs": [x.to_json() for x in segs[t].inputs],
                       "outputs": [x.to_json() for x in segs[t].outputs]} for i, t in enumerate(TIERS)],
@@ -165,7 +167,7 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
 def _feature_bytes(segs, encoding) -> tuple[int, int]:
     end_f = next(o for o in segs["end"].outputs if o.role == "feature")
     edge_f = next(o for o in segs["edge"].outputs if o.role == "feature")
-    return encoded_size(end_f.shape, encoding), encoded_size(edge_f.shape, {"kind": "int8"})
+    return encoded_size(end_f.shape, encoding), encoded_size(edge_f.shape, FeatureEncoding.INT8)
 
 
 def _dequantize(q: np.ndarray, info) -> np.ndarray:
@@ -215,7 +217,7 @@ def evaluate_bundle(bundle_dir: str | Path, test_dir: str | Path, model=None,
     q_logits = run_chain(bundle_dir, test.images)
     enc = b.feature_encoding
     fbytes = (encoded_size(b.segment("end").output("feature").shape, enc),
-              encoded_size(b.segment("edge").output("feature").shape, {"kind": "int8"}))
+              encoded_size(b.segment("edge").output("feature").shape, FeatureEncoding.INT8))
     res: dict[str, Any] = {
         "bundle": str(bundle_dir), "test_dir": str(test_dir), "frames": int(len(y)),
         "skipped_files": len(test.skipped),

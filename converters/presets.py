@@ -1,7 +1,8 @@
 """Named training presets: a model architecture plus a training recipe.
 
 "small": digits-sized data, about a minute end to end on a 2-core CPU (tests, demo).
-"full":  the CIFAR-10 JPEG benchmark (see docs/CONVERTERS.md for measured time and figures).
+"cifar10": the reference CIFAR-10 bundle in models/cifar10 (one resumable command; docs/CONVERTERS.md).
+"full":  the earlier CIFAR-10 JPEG benchmark preset (see docs/CONVERTERS.md for measured time and figures).
 "mobilenet-96": the depthwise-separable family at 96x96 (larger camera frames).
 Any field of ArchConfig or TrainConfig can be overridden by name.
 """
@@ -57,6 +58,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                      edge=[[32, 1]], cloud=[[48, 2]], binary_end=[[24, 2], [32, 2]], end_head_grid=2),
         "train": dict(epochs=8, batch_size=64, lr=0.1, flip=False, pad=2, distill=0.5,
                       calibration_frames=150, val_fraction=0.2, log_every_s=30.0),
+    },
+    "cifar10": {
+        # A camera end under 64 KB int8 whose boundary is 8x8x8 int8 (512 B per escalated frame),
+        # tapped after its second block and pooled; the camera's exit looks one block deeper.
+        # Edge and cloud are not the thin tail of the camera's net: a 128-wide edge at 8x8 and a
+        # 5.9 M-parameter cloud (256/256/512) that only a gateway or datacentre runs.
+        "arch": dict(family="resnet", input_size=32, stem=16, end=[[16, 1], [32, 2], [40, 2]], boundary=8,
+                     boundary_after=1, boundary_pool=2, end_head_grid=2, edge=[[128, 1], [128, 1]],
+                     edge_boundary=0, cloud=[[256, 1], [256, 2], [512, 1]]),
+        "train": dict(epochs=22, batch_size=256, lr=0.2, warmup=0.15, label_smoothing=0.2, distill=0.3,
+                      loss_weights=[0.6, 0.6, 1.0], mixed_precision=True, calibration_frames=500),
     },
     "full": {
         # End = MLPerf Tiny ResNet-8 layout, 96 KB int8. The boundary is tapped after its second

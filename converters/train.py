@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tierlite.converters.distribute import make_strategy, replica_slices, worker_dir
 from tierlite.converters.models import ArchConfig, _all_layers, _custom_layers, build_joint
 from tierlite.converters.presets import TrainConfig
 from tierlite.errors import BundleError, ConfigError
@@ -88,49 +89,57 @@ def predict_logits(model, images: np.ndarray, batch: int = 500) -> list[np.ndarr
 
 def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_labels: np.ndarray,
           val_images: np.ndarray, val_labels: np.ndarray, classes: list[str], workdir: str | Path,
-          seed: int = 0, init_from: Any = None, extra: dict | None = None):
+          seed: int = 0, init_from: Any = None, extra: dict | None = None, resume: bool = False):
     """Train the joint model; returns it. Saves a checkpoint after every epoch.
 
     init_from: a joint model whose weights seed the layers with matching names and shapes
     (e.g. the int8 model when training a binarized end: edge and cloud start trained).
+    resume: continue from <workdir>/checkpoint (weights, optimizer state, epoch) when it holds an
+    unfinished run of the same configuration; a finished one is returned as it is.
     """
     import keras
     import tensorflow as tf
 
-    workdir = Path(workdir)
+    strategy = make_strategy()  # first: multi-worker training must start before other TF ops
+    replicas = strategy.num_replicas_in_sync
+    workdir = worker_dir(Path(workdir))
     keras.utils.set_random_seed(seed)
-    if tc.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = build_joint(arch)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    if init_from is not None:
-        _copy_matching_weights(init_from, model)
-    for name in tc.freeze:  # frozen segments also keep their BatchNorm statistics
-        model.get_layer(name).trainable = False
+    with strategy.scope():
+        if tc.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            model = build_joint(arch)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        if init_from is not None:
+            _copy_matching_weights(init_from, model)
+        for name in tc.freeze:  # frozen segments also keep their BatchNorm statistics
+            model.get_layer(name).trainable = False
 
-    n = len(train_labels)
-    steps_per_epoch = max(1, n // tc.batch_size)
-    total = steps_per_epoch * tc.epochs
-    lr = _one_cycle(tc.lr, total, tc.warmup)
-    if tc.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=tc.weight_decay)
-    else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
-    # No decay on BN/bias, nor on binary layers' latent weights (only their sign matters).
-    BinaryConv2D, _ = _custom_layers()
-    binary_kernels = [l.kernel for l in _all_layers(model) if isinstance(l, BinaryConv2D)]
-    opt.exclude_from_weight_decay(var_list=binary_kernels, var_names=["gamma", "beta", "bias"])
-    opt.build(model.trainable_variables)
+        n = len(train_labels)
+        steps_per_epoch = max(1, n // tc.batch_size)
+        total = steps_per_epoch * tc.epochs
+        lr = _one_cycle(tc.lr, total, tc.warmup)
+        if tc.optimizer == "sgd":
+            opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=tc.weight_decay)
+        else:
+            opt = keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
+        # No decay on BN/bias, nor on binary layers' latent weights (only their sign matters).
+        BinaryConv2D, _ = _custom_layers()
+        binary_kernels = [l.kernel for l in _all_layers(model) if isinstance(l, BinaryConv2D)]
+        opt.exclude_from_weight_decay(var_list=binary_kernels, var_names=["gamma", "beta", "bias"])
+        opt.build(model.trainable_variables)
+        seed_gen = tf.random.Generator.from_seed(seed)
+    history: list[dict[str, Any]] = _resume_state(workdir, arch, tc, model, opt, seed_gen) if resume else []
+    if len(history) >= tc.epochs:
+        log.info("checkpoint in %s already holds all %d epochs: nothing to train", workdir, tc.epochs)
+        return model
     weights = [float(w) for w in tc.loss_weights]
     smooth, temp, distill = tc.label_smoothing, tc.temperature, tc.distill
     num_classes = arch.num_classes
-    seed_gen = tf.random.Generator.from_seed(seed)
     has_binary = arch.binarized
 
-    @tf.function(jit_compile=False)
-    def step(x, y):
+    def replica_step(x, y):
         x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen)
         onehot = tf.one_hot(y, num_classes)
         target = onehot * (1.0 - smooth) + smooth / num_classes
@@ -144,26 +153,36 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
                       - tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, tf.math.log(teacher + 1e-8)))
                       for o in outs[:-1]]
                 loss += distill * temp * temp * tf.add_n(kd)
-        grads = tape.gradient(loss, model.trainable_variables)
+            # Replica gradients are summed across replicas: scale so the sum is the global-batch mean.
+            replica_loss = loss / replicas
+        grads = tape.gradient(replica_loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
-        for k in binary_kernels:  # BinaryConnect: latent weights stay in [-1, 1]
-            k.assign(tf.clip_by_value(k, -1.0, 1.0))
         correct = [tf.reduce_sum(tf.cast(tf.argmax(o, 1, output_type=tf.int32) == y, tf.float32)) for o in outs]
         return loss, tf.stack(correct)
 
+    @tf.function(jit_compile=False)
+    def step(x, y):
+        loss, correct = strategy.run(replica_step, args=(x, y))
+        for k in binary_kernels:  # BinaryConnect: latent weights stay in [-1, 1]
+            k.assign(tf.clip_by_value(k, -1.0, 1.0))
+        return (strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
     rng = np.random.default_rng(seed)
-    history: list[dict[str, Any]] = []
-    log.info("training %s (%s%s): %d train / %d val images, %d epochs x %d steps, batch %d",
+    for _ in history:  # a resumed run sees the same epoch orders as an uninterrupted one
+        rng.permutation(n)
+    log.info("training %s (%s%s): %d train / %d val images, %d epochs x %d steps, batch %d on %d replica(s) (%s)",
              model.name, arch.family, ", binarized end" if has_binary else "", n, len(val_labels),
-             tc.epochs, steps_per_epoch, tc.batch_size)
+             tc.epochs, steps_per_epoch, tc.batch_size, replicas, type(strategy).__name__)
     t_start = time.monotonic()
-    for epoch in range(1, tc.epochs + 1):
+    for epoch in range(len(history) + 1, tc.epochs + 1):
         order = rng.permutation(n)
         t_epoch, t_log = time.monotonic(), time.monotonic()
         loss_sum, correct_sum, seen = 0.0, np.zeros(3), 0
         for s in range(steps_per_epoch):
             idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
-            loss, correct = step(train_images[idx], train_labels[idx].astype(np.int32))
+            loss, correct = step(*replica_slices(strategy, train_images[idx], train_labels[idx].astype(np.int32),
+                                                 tc.batch_size))
             if not np.isfinite(float(loss)):
                 raise ConfigError(f"training diverged (loss {float(loss)}) at epoch {epoch} step {s + 1}; "
                                   f"lower the learning rate (now {tc.lr})")
@@ -188,9 +207,50 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
         log.info("epoch %d/%d done in %s: loss %.3f, train acc %s, val acc end %.4f edge %.4f cloud %.4f",
                  epoch, tc.epochs, _hms(record["seconds"]), record["loss"],
                  "/".join(f"{a:.3f}" for a in record["train_acc"]), *val_acc)
+        _save_optimizer(workdir, opt, seed_gen)  # before model.json, which marks the epoch done
         save_checkpoint(model, workdir, arch, tc, classes, history, seed, extra)
     log.info("training finished in %s", _hms(time.monotonic() - t_start))
     return model
+
+
+OPTIMIZER_STATE = "optimizer.npz"
+
+
+def _save_optimizer(workdir: Path, opt, seed_gen) -> None:
+    """Optimizer slots, step counter and augmentation RNG: what --resume needs beyond the weights."""
+    ckpt = Path(workdir) / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f"{OPTIMIZER_STATE}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, *[np.asarray(v.numpy()) for v in opt.variables], rng_state=seed_gen.state.numpy())
+    tmp.replace(ckpt / OPTIMIZER_STATE)
+
+
+def _resume_state(workdir: Path, arch: ArchConfig, tc: TrainConfig, model, opt, seed_gen) -> list[dict]:
+    """Load an unfinished run of the same configuration into model/opt; returns its history."""
+    ckpt = Path(workdir) / CHECKPOINT_DIR
+    if not (ckpt / "model.json").is_file():
+        log.info("no checkpoint in %s: training from scratch", workdir)
+        return []
+    meta = json.loads((ckpt / "model.json").read_text())
+    same = {k: v for k, v in asdict(tc).items() if k not in ("epochs", "log_every_s")}
+    theirs = {k: v for k, v in meta.get("train", {}).items() if k not in ("epochs", "log_every_s")}
+    if meta.get("arch") != arch.to_json() or theirs != same or meta["train"].get("epochs") != tc.epochs:
+        raise ConfigError(f"{ckpt}: the checkpoint was trained with another configuration; "
+                          "resume with the same preset and settings, or use a new --workdir")
+    history = meta.get("history", [])
+    saved, _ = load_checkpoint(ckpt)
+    model.set_weights(saved.get_weights())
+    if len(history) < tc.epochs:
+        state_file = ckpt / OPTIMIZER_STATE
+        if not state_file.is_file():
+            raise BundleError(f"{ckpt}: no {OPTIMIZER_STATE}, cannot resume this run")
+        z = np.load(state_file)
+        slots = [z[f"arr_{i}"] for i in range(len(opt.variables))]
+        for v, value in zip(opt.variables, slots):
+            v.assign(value)
+        seed_gen.reset(z["rng_state"])
+        log.info("resuming %s after epoch %d of %d", workdir, len(history), tc.epochs)
+    return history
 
 
 def _copy_matching_weights(src, dst) -> None:

@@ -4,11 +4,10 @@ unsure frames, exactly one result event per frame.
 Threads: the frame loop (caller's thread) runs the model and publishes; paho's network thread
 delivers answers; a reaper thread applies deadlines. A frame is resolved exactly once, by whoever
 pops it from `_pending` first (answer, reject, deadline, disconnect); late answers are counted and
-ignored. The model lives in one `_Model` object that `swap_bundle()` replaces between frames.
+ignored. The model lives in one `TierModel` object that `swap_bundle()` replaces between frames.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -19,31 +18,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tierlite import wire
+from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import DeviceConfig
-from tierlite.errors import BundleError, WireError
-from tierlite.mqtt import MqttClient, default_client_id
+from tierlite.errors import WireError
+from tierlite.mqtt import Message, MqttClient, default_client_id
 from tierlite.policy import decide
-from tierlite.segment import Segment
+from tierlite.segment import Segment, TierModel
+
+__all__ = ["DeviceDaemon", "DeviceStats"]
 
 log = logging.getLogger("tierlite.device")
 
 STATUS_INTERVAL_S = 30.0
-RECENT_FRAMES = 32
-
-
-@dataclass
-class _Model:
-    bundle: Bundle
-    segment: Segment
-    threshold: float
-    spec: wire.BoundarySpec
-
-    @property
-    def size(self) -> tuple[int, int]:
-        shape = self.segment.input_info.shape
-        return int(shape[1]), int(shape[2])
 
 
 @dataclass
@@ -55,7 +42,7 @@ class _Pending:
     label: int
     confidence: float
     entropy: float
-    model: _Model
+    model: TierModel
     ref: str | None
     bytes_up: int
 
@@ -86,7 +73,6 @@ class DeviceDaemon:
         self._next_frame = 0
         self.stop_event = threading.Event()
         self.stats = DeviceStats()
-        self.recent_frames: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_FRAMES)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._results_file = open(config.results_file, "a", buffering=1) if config.results_file else None
         bundle = bundle or Bundle.load(config.bundle)
@@ -98,30 +84,21 @@ class DeviceDaemon:
                 segment_factory=lambda b, tier: Segment(b, tier, self.runtime, self.runtime_options, fallback=True))
             bundle = self.updates.startup(bundle)  # a kept newer version survives restarts
         self._model = self._load(bundle)
-        self._topics = {k: wire.topic(self.prefix, self.node, k) for k in wire.TOPIC_SUFFIXES}
+        self._topics = {k: topics.node_topic(self.prefix, self.node, k) for k in topics.NODE_SUFFIXES}
         qos = config.broker.qos
         self._qos = qos
         offline = json.dumps({"node": self.node, "state": "offline", "reason": "connection lost"}).encode()
         self.mqtt = MqttClient(config.broker, default_client_id("device", self.node),
-                               will=(self._topics["status"], offline, qos.status, True),
+                               will=Message(self._topics[topics.STATUS], offline, qos.status, True),
                                on_connect=self._on_connect, on_disconnect=self._on_disconnect)
-        self.mqtt.subscribe(self._topics["answer"], self._on_answer, qos.answer)
+        self.mqtt.subscribe(self._topics[topics.ANSWER], self._on_answer, qos.answer)
         if self.updates is not None:
             self.updates.attach(self.mqtt)
         self._reaper = threading.Thread(target=self._reap, name="deadline-reaper", daemon=True)
 
     # -- model ----------------------------------------------------------------------------------
-    def _load(self, bundle: Bundle) -> _Model:
-        segment = Segment(bundle, "end", self.runtime, self.runtime_options, fallback=True)
-        threshold = self.config.threshold if self.config.threshold is not None else bundle.thresholds.get("end")
-        if threshold is None:
-            raise BundleError(f"bundle {bundle.name} v{bundle.version} has no 'end' threshold; set `threshold` in the config")
-        has_edge = "edge" in bundle.segments
-        spec = wire.boundary_spec(bundle, wire.Kind.FEATURE) if has_edge else None
-        if spec is None:
-            log.warning("bundle %s has no edge segment: every frame is decided on the camera", bundle.name)
-            threshold = 1.0
-        return _Model(bundle, segment, float(threshold), spec)
+    def _load(self, bundle: Bundle) -> TierModel:
+        return TierModel.load(bundle, "end", self.runtime, self.runtime_options, self.config.threshold)
 
     @property
     def bundle(self) -> Bundle:
@@ -147,7 +124,6 @@ class DeviceDaemon:
         out = m.segment.run(image[None] if image.ndim == 3 else image)
         confident, label, conf, entropy = decide(out.logits, m.threshold)
         decision_s = time.perf_counter() - t0
-        self.recent_frames.append(image)
         if self.updates is not None:
             self.updates.observe("end", image, out.logits, escalated=not confident)
         with self._lock:
@@ -164,14 +140,14 @@ class DeviceDaemon:
         if reason:
             self._emit(m, frame_id, "end", label, conf, entropy, t0, decision_s, ref, 0, reason)
             return
-        payload = wire.encode_tensor_message(m.spec, frame_id, out.feature, [out.logits])
+        payload = wire.encode_tensor_message(m.spec_out, frame_id, out.feature, [out.logits])
         pending = _Pending(frame_id, t0, t0 + self.config.deadline_ms / 1000.0, decision_s, label, conf,
                            entropy, m, ref, len(payload))
         with self._lock:  # registered before publishing: the answer may beat publish() back
             self._pending[frame_id] = pending
             if len(self._pending) == 1:
                 self._wake.notify()
-        if not self.mqtt.publish(self._topics["feature"], payload, self._qos.feature):
+        if not self.mqtt.publish(self._topics[topics.FEATURE], payload, self._qos.feature):
             self._fallback(frame_id, "offline")
 
     def _fallback(self, frame_id: int, reason: str) -> None:
@@ -198,7 +174,7 @@ class DeviceDaemon:
             if self.stats.fallbacks.get("rejected", 0) == 0:
                 log.warning("%s tier rejected frame %d (%s): answering locally", ans.tier, ans.frame_id, ans.reason.name.lower())
             reason = "rejected"
-        elif ans.bundle_id != p.model.spec.bundle_id:
+        elif ans.bundle_id != p.model.spec_out.bundle_id:
             reason = "rejected"  # answered by another model (any version of this one is fine: updates keep the boundary)
         else:
             self._emit(p.model, p.frame_id, ans.tier, ans.label, ans.confidence, ans.entropy, p.t0,
@@ -207,7 +183,7 @@ class DeviceDaemon:
         self._emit(p.model, p.frame_id, "end", p.label, p.confidence, p.entropy, p.t0, p.decision_s,
                    p.ref, p.bytes_up, reason)
 
-    def _emit(self, m: _Model, frame_id: int, tier: str, label: int, conf: float, entropy: float,
+    def _emit(self, m: TierModel, frame_id: int, tier: str, label: int, conf: float, entropy: float,
               t0: float, decision_s: float, ref: str | None, bytes_up: int, fallback: str | None) -> None:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         labels = m.bundle.labels
@@ -231,7 +207,7 @@ class DeviceDaemon:
             if self._results_file is not None:
                 self._results_file.write(line + "\n")
         if self.mqtt.connected:
-            self.mqtt.publish(self._topics["result"], line, self._qos.result)
+            self.mqtt.publish(self._topics[topics.RESULT], line, self._qos.result)
         for fn in self._listeners:
             try:
                 fn(event)
@@ -281,17 +257,17 @@ class DeviceDaemon:
                 **({"update": self.updates.status()} if self.updates is not None else {})}
 
     def publish_status(self, state: str = "online") -> None:
-        self.mqtt.publish(self._topics["status"], json.dumps(self.status(state)), self._qos.status, retain=True)
+        self.mqtt.publish(self._topics[topics.STATUS], json.dumps(self.status(state)), self._qos.status, retain=True)
 
     def _publish_home_assistant(self) -> None:
         uid = f"tierlite_{self.node}".replace(".", "_").replace("-", "_")
         config = {"name": f"{self.node} class", "unique_id": f"{uid}_label",
-                  "state_topic": self._topics["result"], "value_template": "{{ value_json.label_name }}",
-                  "json_attributes_topic": self._topics["result"],
-                  "availability_topic": self._topics["status"], "availability_template": "{{ value_json.state }}",
+                  "state_topic": self._topics[topics.RESULT], "value_template": "{{ value_json.label_name }}",
+                  "json_attributes_topic": self._topics[topics.RESULT],
+                  "availability_topic": self._topics[topics.STATUS], "availability_template": "{{ value_json.state }}",
                   "payload_available": "online", "payload_not_available": "offline",
                   "device": {"identifiers": [uid], "name": f"tierlite {self.node}", "manufacturer": "tierlite"}}
-        self.mqtt.publish(f"homeassistant/sensor/{uid}/config", json.dumps(config), 1, retain=True)
+        self.mqtt.publish(topics.home_assistant_config(uid), json.dumps(config), 1, retain=True)
 
     # -- main loop --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -348,8 +324,8 @@ class DeviceDaemon:
         log.info("node %s: %d frames (end %d, edge %d, cloud %d; fallbacks %s), %d bytes up, %d late answers",
                  self.node, s.frames, s.by_tier.get("end", 0), s.by_tier.get("edge", 0), s.by_tier.get("cloud", 0),
                  s.fallbacks or "none", s.bytes_up, s.late_answers)
-        self.mqtt.stop(final=[(self._topics["status"], json.dumps(self.status("offline")).encode(),
-                               self._qos.status, True)])
+        self.mqtt.stop(final=[Message(self._topics[topics.STATUS], json.dumps(self.status("offline")).encode(),
+                                      self._qos.status, True)])
         if self._results_file is not None:
             self._results_file.close()
             self._results_file = None

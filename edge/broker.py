@@ -9,8 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from tierlite import topics
 from tierlite.config import BridgeConfig, MosquittoConfig
 from tierlite.errors import ConfigError
+
+__all__ = ["MosquittoProcess", "bridge_config", "find_mosquitto", "mosquitto_config", "port_open"]
 
 log = logging.getLogger("tierlite.edge.broker")
 
@@ -40,12 +43,12 @@ def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
         "restart_timeout 1 30",  # reconnect backoff: 1 s doubling up to 30 s
         "try_private true",
         "notifications true",
-        f"notification_topic {prefix}/_gateway/{gateway_id}/bridge",
-        f"topic {prefix}/+/escalate out {b.qos}",
-        f"topic {prefix}/+/answer in {b.qos}",
-        f"topic {prefix}/update/# in 1",
-        f"topic {prefix}/update/+/report/+ out 1",
-        f"topic {prefix}/update/+/frames/+ out 0",  # hard-case frames from nodes that opted in
+        f"notification_topic {topics.bridge_notifications(prefix, gateway_id)}",
+        f"topic {topics.node_filter(prefix, topics.ESCALATE)} out {b.qos}",
+        f"topic {topics.node_filter(prefix, topics.ANSWER)} in {b.qos}",
+        f"topic {topics.updates(prefix)} in 1",
+        f"topic {topics.update_reports(prefix)} out 1",
+        f"topic {topics.frame_uploads(prefix)} out 0",  # hard-case frames from nodes that opted in
     ]
     if b.username:
         lines.append(f"remote_username {b.username}")

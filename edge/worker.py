@@ -15,28 +15,20 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from tierlite import wire
+from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import EdgeConfig
-from tierlite.errors import BundleError, WireError
+from tierlite.errors import WireError
 from tierlite.mqtt import MqttClient, default_client_id
 from tierlite.policy import decide
-from tierlite.segment import Segment, decode_feature
+from tierlite.segment import Segment, TierModel
 from tierlite.tierworker import TierWorker
 
+__all__ = ["EdgeWorker", "main"]
+
 log = logging.getLogger("tierlite.edge.worker")
-
-
-@dataclass
-class _Model:
-    bundle: Bundle
-    segment: Segment
-    threshold: float
-    spec_in: wire.BoundarySpec
-    spec_out: wire.BoundarySpec | None  # None: the bundle has no cloud tier, the edge answers all
 
 
 class EdgeWorker(TierWorker):
@@ -45,17 +37,15 @@ class EdgeWorker(TierWorker):
     def __init__(self, config: EdgeConfig, index: int = 0, bundle: Bundle | None = None,
                  runtime_options: dict | None = None):
         super().__init__(config.prefix, config.broker.qos, f"{config.gateway_id}-w{index}",
-                         f"{config.prefix}/_gateway/{config.gateway_id}/worker/{index}")
+                         topics.gateway_worker(config.prefix, config.gateway_id, index))
         self.config = config
         self.index = index
         self.options = {"threads": config.threads, **(runtime_options or {})}
         bundle = bundle or Bundle.load(config.bundle)
         self.updates = None  # signed model updates (tierlite.update), with an `update:` section
         if config.update is not None and config.update.enabled:
-            import dataclasses
-
             from tierlite.update import UpdateManager
-            own = dataclasses.replace(config.update, state_dir=str(Path(config.update.state_dir) / f"worker-{index}"))
+            own = config.update.model_copy(update={"state_dir": str(Path(config.update.state_dir) / f"worker-{index}")})
             self.updates = UpdateManager(
                 own, f"{config.gateway_id}-w{index}", ["edge"], swap=lambda b, segments: self.swap_bundle(b),
                 prefix=self.prefix, segment_factory=lambda b, tier: Segment(b, tier, config.runtime, self.options, True))
@@ -63,22 +53,14 @@ class EdgeWorker(TierWorker):
         self._model = self._load(bundle)
         self.mqtt = MqttClient(config.broker, default_client_id("edge", self.worker_id),
                                will=self._will(), on_connect=self._on_connect)
-        feature_filter = f"{self.prefix}/+/feature"
-        if config.broker.protocol == "5":
-            feature_filter = f"$share/{config.share_group}/{feature_filter}"
-        self.mqtt.subscribe(feature_filter, self.on_feature, self._qos.feature)
+        share = config.share_group if config.broker.protocol == "5" else None
+        self.mqtt.subscribe(topics.node_filter(self.prefix, topics.FEATURE).shared(share), self.on_feature,
+                            self._qos.feature)
         if self.updates is not None:
             self.updates.attach(self.mqtt)
 
-    def _load(self, bundle: Bundle) -> _Model:
-        segment = Segment(bundle, "edge", self.config.runtime, self.options, fallback=True)
-        spec_out = wire.boundary_spec(bundle, wire.Kind.ESCALATE) if "cloud" in bundle.segments else None
-        threshold = self.config.threshold if self.config.threshold is not None else bundle.thresholds.get("edge")
-        if spec_out is None:
-            threshold = 1.0
-        elif threshold is None:
-            raise BundleError(f"bundle {bundle.name} v{bundle.version} has no 'edge' threshold; set `threshold`")
-        return _Model(bundle, segment, float(threshold), wire.boundary_spec(bundle, wire.Kind.FEATURE), spec_out)
+    def _load(self, bundle: Bundle) -> TierModel:
+        return TierModel.load(bundle, "edge", self.config.runtime, self.options, self.config.threshold)
 
     def _status_fields(self) -> dict:
         return {"threshold": self._model.threshold}
@@ -88,25 +70,25 @@ class EdgeWorker(TierWorker):
         t0 = time.perf_counter()
         m = self._model
         try:
-            node = wire.node_of(topic, self.prefix)
+            node = topics.node_of(topic, self.prefix)
             msg = wire.decode_tensor_message(payload, m.spec_in)
-            q = decode_feature(msg.feature, m.spec_in.input_info.shape, m.spec_in.encoding)
         except WireError as e:
             self._reject(topic, payload, e)
             return
+        q = msg.tensor
         out = m.segment.run(q)
         confident, label, conf, entropy = decide(out.logits, m.threshold)
         if self.updates is not None:
             self.updates.observe("edge", q, out.logits, escalated=not confident)
         if confident:
             reply = wire.encode_answer("edge", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
-            self.mqtt.publish(wire.topic(self.prefix, node, "answer"), reply, self._qos.answer)
+            self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer)
             outcome, kind = "answered", "answer"
         else:
             reply = wire.encode_tensor_message(
                 m.spec_out, msg.frame_id, out.feature, [msg.exit_logits[0], out.logits], sent_us=msg.sent_us,
                 end_feature=msg.feature if self.config.forward_end_feature else None)
-            self.mqtt.publish(wire.topic(self.prefix, node, "escalate"), reply, self._qos.escalate)
+            self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ESCALATE), reply, self._qos.escalate)
             outcome, kind = "escalated", "escalate"
         self.processed += 1
         self.metrics.frame(node, outcome, len(payload), time.perf_counter() - t0,

@@ -1,13 +1,10 @@
-"""Helpers for the runtime tests: free ports, a real Mosquitto, tier processes started as a user
-would (`python -m tierlite ...`), an MQTT watcher, offline chain results to compare against."""
+"""Helpers for the runtime tests: the local stack's free ports, broker and tier processes
+(tierlite.tools.stack), an MQTT watcher, offline chain results to compare against."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,63 +12,27 @@ from typing import Callable
 
 import numpy as np
 
-from tierlite.demo import free_port, read_jsonl, wait_until, write_yaml  # noqa: F401 (re-exported to tests)
+from tierlite.tools.stack import Broker, TierProcess, free_port, read_jsonl, wait_until, write_yaml  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 TIER_NAMES = ("end", "edge", "cloud")
 
 
-class Mosquitto:
-    """A real broker on 127.0.0.1:<port>, with the config tierlite generates."""
+class Mosquitto(Broker):
+    """A real Mosquitto, never the amqtt stand-in: the runtime tests need MQTT 5."""
 
     def __init__(self, workdir: Path, port: int | None = None):
-        from tierlite.config import MosquittoConfig
-        from tierlite.edge.broker import MosquittoProcess, mosquitto_config
-
-        self.port = port or free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        m = MosquittoConfig(port=self.port)
-        self._proc = MosquittoProcess(m, workdir, mosquitto_config(m))
-
-    def start(self) -> "Mosquitto":
-        self._proc.start()
-        return self
-
-    def stop(self) -> None:
-        self._proc.stop()
+        super().__init__(workdir, port, fallback=False)
 
 
-class Proc:
-    """`python -m tierlite <args>` with its log in a file; stop() sends SIGTERM and returns the code."""
+class Proc(TierProcess):
+    """`python -m tierlite <args>` logging to `log_path`; wait() fails the test if it runs too long."""
 
     def __init__(self, args: list[str], log_path: Path, cwd: Path | None = None, env: dict | None = None):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tierlite", *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=cwd,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(log_path.stem, args, log_path.parent, cwd=cwd, env=env)
 
     def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.log_path.name}: still running after {timeout:.0f}s\n{self.log()[-3000:]}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.wait(timeout)
-        self._log.close()
-        return code
+        return self.expect_exit(timeout)
 
 
 class Watcher:
@@ -110,7 +71,8 @@ def offline_chain(bundle_dir: Path, paths: list[Path]) -> dict[str, list[np.ndar
     """Every tier's exit logits for each frame, run offline through the chained segments."""
     from tierlite.bundle import Bundle
     from tierlite.data import decode_image
-    from tierlite.segment import Segment, decode_feature, encode_feature
+    from tierlite.segment import Segment
+    from tierlite.wire import decode_feature, encode_feature
 
     bundle = Bundle.load(bundle_dir)
     segs = {t: Segment(bundle, t) for t in ("end", "edge", "cloud")}

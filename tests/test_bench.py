@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from tierlite.bench.accuracy import escalation_overhead, mqtt_publish_bytes
-from tierlite.bench.fleet import summarize
-from tierlite.bench.report import Target, latency_ms, markdown_table
 from tierlite.bundle import Bundle
-from tierlite.cli import main
+from tierlite.tools.bench.configs import escalation_overhead, mqtt_publish_bytes
+from tierlite.tools.bench.fleet import summarize
+from tierlite.tools.bench.report import Target, latency_ms, markdown_table
+from tierlite.tools.cli import main
 
 
 # -- pure logic -----------------------------------------------------------------------------------

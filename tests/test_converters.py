@@ -10,7 +10,8 @@ import pytest
 
 from tierlite.bundle import TIERS, Bundle
 from tierlite.errors import BundleError
-from tierlite.segment import Segment, decode_feature, encode_feature
+from tierlite.segment import Segment
+from tierlite.wire import decode_feature, encode_feature
 
 N_FRAMES = 60  # frames pushed through every runtime chain (TFLM on the host is slow)
 
@@ -154,7 +155,7 @@ def test_tampered_and_malformed_bundles_fail_clearly(small_bundle_dir, tmp_path)
 
 
 def test_cli_inspect_bundle_and_bare_tflite(small_bundle_dir, binary_bundle_dir, capsys):
-    from tierlite.cli import main
+    from tierlite.tools.cli import main
 
     assert main(["inspect", str(small_bundle_dir)]) == 0
     out = capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_corrupt_files_skipped_counted_and_cached(tmp_path, digits_dir):
 
 
 def test_cli_convert_reports_missing_folder(tmp_path, capsys):
-    from tierlite.cli import main
+    from tierlite.tools.cli import main
 
     assert main(["convert", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
     assert "error: image folder not found" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from tierlite.bundle import validate_manifest
 from tierlite.errors import BundleError, ConfigError, RuntimeUnavailable, WireError
 from tierlite.policy import chain_decisions, decide, normalized_entropy, softmax
 from tierlite.runtimes import open_runtime
-from tierlite.segment import decode_feature, encode_feature, encoded_size
+from tierlite.wire import decode_feature, encode_feature, encoded_size
 
 
 def test_normalized_entropy_bounds():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tierlite.cli import main
+from tierlite.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = [("small_bundle_dir", "esp32s3-eye"), ("binary_bundle_dir", "nrf52840-dk")]
@@ -44,7 +44,8 @@ def generated(request, digits_dir, tmp_path_factory):
 
 
 def test_end_segment_fits_and_matches_litert(generated):
-    from tierlite.converters.firmware import TFLM_RESOLVER_METHODS, _allocates, captured_stderr
+    from tierlite.converters.firmware import TFLM_RESOLVER_METHODS, captured_stderr
+    from tierlite.converters.firmware.tflm_host import _allocates
     from tierlite.runtimes import open_runtime
 
     bundle_dir, out, r = generated

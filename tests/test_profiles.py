@@ -10,7 +10,7 @@ import pytest
 
 from tierlite.bundle import Bundle, write_manifest
 from tierlite.errors import BundleError
-from tierlite.profiles import STATS, Selector, frame_stats
+from tierlite.conditions import STATS, Selector, frame_stats
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,8 +48,8 @@ def test_manifest_rejects_bad_profile_entries(small_bundle_dir, tmp_path):
 
 
 def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bundle_dir, digits_dir, tmp_path):
-    from tierlite.bench.drift import low_light, simulate_fleet
-    from tierlite.cli import main
+    from tierlite.tools.bench.drift import low_light, simulate_fleet
+    from tierlite.tools.cli import main
     from tierlite.cloud.retrain import Chain
     from tierlite.converters.pipeline import default_workdir
     from tierlite.data import load_image_folder
@@ -82,8 +82,8 @@ def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bun
     assert cand.segment("end").outputs == parent.segment("end").outputs
     # The node's Segment runs the profile exactly where its selector says, the trained end elsewhere.
     node = Segment(cand, "end")
-    assert len(node.profiles) == 1
-    sel, profile_rt = node.profiles[0]
+    assert len(node.variants) == 1
+    sel, profile_rt = node.variants[0]
     fi = cand.segment("end").output("feature").index
     picked = sel.picks(drifted)
     clean = test.images[:40]
@@ -95,7 +95,7 @@ def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bun
         differs += use_profile and not np.array_equal(got, node.runtime.run([frame[None]])[fi])
     assert differs > 0  # the profile is a different model, not a copy
     # The update ships the profile as a new file next to the unchanged segments.
-    from tierlite.update import build_artifact
+    from tierlite.cloud.publish import build_artifact
 
     _, art = build_artifact(out, parent=parent)
     assert entry["file"] in art.included and "end.tflite" not in art.included + art.patched, art

@@ -204,7 +204,7 @@ def test_edge_worker_killed_mid_run_every_frame_gets_one_result(tmp_path, int8_s
 
 def test_binary_features_end_to_end(tmp_path, broker, binary_bundle_dir, digits_dir):
     from tierlite.bundle import Bundle
-    from tierlite.segment import encoded_size
+    from tierlite.wire import encoded_size
 
     frame_dir = tmp_path / "frames"
     thresholds, expected = select_frames(digits_dir / "test", frame_dir, binary_bundle_dir, per_tier=8)

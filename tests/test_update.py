@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 
 from tierlite.bundle import Bundle, write_manifest
+from tierlite.config import UpdateConfig
 from tierlite.errors import ConfigError
 from tierlite.segment import SegmentOutput
+from tierlite.cloud.publish import build_artifact, make_announcement
+from tierlite.cloud.signing import generate_keypair, load_private_key, sign_bundle, sign_document
 from tierlite.update import (
-    ChunkAssembler, UpdateConfig, UpdateError, UpdateManager, VersionStore, build_artifact, chunk_artifact,
-    generate_keypair, in_rollout, load_private_key, load_public_key, make_announcement, parse_announcement,
-    read_artifact, sign_bundle, sign_document, verify_document, vet_artifact,
+    ChunkAssembler, UpdateError, UpdateManager, VersionStore, chunk_artifact, in_rollout, load_public_key,
+    parse_announcement, read_artifact, verify_document, vet_artifact,
 )
 
 IN_SHAPE = [1, 4, 4, 3]
@@ -437,7 +439,7 @@ def test_manager_restart_during_probation_resumes_then_rolls_back(tmp_path, keys
 
 # -- CLI --------------------------------------------------------------------------------------------
 def test_keygen_and_publish_dry_run_cli(tmp_path, capsys):
-    from tierlite.cli import main
+    from tierlite.tools.cli import main
 
     assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
     assert "key id" in capsys.readouterr().out

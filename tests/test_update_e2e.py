@@ -45,7 +45,7 @@ def make_version(parent: Path, dest: Path, version: int, head_change) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, small_bundle_dir, digits_dir):
-    from tierlite.update import generate_keypair, load_private_key
+    from tierlite.cloud.signing import generate_keypair, load_private_key
 
     work = tmp_path_factory.mktemp("update-e2e")
     priv, pub, _ = generate_keypair(work / "keys" / "update.key")
@@ -104,7 +104,9 @@ def publisher(w):
 
 def announce(mqtt, w, data: bytes, rep, key, chunks: list[bytes] | None = None, unsigned: bool = False) -> None:
     """Publish an artifact's chunks and announcement as given (a test may hand in bad ones)."""
-    from tierlite.update import chunk_artifact, chunk_topic, make_announcement, update_topic
+    from tierlite.cloud.publish import make_announcement
+    from tierlite.topics import update_announcement as update_topic, update_chunk as chunk_topic
+    from tierlite.update import chunk_artifact
 
     chunks = chunks if chunks is not None else chunk_artifact(data, CHUNK)
     ann = make_announcement(rep, len(chunks), CHUNK, key)
@@ -129,7 +131,9 @@ def wait_event(w, node: str, state: str, count: int = 1, timeout: float = 30.0) 
 def test_updates_over_mqtt_with_real_nodes(world):
     from tierlite.bundle import Bundle
     from tierlite.cloud.rollout import rollout
-    from tierlite.update import build_artifact, chunk_artifact, update_topic
+    from tierlite.cloud.publish import build_artifact
+    from tierlite.topics import update_announcement as update_topic
+    from tierlite.update import chunk_artifact
 
     w = world
     v1 = Bundle.load(w["v1"])

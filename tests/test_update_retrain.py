@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from tierlite.bundle import Bundle
-from tierlite.cli import main
+from tierlite.tools.cli import main
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def fleet_store(tmp_path_factory, small_bundle_dir, digits_dir):
-    from tierlite.bench.drift import low_light, simulate_fleet
+    from tierlite.tools.bench.drift import low_light, simulate_fleet
     from tierlite.bundle import write_manifest
     from tierlite.cloud.retrain import Chain
     from tierlite.converters.pipeline import default_workdir
@@ -74,7 +74,7 @@ def test_retrain_distils_heads_keeps_boundary_and_honours_privacy(fleet_store, d
     frame = np.full((1, 32, 32, 3), 128, np.uint8)
     assert np.array_equal(Segment(cand, "end").run(frame).feature, Segment(parent, "end").run(frame).feature)
     # what it costs to ship: two small XOR patches
-    from tierlite.update import build_artifact
+    from tierlite.cloud.publish import build_artifact
 
     _, art = build_artifact(out, parent=parent)
     assert art.patched == ["edge.tflite", "end.tflite"] and art.artifact_bytes < 8000, art

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from tierlite import wire
+from tierlite import topics, wire
 from tierlite.bundle import TensorInfo
 from tierlite.errors import ConfigError, WireError
 
@@ -49,7 +49,7 @@ def test_feature_round_trip_is_exact():
 
 
 def test_binary_feature_is_bit_packed():
-    from tierlite.segment import decode_feature
+    from tierlite.wire import decode_feature
 
     enc = {"kind": "binary", "low": -128, "high": 127}
     spec = feature_spec(enc)
@@ -126,13 +126,13 @@ def test_answers_round_trip_and_bad_answers_are_refused():
 
 
 def test_topics_and_node_ids():
-    assert wire.topic("site/a", "cam-1", "feature") == "site/a/cam-1/feature"
-    assert wire.node_of("site/a/cam-1/feature", "site/a") == "cam-1"
+    assert topics.node_topic("site/a", "cam-1", "feature") == "site/a/cam-1/feature"
+    assert topics.node_of("site/a/cam-1/feature", "site/a") == "cam-1"
     for bad in ("site/a/feature", "site/b/cam/feature", "site/a/x/y/feature", "site/a/_gateway/feature",
                 "site/a/update/feature"):
         with pytest.raises(WireError):
-            wire.node_of(bad, "site/a")
-    assert not wire.valid_node_id("a" * 65) and not wire.valid_node_id("cam 1") and wire.valid_node_id("Cam_1.x-2")
+            topics.node_of(bad, "site/a")
+    assert not topics.valid_node_id("a" * 65) and not topics.valid_node_id("cam 1") and topics.valid_node_id("Cam_1.x-2")
 
 
 def test_header_layout_is_stable():

@@ -1,5 +1,5 @@
 import sys
 
-from tierlite.cli import main
+from tierlite.tools.cli import main
 
 sys.exit(main())

@@ -13,10 +13,16 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Mapping
 
+from tierlite.conditions import end_variants
 from tierlite.errors import BundleError
-from tierlite.profiles import end_profiles
+
+__all__ = [
+    "Bundle", "FEATURE_KINDS", "FeatureEncoding", "MANIFEST", "SCHEMA_VERSION", "SegmentInfo", "TIERS",
+    "TensorInfo", "manifest_file_hashes", "read_archive_manifest", "sha256_file", "validate_manifest",
+    "write_archive", "write_manifest",
+]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,6 +68,48 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class FeatureEncoding:
+    """How the end segment's feature crosses to the edge (the manifest's `feature_encoding`):
+    int8, one byte an element, or binary, one bit an element (1 = `high`, 0 = `low`).
+    tierlite.wire encodes and decodes with it; the edge->cloud boundary is always INT8."""
+
+    kind: Literal["int8", "binary"] = "int8"
+    low: int | None = None  # binary only: the int8 levels a bit stands for
+    high: int | None = None
+    INT8: ClassVar["FeatureEncoding"]
+
+    @classmethod
+    def from_manifest(cls, entry: Any, where: str = MANIFEST) -> "FeatureEncoding":
+        kind = entry.get("kind") if isinstance(entry, Mapping) else None
+        if kind not in FEATURE_KINDS:
+            raise BundleError(f"{where}: feature_encoding.kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        if kind == "int8":
+            return cls.INT8
+        try:
+            return cls(kind, int(entry["low"]), int(entry["high"]))
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{where}: feature_encoding 'binary' needs integer 'low' and 'high'") from None
+
+    @classmethod
+    def of(cls, encoding: "FeatureEncoding | Mapping[str, Any]") -> "FeatureEncoding":
+        """Typed as it is, or read from a manifest-style dict."""
+        return encoding if isinstance(encoding, cls) else cls.from_manifest(encoding, "feature encoding")
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"kind": "int8"} if self.kind == "int8" else {"kind": self.kind, "low": self.low, "high": self.high}
+
+
+FeatureEncoding.INT8 = FeatureEncoding("int8")
+
+
+def manifest_file_hashes(manifest: dict[str, Any]) -> dict[str, str]:
+    """{file: sha256} of every segment and extra file a manifest lists."""
+    hashes = {str(s["file"]): str(s["sha256"]) for s in manifest["segments"]}
+    hashes.update({str(e["file"]): str(e["sha256"]) for e in manifest.get("files", [])})
+    return hashes
+
+
+@dataclass(frozen=True)
 class SegmentInfo:
     tier: str
     file: str
@@ -102,7 +150,12 @@ class Bundle:
 
     @property
     def feature_encoding(self) -> dict[str, Any]:
+        """The manifest's entry as written; `encoding` is the typed form."""
         return dict(self.manifest["feature_encoding"])
+
+    @property
+    def encoding(self) -> FeatureEncoding:
+        return FeatureEncoding.from_manifest(self.manifest["feature_encoding"])
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -179,9 +232,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
             raise BundleError(f"{where}: '{key}' missing or not a {typ.__name__}")
     if m["version"] < 1:
         raise BundleError(f"{where}: version must be >= 1")
-    kind = m["feature_encoding"].get("kind")
-    if kind not in FEATURE_KINDS:
-        raise BundleError(f"{where}: feature_encoding.kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    FeatureEncoding.from_manifest(m["feature_encoding"], where)
     segments: dict[str, SegmentInfo] = {}
     for i, s in enumerate(m["segments"]):
         at = f"{where} segments[{i}]"
@@ -208,7 +259,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
         file = e.get("file") if isinstance(e, dict) else None
         if not isinstance(file, str) or not _plain_relative(file) or not isinstance(e.get("sha256"), str):
             raise BundleError(f"{where} files[{i}]: needs a plain relative 'file' and its 'sha256'")
-    end_profiles(m)  # condition profiles' selectors are well formed
+    end_variants(m)  # condition variants' selectors are well formed
     return segments
 
 

@@ -23,3 +23,7 @@ class RuntimeUnavailable(TierliteError):
 
 class WireError(TierliteError):
     """A wire message failed to decode. Workers count and drop these, they never crash."""
+
+
+class UpdateError(TierliteError):
+    """A model update was refused or could not be published; the message says why in one line."""

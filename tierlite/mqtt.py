@@ -11,6 +11,7 @@ socket (small messages, latency matters), and the generated Mosquitto config rai
 MqttClient never raises on network trouble: publish() returns False, connection changes go to
 callbacks, a handler's exception is logged and counted (paho would otherwise kill its thread).
 Connection is asynchronous with reconnect backoff, so a daemon starts and runs with no broker.
+`broker: {host: auto}` finds the gateway first (tierlite.discovery).
 """
 from __future__ import annotations
 
@@ -24,62 +25,24 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tierlite.config import BrokerConfig
+from tierlite.discovery import discover_broker
 from tierlite.errors import ConfigError
+
+__all__ = ["Handler", "Message", "MqttClient", "default_client_id"]
 
 log = logging.getLogger("tierlite.mqtt")
 
-SERVICE_TYPE = "_mqtt._tcp.local."
 Handler = Callable[[str, bytes], None]  # (topic, payload)
 
 
 @dataclass(frozen=True)
-class DiscoveredBroker:
-    host: str
-    port: int
-    name: str
-    properties: dict[str, str]
+class Message:
+    """One message to publish as it is: a last will, a final status at shutdown, a reply."""
 
-
-def discover_broker(timeout: float = 3.0, interfaces: list[str] | None = None,
-                    match: dict[str, str] | None = None) -> DiscoveredBroker | None:
-    """Browse zeroconf for a tierlite gateway's `_mqtt._tcp` service (TXT `tierlite=1`), optionally
-    one whose TXT records include `match` (e.g. {"bundle": "digits-small"}). Returns the first one
-    resolved within `timeout` seconds, else None."""
-    from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
-
-    names: list[str] = []
-    seen = threading.Event()
-
-    def on_change(zeroconf, service_type, name, state_change):  # runs on zeroconf's thread: no blocking
-        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated) and name not in names:
-            names.append(name)
-            seen.set()
-
-    zc = Zeroconf(interfaces=interfaces or InterfaceChoice.All)
-    try:
-        ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
-        deadline = time.monotonic() + timeout
-        tried: set[str] = set()
-        while time.monotonic() < deadline:
-            seen.wait(max(0.0, deadline - time.monotonic()))
-            seen.clear()
-            for name in [n for n in names if n not in tried]:
-                tried.add(name)
-                info = ServiceInfo(SERVICE_TYPE, name)
-                if not info.request(zc, 1000):
-                    continue
-                props = {k.decode(errors="replace"): (v or b"").decode(errors="replace")
-                         for k, v in (info.properties or {}).items()}
-                if props.get("tierlite") != "1" or any(props.get(k) != str(v) for k, v in (match or {}).items()):
-                    continue
-                addrs = info.parsed_addresses()
-                if not addrs or not info.port:
-                    continue
-                host = next((a for a in addrs if ":" not in a), addrs[0])
-                return DiscoveredBroker(host, int(info.port), name, props)
-        return None
-    finally:
-        zc.close()
+    topic: str
+    payload: bytes | str
+    qos: int = 0
+    retain: bool = False
 
 
 class MqttClient:
@@ -87,7 +50,7 @@ class MqttClient:
     boundary. Call start() once; it returns at once and connects (and reconnects) in the background."""
 
     def __init__(self, config: BrokerConfig, client_id: str, *,
-                 will: tuple[str, bytes, int, bool] | None = None,
+                 will: Message | None = None,
                  on_connect: Callable[[], None] | None = None,
                  on_disconnect: Callable[[], None] | None = None):
         import paho.mqtt.client as paho
@@ -116,7 +79,7 @@ class MqttClient:
             if t.insecure:
                 c.tls_insecure_set(True)
         if will is not None:
-            c.will_set(*will)
+            c.will_set(will.topic, will.payload, will.qos, will.retain)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_connect_fail = self._on_connect_fail
@@ -178,15 +141,15 @@ class MqttClient:
             self._stop_event.wait(delay)
             delay = min(delay * 2, self.config.reconnect_max)
 
-    def stop(self, final: list[tuple[str, bytes, int, bool]] | None = None, timeout: float = 2.0) -> None:
+    def stop(self, final: list[Message] | None = None, timeout: float = 2.0) -> None:
         """Publish `final` messages (e.g. a retained 'offline' status), then disconnect cleanly."""
         self._stopping = True
         self._stop_event.set()
         if self.connected and final:
             infos = []
-            for t, payload, qos, retain in final:
+            for m in final:
                 try:
-                    infos.append(self._client.publish(t, payload, qos, retain))
+                    infos.append(self._client.publish(m.topic, m.payload, m.qos, m.retain))
                 except (ValueError, OSError, RuntimeError):
                     pass
             deadline = time.monotonic() + timeout
@@ -229,6 +192,10 @@ class MqttClient:
                 log.warning("mqtt: publish to %s failed (%d so far): %s", topic, self._publish_errors, e)
             return False
         return info.rc == self._paho.MQTT_ERR_SUCCESS
+
+    def send(self, message: Message) -> bool:
+        """publish() a Message."""
+        return self.publish(message.topic, message.payload, message.qos, message.retain)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Undo subscribe() (model updates subscribe to a version's chunks only while fetching it)."""

@@ -1,20 +1,21 @@
 """Run one bundle segment on a runtime plugin, speaking the manifest's roles (feature, logits),
-and encode/decode boundary features for the wire (int8 raw or bit-packed binary)."""
+and hold a tier's loaded model (`TierModel`: segment, exit threshold, the boundaries it speaks)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from tierlite import wire
 from tierlite.bundle import Bundle, TensorInfo
+from tierlite.conditions import end_variants
 from tierlite.errors import BundleError, RuntimeUnavailable, WireError
-from tierlite.profiles import end_profiles
 from tierlite.runtimes import open_runtime
 
-log = logging.getLogger("tierlite.segment")
+__all__ = ["Segment", "SegmentOutput", "TierModel", "dequantize"]
 
+log = logging.getLogger("tierlite.segment")
 
 @dataclass
 class SegmentOutput:
@@ -37,13 +38,13 @@ class Segment:
         self.info = bundle.segment(tier)
         self.runtime = self._open(runtime, options, fallback)
         self._check_io(self.runtime)
-        # Condition profiles (tierlite.profiles): same tensors, other statistics, picked per frame.
-        self.profiles = []
+        # Condition variants (tierlite.conditions): same tensors, other statistics, picked per frame.
+        self.variants = []
         if tier == "end":
-            for file, selector in end_profiles(bundle.manifest):
+            for file, selector in end_variants(bundle.manifest):
                 rt = open_runtime(bundle.root / file, runtime, options, fallback=fallback)
                 self._check_io(rt)
-                self.profiles.append((selector, rt))
+                self.variants.append((selector, rt))
         self._feature = self.info.output("feature")
         self._logits = self.info.output("logits")
         if self._logits is None:
@@ -93,31 +94,51 @@ class Segment:
         return SegmentOutput(feature, logits)
 
     def _runtime_for(self, x: np.ndarray):
-        for selector, runtime in self.profiles:
+        for selector, runtime in self.variants:
             if selector.picks(x)[0]:
                 return runtime
         return self.runtime
 
 
-# -- boundary feature codecs ----------------------------------------------------------------
-def encode_feature(q: np.ndarray, encoding: dict[str, Any]) -> bytes:
-    """int8: raw bytes. binary: 1 bit per element (1 = high), big-endian bit order (np.packbits)."""
-    if encoding["kind"] == "binary":
-        return np.packbits(q.reshape(-1) == encoding["high"]).tobytes()
-    return np.ascontiguousarray(q, dtype=np.int8).tobytes()
+# -- a tier's model ---------------------------------------------------------------------------
+_NEXT = {"end": "edge", "edge": "cloud", "cloud": None}
+_SENDS = {"end": wire.Kind.FEATURE, "edge": wire.Kind.ESCALATE}  # what a tier sends up
+_TAKES = {"edge": wire.Kind.FEATURE, "cloud": wire.Kind.ESCALATE}  # what it takes in
 
 
-def encoded_size(shape: tuple[int, ...], encoding: dict[str, Any]) -> int:
-    n = int(np.prod(shape))
-    return (n + 7) // 8 if encoding["kind"] == "binary" else n
+@dataclass(frozen=True)
+class TierModel:
+    """What one tier runs, swapped as one object between two frames: the segment, its exit
+    threshold (None on the cloud: the last tier always answers) and the boundaries it speaks."""
 
+    bundle: Bundle
+    segment: Segment
+    threshold: float | None
+    spec_in: wire.BoundarySpec | None  # what arrives (None on the node)
+    spec_out: wire.BoundarySpec | None  # what unsure frames go up as (None: no next tier in the bundle)
 
-def decode_feature(payload: bytes | memoryview, shape: tuple[int, ...], encoding: dict[str, Any]) -> np.ndarray:
-    expected = encoded_size(shape, encoding)
-    if len(payload) != expected:
-        raise WireError(f"feature payload is {len(payload)} bytes, shape {shape} needs {expected}")
-    if encoding["kind"] == "binary":
-        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=int(np.prod(shape)))
-        q = np.where(bits.astype(bool), np.int8(encoding["high"]), np.int8(encoding["low"]))
-        return q.astype(np.int8).reshape(shape)
-    return np.frombuffer(payload, dtype=np.int8).reshape(shape).copy()
+    @classmethod
+    def load(cls, bundle: Bundle, tier: str, runtime: str, options: dict | None = None,
+             threshold: float | None = None) -> "TierModel":
+        """Load `tier` of `bundle`; `threshold` overrides the bundle's (a config's `threshold`)."""
+        segment = Segment(bundle, tier, runtime, options, fallback=True)
+        following = _NEXT[tier]
+        spec_out = wire.boundary_spec(bundle, _SENDS[tier]) if following in bundle.segments else None
+        spec_in = wire.boundary_spec(bundle, _TAKES[tier]) if tier in _TAKES else None
+        if following is None:
+            threshold = None
+        elif spec_out is None:  # nowhere to escalate to: this tier answers every frame
+            log.warning("bundle %s has no %s segment: the %s tier decides every frame", bundle.name, following, tier)
+            threshold = 1.0
+        else:
+            threshold = threshold if threshold is not None else bundle.thresholds.get(tier)
+            if threshold is None:
+                raise BundleError(f"bundle {bundle.name} v{bundle.version} has no '{tier}' threshold; "
+                                  f"set `threshold` in the config")
+        return cls(bundle, segment, None if threshold is None else float(threshold), spec_in, spec_out)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the frames this segment takes."""
+        shape = self.segment.input_info.shape
+        return int(shape[1]), int(shape[2])

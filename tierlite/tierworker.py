@@ -9,10 +9,14 @@ import os
 import threading
 from typing import Any
 
-from tierlite import wire
+from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.errors import WireError
 from tierlite.metrics import TierMetrics
+from tierlite.mqtt import Message
+from tierlite.segment import TierModel
+
+__all__ = ["TierWorker"]
 
 log = logging.getLogger("tierlite.tierworker")
 
@@ -30,10 +34,10 @@ class TierWorker:
         self.stop_event = threading.Event()
         self.processed = 0
         self.rejected = 0
-        self._model: Any = None  # set by the subclass from its `_load`; has .bundle
+        self._model: TierModel | None = None  # set by the subclass from its `_load`
         self.mqtt: Any = None
 
-    def _load(self, bundle: Bundle):
+    def _load(self, bundle: Bundle) -> TierModel:
         raise NotImplementedError
 
     def _status_fields(self) -> dict[str, Any]:
@@ -59,11 +63,24 @@ class TierWorker:
         if self.rejected <= 10 or self.rejected % 1000 == 0:
             log.warning("%s worker: dropped %s on %s (%d dropped so far): %s", self.tier, self.consumes,
                         topic[:100], self.rejected, err)
-        b = self._model.bundle
-        reject = wire.reject_reply(self.tier, self.prefix, topic, payload, err, b.name, b.version)
+        reject = self._reject_reply(topic, payload, err)
         if reject is not None:
-            self.mqtt.publish(reject[0], reject[1], self._qos.answer)
-            self.metrics.sent("reject", len(reject[1]))
+            self.mqtt.send(reject)
+            self.metrics.sent("reject", len(reject.payload))
+
+    def _reject_reply(self, topic: str, payload: bytes, err: WireError) -> Message | None:
+        """A REJECT for the node when the header and topic still say which node and frame it was
+        and the reason is one the node should act on; None when there is no one to tell."""
+        peek = wire.peek_frame(payload)
+        if peek is None or wire.reason_of(err) not in wire.REJECT_REASONS_WORTH_ANSWERING:
+            return None
+        try:
+            node = topics.node_of(topic, self.prefix)
+        except WireError:
+            return None
+        b = self._model.bundle
+        return Message(topics.node_topic(self.prefix, node, topics.ANSWER),
+                       wire.encode_reject(self.tier, peek[1], err, b.name, b.version), self._qos.answer)
 
     def _status(self, state: str) -> bytes:
         doc: dict[str, Any] = {"worker": self.worker_id, "state": state}
@@ -72,8 +89,8 @@ class TierWorker:
             doc.update(pid=os.getpid(), model=b.name, model_version=b.version, **self._status_fields())
         return json.dumps(doc).encode()
 
-    def _will(self) -> tuple[str, bytes, int, bool]:
-        return self._status_topic, self._status("offline"), 1, True
+    def _will(self) -> Message:
+        return Message(self._status_topic, self._status("offline"), 1, True)
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self._status_topic, self._status("online"), 1, retain=True)

@@ -9,28 +9,33 @@ Two small fixed-size messages come back down to the node:
   REJECT    edge|cloud -> node   "I cannot run this" (wrong bundle, quantization...), so the node
                                  falls back to its own answer at once instead of at its deadline
 
-Every message names the bundle (crc32 of its name) and bundle version, and tensor messages carry
-the feature's quantization and shape: a tier refuses features from a model it does not run.
-Decoders raise WireError with a short `.reason` (a metrics label); callers drop, count and log.
-The layout is documented byte by byte in docs/protocol.md.
+Decoders check the bundle, quantization and shape against what this tier runs and raise
+WireError with a short `.reason` (a metrics label). The boundary feature's codec (int8 raw or
+bit-packed binary) lives here too. Byte by byte: docs/protocol.md.
 """
 from __future__ import annotations
 
 import math
-import re
 import struct
 import time
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from enum import IntEnum
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from tierlite.bundle import Bundle, TensorInfo
-from tierlite.errors import WireError
-from tierlite.segment import encode_feature, encoded_size
+from tierlite.bundle import Bundle, FeatureEncoding, TensorInfo
+from tierlite.errors import BundleError, WireError
+
+__all__ = [
+    "ANSWER_STRUCT", "Answer", "BoundarySpec", "FeatureEncoding", "Kind", "LogitsCodec", "MAGIC",
+    "REJECT_REASONS_WORTH_ANSWERING", "RejectReason", "TENSOR_HEADER", "TIER_CODES", "TensorMessage",
+    "WIRE_VERSION", "boundary_spec", "bundle_id", "decode_answer", "decode_feature",
+    "decode_tensor_message", "encode_answer", "encode_feature", "encode_reject", "encode_tensor_message",
+    "encoded_size", "now_us", "peek_frame", "reason_of", "wire_error",
+]
 
 MAGIC = b"TL"
 WIRE_VERSION = 1
@@ -89,28 +94,34 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-# -- topics ---------------------------------------------------------------------------------
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED_NODE_IDS = {"update"}  # <prefix>/update/<model> belongs to model updates
-TOPIC_SUFFIXES = ("feature", "escalate", "answer", "result", "status")
+# -- boundary features: int8 raw, or bit-packed binary --------------------------------------
+Encoding = FeatureEncoding | Mapping[str, Any]  # typed, or a manifest's `feature_encoding` dict
 
 
-def valid_node_id(node: str) -> bool:
-    return bool(NODE_ID_RE.match(node)) and node not in RESERVED_NODE_IDS
+def encode_feature(q: np.ndarray, encoding: Encoding) -> bytes:
+    """int8: raw bytes. binary: 1 bit per element (1 = high), big-endian bit order (np.packbits)."""
+    enc = FeatureEncoding.of(encoding)
+    if enc.kind == "binary":
+        return np.packbits(q.reshape(-1) == enc.high).tobytes()
+    return np.ascontiguousarray(q, dtype=np.int8).tobytes()
 
 
-def topic(prefix: str, node: str, suffix: str) -> str:
-    """<prefix>/<node>/<suffix>, suffix one of TOPIC_SUFFIXES."""
-    return f"{prefix}/{node}/{suffix}"
+def encoded_size(shape: tuple[int, ...], encoding: Encoding) -> int:
+    n = int(np.prod(shape))
+    return (n + 7) // 8 if FeatureEncoding.of(encoding).kind == "binary" else n
 
 
-def node_of(topic_name: str, prefix: str) -> str:
-    """The node id in <prefix>/<node>/<suffix>; WireError for anything else."""
-    parts = topic_name.split("/")
-    head = prefix.split("/")
-    if len(parts) != len(head) + 2 or parts[: len(head)] != head or not valid_node_id(parts[-2]):
-        raise wire_error("topic", f"unexpected topic {topic_name[:80]!r}")
-    return parts[-2]
+def decode_feature(payload: bytes | memoryview, shape: tuple[int, ...], encoding: Encoding) -> np.ndarray:
+    """The int8 tensor back (binary: each bit as its level, `high` or `low`)."""
+    enc = FeatureEncoding.of(encoding)
+    expected = encoded_size(shape, enc)
+    if len(payload) != expected:
+        raise WireError(f"feature payload is {len(payload)} bytes, shape {shape} needs {expected}")
+    if enc.kind == "binary":
+        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=int(np.prod(shape)))
+        q = np.where(bits.astype(bool), np.int8(enc.high), np.int8(enc.low))
+        return q.astype(np.int8).reshape(shape)
+    return np.frombuffer(payload, dtype=np.int8).reshape(shape).copy()
 
 
 # -- logits blocks: each exit's raw output quantization (int8 -> 1 byte per class) ----------
@@ -154,12 +165,17 @@ class BoundarySpec:
     kind: Kind
     bundle_name: str
     bundle_version: int
-    encoding: dict[str, Any]
+    encoding: FeatureEncoding  # a manifest-style dict is read into one
     feature: TensorInfo  # producer's feature output
     input_info: TensorInfo  # consumer's input
     exits: tuple[LogitsCodec, ...]  # earlier exits' logits carried along, in tier order
     end_feature: TensorInfo | None = None  # ESCALATE: the node's feature, when forwarded
-    end_encoding: dict[str, Any] | None = None
+    end_encoding: FeatureEncoding | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "encoding", FeatureEncoding.of(self.encoding))
+        if self.end_encoding is not None:
+            object.__setattr__(self, "end_encoding", FeatureEncoding.of(self.end_encoding))
 
     @cached_property
     def bundle_id(self) -> int:
@@ -167,7 +183,7 @@ class BoundarySpec:
 
     @cached_property
     def encoding_code(self) -> int:
-        return ENCODING_CODES[self.encoding["kind"]]
+        return ENCODING_CODES[self.encoding.kind]
 
     @cached_property
     def feature_size(self) -> int:
@@ -191,30 +207,25 @@ class BoundarySpec:
                 + self.feature_size + self.end_feature_size)
 
 
-INT8 = {"kind": "int8"}
-
-
 def boundary_spec(bundle: Bundle, kind: Kind) -> BoundarySpec:
     """FEATURE: end -> edge (the bundle's feature encoding). ESCALATE: edge -> cloud (int8)."""
     if kind == Kind.FEATURE:
-        producer, consumer, encoding = bundle.segment("end"), bundle.segment("edge"), bundle.feature_encoding
+        producer, consumer, encoding = bundle.segment("end"), bundle.segment("edge"), bundle.encoding
         exits = (producer,)
     elif kind == Kind.ESCALATE:
-        producer, consumer, encoding = bundle.segment("edge"), bundle.segment("cloud"), INT8
+        producer, consumer, encoding = bundle.segment("edge"), bundle.segment("cloud"), FeatureEncoding.INT8
         exits = (bundle.segment("end"), producer)
     else:
         raise ValueError(f"not a tensor message kind: {kind!r}")
     feature = producer.output("feature")
     if feature is None:
-        from tierlite.errors import BundleError
-
         raise BundleError(f"bundle {bundle.name} v{bundle.version}: {producer.tier} segment has no feature output")
     end_feature = bundle.segment("end").output("feature") if kind == Kind.ESCALATE else None
     return BoundarySpec(
-        kind=kind, bundle_name=bundle.name, bundle_version=bundle.version, encoding=dict(encoding),
+        kind=kind, bundle_name=bundle.name, bundle_version=bundle.version, encoding=encoding,
         feature=feature, input_info=consumer.inputs[0],
         exits=tuple(LogitsCodec(s.output("logits")) for s in exits),
-        end_feature=end_feature, end_encoding=dict(bundle.feature_encoding) if end_feature else None)
+        end_feature=end_feature, end_encoding=bundle.encoding if end_feature else None)
 
 
 # -- tensor messages --------------------------------------------------------------------------
@@ -228,8 +239,9 @@ class TensorMessage:
     zero_point: int
     shape: tuple[int, ...]
     exit_logits: list[np.ndarray]  # float32 (C,) per earlier exit, tier order
-    feature: memoryview  # encoded feature bytes (decode with tierlite.segment.decode_feature)
-    end_feature: memoryview | None = None
+    feature: memoryview  # the feature as it travelled (forwarded and stored as it is)
+    tensor: np.ndarray  # the feature decoded: the int8 input of this tier's segment
+    end_feature: memoryview | None = None  # ESCALATE: the node's feature as it travelled
 
 
 def encode_tensor_message(spec: BoundarySpec, frame_id: int, feature_q: np.ndarray,
@@ -285,7 +297,7 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
         raise wire_error("bundle", f"feature from bundle id {b_id:08x} v{b_ver}, this tier runs "
                                    f"{spec.bundle_name} ({spec.bundle_id:08x}) v{spec.bundle_version}")
     if enc != spec.encoding_code:
-        raise wire_error("encoding", f"feature encoding {enc}, expected {spec.encoding['kind']}")
+        raise wire_error("encoding", f"feature encoding {enc}, expected {spec.encoding.kind}")
     want = spec.input_info
     if not math.isclose(scale, want.scale, rel_tol=1e-6) or zp != want.zero_point:
         raise wire_error("quantization", f"feature quantization ({scale:g}, {zp}) differs from this "
@@ -317,7 +329,9 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
     feature = view[off: off + spec.feature_size]
     off += spec.feature_size
     end_feature = view[off:] if has_end else None
-    return TensorMessage(Kind(kind), frame_id, sent_us, b_ver, float(scale), zp, shape, logits, feature, end_feature)
+    tensor = decode_feature(feature, shape, spec.encoding)
+    return TensorMessage(Kind(kind), frame_id, sent_us, b_ver, float(scale), zp, shape, logits, feature, tensor,
+                         end_feature)
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -349,20 +363,6 @@ def encode_reject(tier: str, frame_id: int, err: WireError, bundle_name: str, bu
 
 # A tier tells the node at once that its frame cannot run here, instead of leaving it to its deadline.
 REJECT_REASONS_WORTH_ANSWERING = ("bundle", "quantization", "shape", "encoding")
-
-
-def reject_reply(tier: str, prefix: str, topic_name: str, payload: bytes, err: WireError,
-                 bundle_name: str, bundle_version: int) -> tuple[str, bytes] | None:
-    """(answer topic, REJECT payload) for a refused message whose header and topic still say which
-    node and frame it was; None when there is no one to tell."""
-    peek = peek_frame(payload)
-    if peek is None or reason_of(err) not in REJECT_REASONS_WORTH_ANSWERING:
-        return None
-    try:
-        node = node_of(topic_name, prefix)
-    except WireError:
-        return None
-    return topic(prefix, node, "answer"), encode_reject(tier, peek[1], err, bundle_name, bundle_version)
 
 
 def decode_answer(payload: bytes | memoryview) -> Answer:

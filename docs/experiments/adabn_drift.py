@@ -12,7 +12,7 @@ import argparse
 import keras
 import numpy as np
 
-from tierlite.bench.drift import low_light
+from tierlite.tools.bench.drift import low_light
 from tierlite.converters.train import load_checkpoint
 from tierlite.data import load_image_folder
 

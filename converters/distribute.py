@@ -1,0 +1,66 @@
+"""Which tf.distribute strategy a training run uses, picked from the machine and TF_CONFIG:
+
+    TF_CONFIG set (several hosts)  -> MultiWorkerMirroredStrategy (one process per host)
+    more than one GPU              -> MirroredStrategy
+    otherwise                      -> the default strategy (one GPU if present, else the CPU)
+
+Every worker loads the same training folder and draws the same batch order from the same seed;
+each replica trains on its slice of the global batch and the gradients are all-reduced. Only the
+chief writes <workdir>/checkpoint; worker i writes <workdir>/worker-<i>/ so a shared disk is safe.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tierlite.errors import ConfigError
+
+
+def cluster_task() -> tuple[str, int] | None:
+    """(task type, index) from TF_CONFIG, or None when TF_CONFIG is unset."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        task = json.loads(raw)["task"]
+        return str(task["type"]), int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"TF_CONFIG is not valid cluster JSON with a task type and index ({e})") from None
+
+
+def make_strategy():
+    """Create the strategy; call before any other TensorFlow op (MultiWorkerMirroredStrategy needs that)."""
+    import tensorflow as tf
+    if cluster_task() is not None:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief() -> bool:
+    task = cluster_task()
+    return task is None or task[0] == "chief" or (task[0] == "worker" and task[1] == 0)
+
+
+def worker_dir(workdir: Path) -> Path:
+    """Where this process writes its checkpoint: the workdir for the chief, a sub-folder otherwise."""
+    task = cluster_task()
+    return workdir if is_chief() else workdir / f"worker-{task[1]}"
+
+
+def replica_slices(strategy, x, y, global_batch: int):
+    """Per-replica (x, y) slices of one global batch (the batch itself with one replica)."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return x, y
+    if global_batch % replicas:
+        raise ConfigError(f"batch_size {global_batch} must be a multiple of the {replicas} replicas")
+    per = len(x) // replicas
+
+    def local(ctx):
+        i = ctx.replica_id_in_sync_group
+        return x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
+
+    return strategy.experimental_distribute_values_from_function(local)
