@@ -1,4 +1,4 @@
-"""`tierlite demo [--data DIR] [--workdir DIR]`: the whole system on this machine, in one command.
+"""`tierlite demo [--data DIR] [--bundle DIR] [--workdir DIR]`: the whole system on this machine, in one command.
 
 Trains a small bundle on the spot (scikit-learn's digits as JPEG frames, or --data DIR with
 train/ and test/), starts the edge gateway (which starts Mosquitto and advertises it by zeroconf),
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.tools.stack import (Broker, TierProcess, free_port, prepare_bundle, quiet, read_jsonl, wait_until,
-                                  write_yaml)
+from tierlite.tools.stack import (Broker, TierProcess, free_port, prepare_bundle, quiet, read_jsonl, reference_bundle,
+                                  wait_until, write_yaml)
 
 NODES = 3
 
@@ -34,6 +34,8 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=600, help="test frames to stream, split over the nodes (default 600)")
     p.add_argument("--fps", type=float, default=40.0, help="frame rate cap per node (default 40)")
     p.add_argument("--workers", type=int, default=2, help="edge worker processes (default 2)")
+    p.add_argument("--bundle", help="run this trained bundle instead of training one (default with --data: "
+                                    "models/cifar10 when present and its labels are --data's classes)")
     p.add_argument("--retrain", action="store_true", help="train a new bundle even if --workdir has one")
     p.add_argument("--operating-point", choices=["spread", "calibrated"], default="spread",
                    help="spread (default): exit thresholds set on training frames so that about 60%% of frames "
@@ -92,6 +94,19 @@ def _split_frames(test_dir: Path, dest: Path, nodes: int, limit: int) -> list[Pa
     return folders
 
 
+def _given_bundle(bundle: str | None, data: Path | None) -> Path | None:
+    """--bundle, else the reference bundle when --data holds its classes, else None (train one)."""
+    from tierlite.bundle import Bundle
+    from tierlite.data import list_image_folder
+
+    if bundle:
+        return Path(bundle).resolve()
+    if data is None or reference_bundle() is None:
+        return None
+    reference = Bundle.load(reference_bundle())
+    return Path(reference_bundle()) if list_image_folder(data / "test")[2] == reference.labels else None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from tierlite.bundle import Bundle
     from tierlite.data import make_digits_folder
@@ -113,10 +128,14 @@ def run_demo(args: argparse.Namespace) -> int:
         print("== data: scikit-learn digits as 32x32 JPEG frames")
         data = make_digits_folder(work / "digits")
 
-    print(f"== bundle: {'training a small bundle (a minute or two)' if args.retrain or not (work / 'bundle' / 'manifest.json').exists() else 'reusing'} {work / 'bundle'}")
+    bundle_dir = _given_bundle(args.bundle, data if args.data else None)
     t0 = time.monotonic()
-    with quiet(logs / "train.log"):  # TensorFlow's export chatter goes to the log, progress here
-        bundle_dir = prepare_bundle(data / "train", work / "bundle", retrain=args.retrain)
+    if bundle_dir is None:
+        print(f"== bundle: {'training a small bundle (a minute or two)' if args.retrain or not (work / 'bundle' / 'manifest.json').exists() else 'reusing'} {work / 'bundle'}")
+        with quiet(logs / "train.log"):  # TensorFlow's export chatter goes to the log, progress here
+            bundle_dir = prepare_bundle(data / "train", work / "bundle", retrain=args.retrain)
+    else:
+        print(f"== bundle: {bundle_dir}")
     bundle = Bundle.load(bundle_dir)
     train_s = time.monotonic() - t0
     print(f"   {bundle.name} v{bundle.version}: thresholds {bundle.thresholds}, feature "

@@ -212,6 +212,15 @@ class Broker:
                 self._amqtt.kill()
 
 
+# The trained CIFAR-10 reference bundle shipped in the repo (models/cifar10/MODEL_CARD.md).
+REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "cifar10"
+
+
+def reference_bundle() -> str | None:
+    """models/cifar10 when this checkout has it (the benchmarks' default --bundle), else None."""
+    return str(REFERENCE_BUNDLE) if (REFERENCE_BUNDLE / "manifest.json").is_file() else None
+
+
 def prepare_bundle(train_dir: Path, bundle_dir: Path, retrain: bool = False, binarized: bool = False) -> Path:
     """A small bundle trained on `train_dir`, reused from `bundle_dir` when it is already there."""
     from tierlite.bundle import Bundle

@@ -30,6 +30,7 @@ from tierlite.errors import ConfigError, DataError
 from tierlite.tools.bench.accuracy_report import NOTES, check_targets, print_summary, write_accuracy_report
 from tierlite.tools.bench.configs import (ConfigResult, camera_only, cascade, cloud_only, escalation_overhead,
                                           reference_config)
+from tierlite.tools.stack import reference_bundle
 from tierlite.tools.bench.report import DEFAULT_DATA, Report, fmt_num, say
 from tierlite.tools.bench.trace import ChainRunner, ReferenceRunner, load_frames, reference_paths, run_offline
 
@@ -37,7 +38,8 @@ DEFAULT_DROPS = "0.5,1,2"
 
 
 def configure_accuracy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="int8 bundle (directory or .tar.gz)")
+    p.add_argument("--bundle", default=reference_bundle(), required=reference_bundle() is None,
+                   help="int8 bundle (directory or .tar.gz) (default: models/cifar10 when present)")
     p.add_argument("--binary-bundle", help="bundle with the binarized end segment (adds its rows)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help=f"image folder <class>/*.jpg, the test frames (default {DEFAULT_DATA})")

@@ -36,7 +36,7 @@ import numpy as np
 from tierlite.cloud.retrain import END_SCOPES
 from tierlite.errors import ConfigError, TierliteError
 from tierlite.tools.bench.report import DEFAULT_DATA, Report, Target, markdown_table, say
-from tierlite.tools.stack import Stack, TierProcess, read_jsonl, write_yaml
+from tierlite.tools.stack import Stack, TierProcess, read_jsonl, reference_bundle, write_yaml
 
 log = logging.getLogger("tierlite.tools.bench.drift")
 
@@ -46,7 +46,8 @@ T_ESCALATION = Target("drifted frames escalated by the end, change", 0.0, False,
 
 
 def configure_drift(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="the bundle the fleet runs (its checkpoint is not needed)")
+    p.add_argument("--bundle", default=reference_bundle(), required=reference_bundle() is None,
+                   help="the bundle the fleet runs (its checkpoint is not needed) (default: models/cifar10 when present)")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"labelled test folder (default {DEFAULT_DATA})")
     p.add_argument("--replay", help="labelled training folder (default: 'train' beside --data)")
     p.add_argument("--nodes", type=int, default=4, help="camera nodes (default 4)")

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from tierlite.tools.bench.report import DEFAULT_DATA, Progress, Report, Target, fmt_num, markdown_table, say
+from tierlite.tools.stack import Stack, reference_bundle
 from tierlite.errors import ConfigError
 
 DEFAULT_RATES = "100,250,500,750,1000,1250,1500,2000,2500,3000,4000,6000,8000,12000"
@@ -25,7 +26,8 @@ T_ESCALATION_P99 = Target("escalation p99 at the lowest offered rate", 10.0, Fal
 
 
 def configure_fleet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle the nodes, edge workers and cloud worker run")
+    p.add_argument("--bundle", default=reference_bundle(), required=reference_bundle() is None,
+                   help="bundle the nodes, edge workers and cloud worker run (default: models/cifar10 when present)")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"image folder the escalations are made from (default {DEFAULT_DATA})")
     p.add_argument("--frames", type=int, default=256, help="distinct real escalations replayed (default 256)")
     p.add_argument("--nodes", type=int, default=100, help="simulated camera nodes (default 100)")
@@ -52,7 +54,6 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run_fleet(args: argparse.Namespace) -> int:
     from tierlite.tools.bench.loadgen import FleetLoad, load_messages
-    from tierlite.tools.stack import Stack
 
     rates = sorted(_ints(args.rates, "--rates"))
     worker_counts = _ints(args.workers, "--workers")
