@@ -41,6 +41,8 @@ def _add_publish_options(p: argparse.ArgumentParser, required_key: bool) -> None
     g = p.add_argument_group("publishing")
     g.add_argument("--key", required=required_key, help="Ed25519 private key (from `tierlite keygen`)")
     g.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker host:port (default 127.0.0.1:1883)")
+    g.add_argument("--broker-config", help="YAML with a `broker:` section (host, port, TLS, credentials), e.g. "
+                   "fleet/publisher/publisher-security.yaml from `tierlite provision`; replaces --broker")
     g.add_argument("--prefix", default="tierlite", help="MQTT topic prefix (default tierlite)")
     g.add_argument("--full", action="store_true", help="ship every file, not a delta against --parent")
     g.add_argument("--canary", type=float, default=0.0,
@@ -84,7 +86,7 @@ def publish(bundle_dir, parent, args) -> dict:
     from tierlite.cloud.rollout import connect, rollout
 
     nodes = [n for n in args.canary_nodes.split(",") if n]
-    mqtt = connect(args.broker)
+    mqtt = connect(args.broker, broker_config=getattr(args, "broker_config", None))
     try:
         result = rollout(mqtt, bundle_dir, key, prefix=args.prefix, parent=parent, full=args.full,
                          canary=args.canary, canary_nodes=nodes, hold_s=args.hold, chunk_bytes=args.chunk_bytes,

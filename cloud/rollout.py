@@ -25,7 +25,7 @@ from tierlite import topics
 from tierlite.bundle import Bundle
 from tierlite.cloud.publish import ArtifactReport, build_artifact, clear_chunks, make_announcement, publish_update
 from tierlite.errors import ConfigError, UpdateError
-from tierlite.update.delivery import DEFAULT_CHUNK_BYTES, chunk_artifact
+from tierlite.update.delivery import DEFAULT_CHUNK_BYTES, chunk_artifact, in_rollout
 
 __all__ = ["RolloutResult", "connect", "rollout"]
 
@@ -44,17 +44,31 @@ class RolloutResult:
                 "reports": self.reports}
 
 
-def connect(broker: str, prefix: str = "tierlite", timeout: float = 10.0):
-    """A started tierlite.mqtt.MqttClient connected to host:port (UpdateError if unreachable)."""
+def connect(broker: str, prefix: str = "tierlite", timeout: float = 10.0, broker_config: str | None = None):
+    """A started tierlite.mqtt.MqttClient connected to host:port (UpdateError if unreachable), or with
+    the `broker:` section of `broker_config` (TLS, credentials: fleet/publisher/publisher-security.yaml)."""
+    import yaml
+
     from tierlite.config import BrokerConfig, config_from_dict
     from tierlite.mqtt import MqttClient, default_client_id
 
-    host, _, port = broker.rpartition(":")
-    try:
-        port_number = int(port) if host else 1883
-    except ValueError:
-        raise ConfigError(f"--broker: expected host:port, got {broker!r}") from None
-    cfg = config_from_dict({"host": host or broker, "port": port_number}, BrokerConfig, "--broker")
+    if broker_config:
+        path = Path(broker_config)
+        try:
+            section = (yaml.safe_load(path.read_text()) or {}).get("broker")
+        except (OSError, yaml.YAMLError, AttributeError) as e:
+            raise ConfigError(f"--broker-config {path}: {e}") from None
+        if not isinstance(section, dict):
+            raise ConfigError(f"--broker-config {path}: no `broker:` section")
+        cfg = config_from_dict(section, BrokerConfig, f"{path.name}.broker", base=path.parent)
+        broker = f"{cfg.host}:{cfg.port}"
+    else:
+        host, _, port = broker.rpartition(":")
+        try:
+            port_number = int(port) if host else 1883
+        except ValueError:
+            raise ConfigError(f"--broker: expected host:port, got {broker!r}") from None
+        cfg = config_from_dict({"host": host or broker, "port": port_number}, BrokerConfig, "--broker")
     mqtt = MqttClient(cfg, default_client_id("publish"))
     mqtt.start()
     if not mqtt.wait_connected(timeout):
@@ -75,11 +89,17 @@ class _Reports:
         mqtt.subscribe(topics.update_announcement(prefix, model), self._on_announcement, qos=1)
 
     def _on_report(self, topic: str, payload: bytes) -> None:
+        # The node is who the topic says (.../report/<node>: the broker's ACL lets only that node
+        # write there); a body naming another node is a forgery and counts for nobody.
+        node = topic.rsplit("/", 1)[-1]
         try:
             doc = json.loads(payload)
-            node = str(doc["node"])
+            claimed = doc["node"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             log.warning("dropped a malformed update report on %s", topic)
+            return
+        if not topics.valid_node_id(node) or claimed != node:
+            log.warning("dropped an update report on %s that names node %r", topic, str(claimed)[:64])
             return
         with self.changed:
             self.reports[node] = doc
@@ -121,7 +141,7 @@ def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite",
              f", canary nodes {', '.join(canary_nodes)}" if canary_nodes else "")
     result = RolloutResult(rep, "published")
     if staged:
-        ok, reason = _watch_canary(reports, rep.version, hold_s)
+        ok, reason = _watch_canary(reports, rep.version, hold_s, lambda n: in_rollout(n, ann["rollout"]))
         result.reports = {n: r for n, r in reports.reports.items()}
         if ok:
             ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=1.0)
@@ -143,13 +163,17 @@ def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite",
     return result
 
 
-def _watch_canary(reports: _Reports, version: int, hold_s: float) -> tuple[bool, str]:
-    """Wait (at most hold_s) until every canary node that applied `version` has confirmed it."""
+def _watch_canary(reports: _Reports, version: int, hold_s: float,
+                  eligible=lambda node: True) -> tuple[bool, str]:
+    """Wait (at most hold_s) until every canary node that applied `version` has confirmed it. Reports
+    of nodes outside the canary (`eligible` false) count for nothing: they cannot have applied it."""
     deadline = time.monotonic() + hold_s
     with reports.changed:
         while True:
-            about = {n: r for n, r in reports.reports.items() if (r.get("last_event") or {}).get("version") == version}
-            states = {n: r["last_event"]["state"] for n, r in about.items()}
+            about = {n: r for n, r in reports.reports.items()
+                     if eligible(n) and isinstance(r.get("last_event"), dict)
+                     and r["last_event"].get("version") == version}
+            states = {n: r["last_event"].get("state") for n, r in about.items()}
             bad = {n: about[n]["last_event"].get("detail", "") for n, s in states.items() if s in ("rolled_back", "refused")}
             if bad:
                 node, detail = next(iter(bad.items()))

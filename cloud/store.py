@@ -28,6 +28,8 @@ Table `hard_examples` (one row per escalated frame):
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sqlite3
 import threading
 import time
@@ -39,9 +41,20 @@ import numpy as np
 
 from tierlite.bundle import FeatureEncoding
 from tierlite.errors import TierliteError
+from tierlite.ratelimit import LogThrottle
 from tierlite.wire import decode_feature
 
-__all__ = ["COLUMNS", "HardExample", "HardExampleStore", "SCHEMA_VERSION", "StoreError"]
+__all__ = ["COLUMNS", "HardExample", "HardExampleStore", "SCHEMA_VERSION", "STORE_EVENTS", "StoreError",
+           "move_aside"]
+
+log = logging.getLogger("tierlite.cloud.store")
+_throttle = LogThrottle(10.0)
+INT64_MAX = (1 << 63) - 1
+U32_MAX = (1 << 32) - 1
+# Counted store events (tierlite_store_events_total{event}): rows evicted by the size/age bounds,
+# rows dropped while writes failed, rows refused by the range checks, sent times out of range
+# (stored as NULL), flushes that failed (kept and retried), corrupt files moved aside.
+STORE_EVENTS = ("evicted", "dropped", "invalid", "clamped", "failed_flush", "recovered")
 
 SCHEMA_VERSION = 1
 COLUMNS = ("ts", "sent_us", "node", "frame_id", "bundle_name", "bundle_version",
@@ -66,6 +79,51 @@ INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
 
 class StoreError(TierliteError):
     """The store file cannot be opened or has an unknown schema."""
+
+
+def _int_in(v, lo: int, hi: int) -> int | None:
+    """int(v) when lo <= v <= hi, else None (SQLite integers are signed 64-bit)."""
+    try:
+        v = int(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return v if lo <= v <= hi else None
+
+
+def _checked_int(v, lo: int, hi: int, what: str) -> int:
+    out = _int_in(v, lo, hi)
+    if out is None:
+        raise ValueError(f"{what} {v!r} out of range [{lo}, {hi}]")
+    return out
+
+
+def _checked_float(v, what: str) -> float:
+    out = float(v)
+    if not math.isfinite(out):
+        raise ValueError(f"{what} {v!r} is not finite")
+    return out
+
+
+def _is_corrupt(e: sqlite3.Error) -> bool:
+    """A damaged file (not a database, malformed image), as opposed to a full disk or a lock."""
+    return (isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)) or \
+        getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged SQLite file (and its -wal/-shm) to <name>.corrupt-<UTC time>; returns the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    return aside
 
 
 @dataclass
@@ -119,27 +177,38 @@ class HardExample:
 
 
 class HardExampleStore:
-    def __init__(self, path: str | Path, batch: int = 64, flush_interval: float = 0.5, readonly: bool = False):
+    def __init__(self, path: str | Path, batch: int = 64, flush_interval: float = 0.5, readonly: bool = False, *,
+                 max_rows: int | None = None, max_bytes: int | None = None, max_age_s: float | None = None,
+                 max_pending: int = 10_000):
         self.path = Path(path)
         self.batch, self.flush_interval = batch, flush_interval
         self.readonly = readonly
+        self.max_rows, self.max_bytes, self.max_age_s = max_rows, max_bytes, max_age_s
+        self.max_pending = max(max_pending, batch)
         self._lock = threading.Lock()
         self._buffer: list[tuple] = []
         self._last_flush = time.monotonic()
+        self._retry_at = 0.0  # after a failed flush: no new attempt before this (monotonic)
+        self._failures = 0  # failed flushes in a row (backoff)
+        self._age_checked = 0.0
         self.written = 0
+        self.events = dict.fromkeys(STORE_EVENTS, 0)
+        self.moved_aside: list[Path] = []  # corrupt files this store moved aside
         try:
             if readonly:
                 if not self.path.is_file():
                     raise StoreError(f"hard-example store not found: {self.path}")
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
             else:
-                self._db = sqlite3.connect(str(self.path), check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
-                self._db.executescript(_CREATE)
-                self._db.commit()
+                try:
+                    self._open_rw()
+                except sqlite3.Error as e:
+                    if not _is_corrupt(e):
+                        raise
+                    self._recover(e)
             self._db.row_factory = sqlite3.Row
             version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            self._rows = int(self._db.execute("SELECT COUNT(*) FROM hard_examples").fetchone()[0])
         except sqlite3.Error as e:
             raise StoreError(f"hard-example store {self.path}: {e}") from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
@@ -147,8 +216,43 @@ class HardExampleStore:
                              f"this tierlite reads {SCHEMA_VERSION}")
 
     @classmethod
+    def from_config(cls, cfg) -> "HardExampleStore":
+        """From a CloudConfig's `store:` section (tierlite.config.StoreConfig)."""
+        return cls(cfg.path, cfg.batch, cfg.flush_interval, max_rows=cfg.max_rows, max_bytes=cfg.max_bytes,
+                   max_age_s=cfg.max_age_days * 86400.0 if cfg.max_age_days else None, max_pending=cfg.max_pending)
+
+    @classmethod
     def open_readonly(cls, path: str | Path) -> "HardExampleStore":
         return cls(path, readonly=True)
+
+    def _open_rw(self) -> None:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+            self._db.executescript(_CREATE)
+            self._db.commit()
+            check = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check and check[0]}")
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def _recover(self, err: sqlite3.Error) -> None:
+        """A corrupt file: move it aside (kept for forensics) and start a fresh one, loudly."""
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        aside = move_aside(self.path)
+        self.moved_aside.append(aside)
+        self.events["recovered"] += 1
+        log.error("HARD-EXAMPLE STORE %s IS CORRUPT (%s): moved aside to %s, starting a fresh store",
+                  self.path, err, aside)
+        self._open_rw()
+        self._db.row_factory = sqlite3.Row
+        self._rows = 0
 
     def __enter__(self) -> "HardExampleStore":
         return self
@@ -163,41 +267,162 @@ class HardExampleStore:
             end_feature: bytes | None = None, end_feature_shape: tuple[int, ...] | None = None,
             end_feature_encoding: FeatureEncoding | dict | None = None, end_feature_scale: float | None = None,
             end_feature_zero_point: int | None = None) -> None:
-        row = (time.time(), sent_us, node, frame_id, bundle_name, bundle_version,
-               bytes(feature), json.dumps(list(feature_shape)), float(feature_scale), int(feature_zero_point),
-               bytes(end_feature) if end_feature is not None else None,
-               json.dumps(list(end_feature_shape)) if end_feature is not None else None,
-               json.dumps(FeatureEncoding.of(end_feature_encoding).to_manifest()) if end_feature is not None else None,
-               end_feature_scale if end_feature is not None else None,
-               end_feature_zero_point if end_feature is not None else None,
-               *(np.asarray(logits[t], dtype="<f4").tobytes() for t in ("end", "edge", "cloud")),
-               int(label), float(confidence), float(entropy))
+        """Buffer one row. Never raises on bad values: every header field is range-checked (a send
+        time outside SQLite's signed 64 bits is stored as NULL and counted as `clamped`; anything
+        else out of range drops the row, counted as `invalid`)."""
+        try:
+            sent = None if sent_us is None else _int_in(sent_us, 0, INT64_MAX)
+            if sent is None and sent_us is not None:
+                self.events["clamped"] += 1
+            if not isinstance(node, str) or not 0 < len(node) <= 256:
+                raise ValueError(f"node id {node!r:.80}")
+            has_end = end_feature is not None
+            row = (time.time(), sent, node, _checked_int(frame_id, 0, U32_MAX, "frame_id"), str(bundle_name)[:256],
+                   _checked_int(bundle_version, 0, U32_MAX, "bundle_version"),
+                   bytes(feature), json.dumps([_checked_int(d, 0, 1 << 16, "dim") for d in feature_shape]),
+                   _checked_float(feature_scale, "feature_scale"),
+                   _checked_int(feature_zero_point, -(1 << 31), (1 << 31) - 1, "feature_zero_point"),
+                   bytes(end_feature) if has_end else None,
+                   json.dumps([_checked_int(d, 0, 1 << 16, "dim") for d in end_feature_shape]) if has_end else None,
+                   json.dumps(FeatureEncoding.of(end_feature_encoding).to_manifest()) if has_end else None,
+                   _checked_float(end_feature_scale, "end_feature_scale") if has_end else None,
+                   _checked_int(end_feature_zero_point, -(1 << 31), (1 << 31) - 1, "end_feature_zero_point")
+                   if has_end else None,
+                   *(np.asarray(logits[t], dtype="<f4").tobytes() for t in ("end", "edge", "cloud")),
+                   _checked_int(label, 0, INT64_MAX, "label"), _checked_float(confidence, "confidence"),
+                   _checked_float(entropy, "entropy"))
+        except (TypeError, ValueError, OverflowError, KeyError, TierliteError) as e:
+            self.events["invalid"] += 1
+            _throttle.log(log, logging.WARNING, "invalid", "hard-example store: row refused (%d so far): %s",
+                          self.events["invalid"], e)
+            return
         with self._lock:
             self._buffer.append(row)
-            full = len(self._buffer) >= self.batch
+            full = len(self._buffer) >= self.batch and time.monotonic() >= self._retry_at
         if full:
             self.flush()
 
+    @property
+    def pending(self) -> int:
+        """Rows buffered and not yet committed (held while writes fail, up to max_pending)."""
+        return len(self._buffer)
+
+    def _insert(self, rows: list[tuple]) -> int:
+        sql = f"INSERT INTO hard_examples ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        try:
+            self._db.executemany(sql, rows)
+        except (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.IntegrityError):
+            # one bad row must not cost the batch: insert one by one and drop only the bad ones
+            self._db.rollback()
+            n = 0
+            for row in rows:
+                try:
+                    self._db.execute(sql, row)
+                    n += 1
+                except (OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.IntegrityError):
+                    self.events["invalid"] += 1
+            self._db.commit()
+            return n
+        self._db.commit()
+        return len(rows)
+
+    def _write_failed(self, rows: list[tuple], e: sqlite3.Error) -> None:
+        """Keep the batch (in front of what arrived since), bounded by max_pending; retry later."""
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            pass
+        self.events["failed_flush"] += 1
+        self._failures += 1
+        self._buffer = rows + self._buffer
+        over = len(self._buffer) - self.max_pending
+        if over > 0:
+            del self._buffer[:over]
+            self.events["dropped"] += over
+        self._retry_at = time.monotonic() + min(30.0, self.flush_interval * 2 ** min(self._failures, 10))
+        _throttle.log(log, logging.ERROR, "write", "hard-example store write failed (%d failed flushes, %d rows "
+                      "pending, %d dropped): %s", self.events["failed_flush"], len(self._buffer),
+                      self.events["dropped"], e)
+        if _is_corrupt(e):
+            try:
+                self._recover(e)
+            except (sqlite3.Error, OSError) as e2:
+                log.error("hard-example store %s: could not start a fresh store: %s", self.path, e2)
+
+    def _delete_oldest(self, n: int) -> int:
+        return self._db.execute("DELETE FROM hard_examples WHERE id IN "
+                                "(SELECT id FROM hard_examples ORDER BY id LIMIT ?)", (max(0, n),)).rowcount
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages in use (the file keeps freed pages for reuse)."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def _evict(self) -> int:
+        """Apply the age, row and byte bounds, oldest rows first (called under the lock after a flush)."""
+        evicted = 0
+        now = time.time()
+        if self.max_age_s is not None and now - self._age_checked >= 10.0:
+            self._age_checked = now
+            evicted += self._db.execute("DELETE FROM hard_examples WHERE ts < ?", (now - self.max_age_s,)).rowcount
+        rows = self._rows - evicted
+        if self.max_rows is not None and rows > self.max_rows:
+            evicted += self._delete_oldest(rows - self.max_rows + self.max_rows // 100)  # 1 % headroom
+        rows = self._rows - evicted
+        if self.max_bytes is not None and rows > 0:
+            used = self.used_bytes()
+            if used > self.max_bytes:
+                share = 1.0 - self.max_bytes / used
+                evicted += self._delete_oldest(int(math.ceil(rows * share)) + rows // 100 + 1)
+        if evicted:
+            self._db.commit()
+            self._rows -= evicted
+            self.events["evicted"] += evicted
+            _throttle.log(log, logging.INFO, "evict", "hard-example store: evicted %d oldest rows (%d in all), "
+                          "%d rows kept", evicted, self.events["evicted"], self._rows)
+        return evicted
+
     def flush(self) -> int:
+        """Commit the buffer; returns the rows written. Never raises on a write failure (disk full,
+        I/O error, corrupt file): the batch is kept, counted, and retried with a backoff."""
         with self._lock:
             rows, self._buffer = self._buffer, []
             self._last_flush = time.monotonic()
             if not rows:
                 return 0
-            self._db.executemany(f"INSERT INTO hard_examples ({', '.join(COLUMNS)}) "
-                                 f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
-            self._db.commit()
-            self.written += len(rows)
-            return len(rows)
+            try:
+                n = self._insert(rows)
+            except sqlite3.Error as e:
+                self._write_failed(rows, e)
+                return 0
+            self._failures, self._retry_at = 0, 0.0
+            self.written += n
+            self._rows += n
+            try:
+                self._evict()
+            except sqlite3.Error as e:
+                try:
+                    self._db.rollback()
+                except sqlite3.Error:
+                    pass
+                _throttle.log(log, logging.ERROR, "evict", "hard-example store: eviction failed: %s", e)
+            return n
 
     def flush_if_due(self) -> int:
-        if self._buffer and time.monotonic() - self._last_flush >= self.flush_interval:
+        now = time.monotonic()
+        if self._buffer and now - self._last_flush >= self.flush_interval and now >= self._retry_at:
             return self.flush()
         return 0
 
     def close(self) -> None:
         if not self.readonly:
+            self._retry_at = 0.0
             self.flush()
+            if self._buffer:
+                log.error("hard-example store %s: %d rows could not be written at close", self.path,
+                          len(self._buffer))
         self._db.close()
 
     # -- read ------------------------------------------------------------------------------------

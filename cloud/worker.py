@@ -2,6 +2,7 @@
 node, and every escalated frame into the hard-example store."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -28,16 +29,22 @@ class CloudWorker(TierWorker):
         super().__init__(config.prefix, config.broker.qos, config.worker_id,
                          topics.cloud_status(config.prefix, config.worker_id))
         self.config = config
+        self.metrics.configure_labels(config.metrics_labels.nodes, config.metrics_labels.max_nodes)
         self._model = self._load(bundle or Bundle.load(config.bundle))
         self.store = store if store is not None else (
-            HardExampleStore(config.store.path, config.store.batch, config.store.flush_interval)
-            if config.store.enabled else None)
+            HardExampleStore.from_config(config.store) if config.store.enabled else None)
         self._stored_reported = 0
+        self._events_reported: dict[str, int] = {}
         self.mqtt = MqttClient(config.broker, default_client_id("cloud", config.worker_id),
                                will=self._will(), on_connect=self._on_connect)
         share = config.share_group if config.broker.protocol == "5" else None
         self.mqtt.subscribe(topics.node_filter(self.prefix, topics.ESCALATE).shared(share), self.on_escalate,
                             self._qos.escalate)
+        # Audits and drift (issue 13): every worker sees every node's retained drift event.
+        self.audits: dict = {}  # node -> AgreementWindow
+        self.drift: dict[str, dict] = {}  # node -> its latest drift event
+        self._status_due = 0.0
+        self.mqtt.subscribe(topics.node_filter(self.prefix, topics.DRIFT), self.on_drift, 1)
         self.retrain = None  # co-updating (tierlite.cloud.retrain), with a `retrain:` section
         if config.retrain is not None:
             from tierlite.cloud.retrain import RetrainScheduler
@@ -58,11 +65,21 @@ class CloudWorker(TierWorker):
             return
         out = m.segment.run(msg.tensor)
         _, label, conf, entropy = decide(out.logits, m.threshold)
+        if msg.audit:  # answered by the node already: score it, store it, send nothing back
+            self._score_audit(node, int(msg.exit_logits[0].argmax()) == label, label)
+            self.processed += 1
+            self.metrics.frame(node, "audited", len(payload), time.perf_counter() - t0,
+                               (wire.now_us() - msg.sent_us) / 1e6)
+            self._store(node, m, spec, msg, out, label, conf, entropy)
+            return
         reply = wire.encode_answer("cloud", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
         self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer)
         self.processed += 1
         self.metrics.frame(node, "answered", len(payload), time.perf_counter() - t0, (wire.now_us() - msg.sent_us) / 1e6)
         self.metrics.sent("answer", len(reply))
+        self._store(node, m, spec, msg, out, label, conf, entropy)
+
+    def _store(self, node, m, spec, msg, out, label, conf, entropy) -> None:
         if self.store is not None:
             end = spec.end_feature
             self.store.add(
@@ -74,7 +91,49 @@ class CloudWorker(TierWorker):
                 end_feature=msg.end_feature, end_feature_shape=end.shape if msg.end_feature is not None else None,
                 end_feature_encoding=spec.end_encoding, end_feature_scale=end.scale, end_feature_zero_point=end.zero_point)
 
+    # -- audits and drift (issue 13, docs/DRIFT.md) -------------------------------------------------
+    def _score_audit(self, node: str, agree: bool, teacher_label: int | None = None) -> None:
+        from tierlite.drift import REFERENCE_KEY, AgreementWindow
+
+        w = self.audits.get(node)
+        if w is None:
+            w = self.audits[node] = AgreementWindow(self.config.audit_window,
+                                                    self._model.bundle.manifest.get(REFERENCE_KEY))
+        w.add(agree, teacher_label)
+        est = w.estimate()
+        self.metrics.audit(node, est)
+        if (self.retrain is not None and est["window"] >= self.config.audit_min_frames
+                and est["high"] < self.config.audit_min_agreement):
+            self.retrain.request(f"node {node}: audit agreement {est['agreement']:.2f} "
+                                 f"(95 % CI {est['low']:.2f}-{est['high']:.2f})")
+
+    def on_drift(self, topic: str, payload: bytes) -> None:
+        try:
+            node = topics.node_of(topic, self.prefix)
+            event = json.loads(payload) if payload else {}
+        except (WireError, ValueError):
+            return
+        if not isinstance(event, dict):
+            return
+        alarm = bool(event.get("alarm"))
+        was = bool(self.drift.get(node, {}).get("alarm"))
+        self.drift[node] = event
+        self.metrics.drift(node, alarm)
+        if alarm and not was:
+            log.warning("node %s reports drift (%s)", node, ", ".join(event.get("triggered") or []) or "?")
+            if self.retrain is not None:
+                self.retrain.request(f"node {node}: drift alarm ({', '.join(event.get('triggered') or [])})")
+
+    def _status_fields(self) -> dict:
+        return {"audits": {n: w.estimate() for n, w in list(self.audits.items())},
+                "drift": {n: {k: e.get(k) for k in ("alarm", "scores", "triggered", "model_version")}
+                          for n, e in list(self.drift.items())}}
+
     def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._status_due and (self.audits or self.drift) and self.mqtt.connected:
+            self._status_due = now + 5.0
+            self._on_connect()  # the retained status, with the audit and drift figures
         if self.store is not None:
             try:
                 self.store.flush_if_due()
@@ -82,6 +141,10 @@ class CloudWorker(TierWorker):
                 log.error("hard-example store write failed: %s", e)
             self.metrics.stored_rows(self.store.written - self._stored_reported)
             self._stored_reported = self.store.written
+            for event, n in getattr(self.store, "events", {}).items():
+                if n != self._events_reported.get(event, 0):
+                    self.metrics.store_event(event, n - self._events_reported.get(event, 0))
+                    self._events_reported[event] = n
         if self.retrain is not None:
             self.retrain.tick(self.store.written if self.store is not None else 0)
 

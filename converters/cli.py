@@ -20,7 +20,7 @@ from tierlite.errors import ConfigError, DataError
 log = logging.getLogger("tierlite.converters")
 
 
-def _parse_sets(items: list[str] | None) -> dict:
+def parse_sets(items: list[str] | None) -> dict:
     """--set key=value (value parsed as JSON when it parses, else kept as a string)."""
     out = {}
     for item in items or []:
@@ -48,7 +48,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    o = _parse_sets(args.set)
+    o = parse_sets(args.set)
     if args.epochs is not None:
         o["epochs"] = args.epochs
     return o

@@ -91,6 +91,8 @@ def train_model(train_dir: str | Path, workdir: str | Path, preset: str = "small
     model = train(arch, tc, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
                   splits.classes, workdir, seed=seed, init_from=seed_model, resume=resume,
                   extra={"preset": preset, "train_dir": str(Path(train_dir).resolve())})
+    if tc.mixed_precision:  # export and distillation want float32: the checkpoint reloads as float32
+        model = load_checkpoint(workdir)[0]
     return model, arch, tc, splits
 
 
@@ -148,6 +150,8 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
                         # every max drop of the sweep (validation), for benchmarks of other operating points
                         "operating_points": [{"max_drop": p.max_drop, "thresholds": p.thresholds} for p in points]},
         "model": {"family": arch.family, "binarized": arch.binarized, "arch": arch.to_json()},
+        # label-free drift monitor's reference (issue 13, docs/DRIFT.md): same frames, int8 end segment
+        "drift_reference": drift_reference_of(segs["end"].model, segs["end"].outputs, calib_images),
     }
     manifest.update(extra or {})
     write_manifest(out_dir, manifest)
@@ -162,6 +166,31 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
              chosen.thresholds["end"], chosen.thresholds["edge"], chosen.accuracy, chosen.cloud_only_accuracy,
              chosen.camera_fraction * 100, chosen.camera_uplink_bytes)
     return out_dir
+
+
+def drift_reference_of(end_model: bytes, outputs, images: np.ndarray, window: int = 50, **kw) -> dict[str, Any]:
+    """tierlite.drift reference statistics of clean held-out frames through the int8 end segment."""
+    from tierlite.converters.export import run_tflite
+    from tierlite.drift import reference_stats
+
+    outs = run_tflite(end_model, images.astype(np.uint8))
+    lo = next(o for o in outputs if o.role == "logits")
+    fe = next(o for o in outputs if o.role == "feature")
+    logits = _dequantize(outs[lo.index], lo).reshape(len(images), -1)
+    return reference_stats(outs[fe.index], logits, window=min(window, len(images)), **kw)
+
+
+def add_drift_reference(bundle_dir: str | Path, images: np.ndarray, window: int = 50, **kw) -> dict[str, Any]:
+    """Record drift reference statistics in an existing (unsigned) bundle's manifest: for bundles
+    built before issue 13. `images`: clean held-out frames (uint8 NHWC), never training frames."""
+    b = Bundle.load(bundle_dir)
+    if "signature" in b.manifest:
+        raise BundleError(f"{bundle_dir}: signed manifest; add the reference before signing")
+    seg = b.segment("end")
+    ref = drift_reference_of(b.segment_path("end").read_bytes(), list(seg.outputs), images, window, **kw)
+    manifest = dict(b.manifest, drift_reference=ref)
+    write_manifest(bundle_dir, manifest)
+    return ref
 
 
 def _feature_bytes(segs, encoding) -> tuple[int, int]:

@@ -72,6 +72,21 @@ def _augment(x, pad: int, flip: bool, seed_gen):
     return x
 
 
+def multi_exit_loss(outs, y, num_classes: int, weights, smooth: float, distill: float, temp: float):
+    """sum_i w_i CE(exit_i, smoothed label) + distill T^2 sum_{i<cloud} KL(cloud/T || exit_i/T)."""
+    import tensorflow as tf
+    target = tf.one_hot(y, num_classes) * (1.0 - smooth) + smooth / num_classes
+    ces = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, o)) for o in outs]
+    loss = tf.add_n([w * c for w, c in zip(weights, ces)])
+    if distill:
+        teacher = tf.stop_gradient(tf.nn.softmax(outs[-1] / temp))
+        kd = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, o / temp))
+              - tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, tf.math.log(teacher + 1e-8)))
+              for o in outs[:-1]]
+        loss += distill * temp * temp * tf.add_n(kd)
+    return loss
+
+
 def predict_logits(model, images: np.ndarray, batch: int = 500) -> list[np.ndarray]:
     """Float logits of every exit: [end (N,C), edge (N,C), cloud (N,C)]."""
     import tensorflow as tf
@@ -141,18 +156,9 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
 
     def replica_step(x, y):
         x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen)
-        onehot = tf.one_hot(y, num_classes)
-        target = onehot * (1.0 - smooth) + smooth / num_classes
         with tf.GradientTape() as tape:
             outs = [tf.cast(o, tf.float32) for o in model(x, training=True)]
-            ces = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, o)) for o in outs]
-            loss = tf.add_n([w * c for w, c in zip(weights, ces)])
-            if distill:
-                teacher = tf.stop_gradient(tf.nn.softmax(outs[-1] / temp))
-                kd = [tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, o / temp))
-                      - tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(teacher, tf.math.log(teacher + 1e-8)))
-                      for o in outs[:-1]]
-                loss += distill * temp * temp * tf.add_n(kd)
+            loss = multi_exit_loss(outs, y, num_classes, weights, smooth, distill, temp)
             # Replica gradients are summed across replicas: scale so the sum is the global-batch mean.
             replica_loss = loss / replicas
         grads = tape.gradient(replica_loss, model.trainable_variables)

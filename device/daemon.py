@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import DeviceConfig
+from tierlite.drift import DriftMonitor
 from tierlite.errors import WireError
 from tierlite.mqtt import Message, MqttClient, default_client_id
 from tierlite.policy import decide
@@ -55,6 +57,8 @@ class DeviceStats:
     bytes_up: int = 0
     late_answers: int = 0
     bad_answers: int = 0
+    audits: int = 0  # confident frames also sent up as audits
+    audit_bytes: int = 0
 
 
 class DeviceDaemon:
@@ -84,6 +88,8 @@ class DeviceDaemon:
                 segment_factory=lambda b, tier: Segment(b, tier, self.runtime, self.runtime_options, fallback=True))
             bundle = self.updates.startup(bundle)  # a kept newer version survives restarts
         self._model = self._load(bundle)
+        self._rng = random.Random()
+        self._drift = self._drift_monitor(bundle)
         self._topics = {k: topics.node_topic(self.prefix, self.node, k) for k in topics.NODE_SUFFIXES}
         qos = config.broker.qos
         self._qos = qos
@@ -110,6 +116,7 @@ class DeviceDaemon:
         the error propagates. Frames already escalated finish under the model that sent them."""
         new = self._load(bundle)
         old, self._model = self._model, new
+        self._drift = self._drift_monitor(bundle)  # the new version's reference statistics
         log.info("model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version, bundle.name, bundle.version)
         self.publish_status()
 
@@ -131,7 +138,10 @@ class DeviceDaemon:
             self._next_frame = (self._next_frame + 1) & 0xFFFFFFFF
         if confident:
             self._emit(m, frame_id, "end", label, conf, entropy, t0, decision_s, ref, 0, None)
+            self._after_confident(m, frame_id, out, image)  # after the result: an audit never delays it
             return
+        if self._drift is not None:
+            self._observe_drift(out)
         reason = None
         if not self.mqtt.connected:
             reason = "offline"
@@ -149,6 +159,57 @@ class DeviceDaemon:
                 self._wake.notify()
         if not self.mqtt.publish(self._topics[topics.FEATURE], payload, self._qos.feature):
             self._fallback(frame_id, "offline")
+
+    # -- audits and drift (issue 13, docs/DRIFT.md) -----------------------------------------------
+    def _drift_monitor(self, bundle: Bundle) -> DriftMonitor | None:
+        d = self.config.drift
+        if not d.enabled:
+            return None
+        try:
+            return DriftMonitor.from_bundle(bundle.manifest, window=d.window, step=d.step,
+                                            clear_checks=d.clear_checks, threshold_scale=d.threshold_scale)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("bundle %s v%d: unusable drift reference (%s); no drift monitor", bundle.name, bundle.version, e)
+            return None
+
+    @property
+    def audit_rate(self) -> float:
+        """Share of confident frames audited now (raised while the drift monitor is in alarm)."""
+        rate = self.config.audit_rate
+        if self._drift is not None and self._drift.state.alarm:
+            rate = max(rate, self.config.drift.alarm_audit_rate)
+        return rate
+
+    def _after_confident(self, m: TierModel, frame_id: int, out, image: np.ndarray) -> None:
+        if self._drift is not None:
+            self._observe_drift(out)
+        rate = self.audit_rate
+        if rate <= 0 or m.spec_out is None or self._rng.random() >= rate or not self.mqtt.connected:
+            return  # (an end-only bundle has no tier above to audit with)
+        payload = wire.encode_tensor_message(m.spec_out, frame_id, out.feature, [out.logits], audit=True)
+        if self.mqtt.publish(self._topics[topics.FEATURE], payload, self._qos.feature):
+            with self._lock:
+                self.stats.audits += 1
+                self.stats.audit_bytes += len(payload)
+            if self.updates is not None:
+                self.updates.share_frame(image)  # opted-in nodes only (privacy policy)
+
+    def _observe_drift(self, out) -> None:
+        if out.feature is None:
+            return
+        changed = self._drift.update(out.feature, out.logits)
+        if changed is None:
+            return
+        st = self._drift.state
+        m = self._model
+        event = {"node": self.node, "model": m.bundle.name, "model_version": m.bundle.version, **st.to_json(),
+                 "frames": self._drift.frames, "thresholds": self._drift.thresholds, "ts": round(time.time(), 3)}
+        (log.warning if changed else log.info)("node %s: drift alarm %s at frame %d (%s)", self.node,
+                                               "raised" if changed else "cleared", self._drift.frames,
+                                               ", ".join(f"{k} {v:.4g}" for k, v in (st.scores or {}).items()))
+        if self.mqtt.connected:
+            self.mqtt.publish(self._topics[topics.DRIFT], json.dumps(event), self._qos.status, retain=True)
+            self.publish_status()
 
     def _fallback(self, frame_id: int, reason: str) -> None:
         with self._lock:
@@ -253,6 +314,8 @@ class DeviceDaemon:
                 "runtime": getattr(m.segment.runtime, "key", "?"), "threshold": m.threshold, "pid": os.getpid(),
                 "frames": s.frames, "by_tier": dict(s.by_tier), "fallbacks": dict(s.fallbacks),
                 "bytes_up": s.bytes_up, "late_answers": s.late_answers, "bad_answers": s.bad_answers,
+                "audits": {"rate": self.audit_rate, "sent": s.audits, "bytes": s.audit_bytes},
+                "drift": self._drift.state.to_json() if self._drift is not None else None,
                 "ts": round(time.time(), 3),
                 **({"update": self.updates.status()} if self.updates is not None else {})}
 

@@ -29,7 +29,7 @@ def run_edge(args: argparse.Namespace) -> int:
         cfg.workers = args.workers
     if args.print_mosquitto_config:
         print(mosquitto_config(cfg.mosquitto, cfg.cloud.bridge if cfg.cloud.mode == "bridge" else None,
-                               cfg.prefix, cfg.gateway_id), end="")
+                               cfg.prefix, cfg.gateway_id, cfg.mosquitto.state_dir), end="")
         return 0
     if cfg.cloud.mode == "bridge" and not cfg.mosquitto.managed:
         raise ConfigError(f"{args.config}: cloud.mode 'bridge' needs mosquitto.managed: true (for a broker you "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tierlite import topics
 from tierlite.mqtt import Message, MqttClient, default_client_id
+from tierlite.service import die_with_parent, stop_processes
 
 __all__ = ["Gateway", "WORKER_RESTARTS_PER_MINUTE"]
 
@@ -66,7 +67,9 @@ class Gateway:
 
         bridge = cfg.cloud.bridge if cfg.cloud.mode == "bridge" else None
         self.mosquitto = MosquittoProcess(cfg.mosquitto, self.state_dir,
-                                          mosquitto_config(cfg.mosquitto, bridge, cfg.prefix, cfg.gateway_id))
+                                          mosquitto_config(cfg.mosquitto, bridge, cfg.prefix, cfg.gateway_id,
+                                                           self.state_dir))
+        self.mosquitto.preexec = die_with_parent()  # Mosquitto dies with the gateway, even on SIGKILL
         self.mosquitto.start()
         if bridge is not None:
             log.info("bridge to cloud broker %s:%d: %s out, %s in", bridge.host, bridge.port,
@@ -79,7 +82,7 @@ class Gateway:
         w.proc = subprocess.Popen(
             [sys.executable, "-m", "tierlite.edge.worker", "--config", str(self.config_path), "--index", str(w.index),
              "--log-level", self.log_level, "--log-format", self.log_format],
-            env=env, stdin=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent())  # no orphans if the gateway dies
         w.online = False
         log.info("edge worker %d started (pid %d)", w.index, w.proc.pid)
 
@@ -187,17 +190,7 @@ class Gateway:
     def _shutdown(self) -> None:
         if self.advertiser is not None:
             self.advertiser.stop()
-        for w in self.workers:
-            if w.proc is not None and w.proc.poll() is None:
-                w.proc.terminate()
-        deadline = time.monotonic() + 5.0
-        for w in self.workers:
-            if w.proc is not None:
-                try:
-                    w.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    w.proc.kill()
-                    w.proc.wait()
+        stop_processes([w.proc for w in self.workers], 5.0)
         if self.mqtt is not None:
             self.mqtt.stop(final=[self._offline()])
         if self.mosquitto is not None:

@@ -21,8 +21,9 @@ from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import EdgeConfig
 from tierlite.errors import WireError
-from tierlite.mqtt import MqttClient, default_client_id
+from tierlite.mqtt import Message, MqttClient, default_client_id
 from tierlite.policy import decide
+from tierlite.ratelimit import KeyedBuckets, LogThrottle
 from tierlite.segment import Segment, TierModel
 from tierlite.tierworker import TierWorker
 
@@ -41,6 +42,11 @@ class EdgeWorker(TierWorker):
         self.config = config
         self.index = index
         self.options = {"threads": config.threads, **(runtime_options or {})}
+        self.metrics.configure_labels(config.metrics_labels.nodes, config.metrics_labels.max_nodes)
+        nb = config.node_budget  # per node, in each worker (see NodeBudgetConfig)
+        self._budget = KeyedBuckets(nb.rate, nb.burst, nb.max_nodes) if nb.enabled else None
+        self.over_budget = 0
+        self._budget_log = LogThrottle(10.0)
         bundle = bundle or Bundle.load(config.bundle)
         self.updates = None  # signed model updates (tierlite.update), with an `update:` section
         if config.update is not None and config.update.enabled:
@@ -71,6 +77,9 @@ class EdgeWorker(TierWorker):
         m = self._model
         try:
             node = topics.node_of(topic, self.prefix)
+            if self._budget is not None and not self._budget.allow(node):
+                self._over_budget(node, payload)
+                return
             msg = wire.decode_tensor_message(payload, m.spec_in)
         except WireError as e:
             self._reject(topic, payload, e)
@@ -78,9 +87,17 @@ class EdgeWorker(TierWorker):
         q = msg.tensor
         out = m.segment.run(q)
         confident, label, conf, entropy = decide(out.logits, m.threshold)
-        if self.updates is not None:
+        if self.updates is not None and not msg.audit:
             self.updates.observe("edge", q, out.logits, escalated=not confident)
-        if confident:
+        if msg.audit:  # the node answered it already: on to the cloud for scoring, nothing back (issue 13)
+            reply = b""
+            if m.spec_out is not None:
+                reply = wire.encode_tensor_message(
+                    m.spec_out, msg.frame_id, out.feature, [msg.exit_logits[0], out.logits], sent_us=msg.sent_us,
+                    end_feature=msg.feature if self.config.forward_end_feature else None, audit=True)
+                self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ESCALATE), reply, self._qos.escalate)
+            outcome, kind = "audited", "escalate"
+        elif confident:
             reply = wire.encode_answer("edge", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
             self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer)
             outcome, kind = "answered", "answer"
@@ -94,6 +111,22 @@ class EdgeWorker(TierWorker):
         self.metrics.frame(node, outcome, len(payload), time.perf_counter() - t0,
                            (wire.now_us() - msg.sent_us) / 1e6)
         self.metrics.sent(kind, len(reply))
+
+    def _over_budget(self, node: str, payload: bytes) -> None:
+        """Over the node's escalation budget: no decode, no segment; a REJECT (reason budget) so
+        the node answers with its own exit at once. Counted per node, logged throttled."""
+        self.over_budget += 1
+        self.metrics.budget_reject(node)
+        self.metrics.reject("budget")
+        self._budget_log.log(log, logging.WARNING, "budget", "edge worker %s: node %s over its escalation budget "
+                             "(%d refused so far)", self.worker_id, node[:64], self.over_budget)
+        peek = wire.peek_frame(payload)
+        if peek is None or payload[5] & wire.FLAG_AUDIT:  # an audit: the node waits for nothing (issue 13)
+            return
+        b = self._model.bundle
+        reply = wire.encode_reject(self.tier, peek[1], wire.wire_error("budget", "over budget"), b.name, b.version)
+        self.mqtt.send(Message(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer))
+        self.metrics.sent("reject", len(reply))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -38,14 +38,16 @@ class Proc(TierProcess):
 class Watcher:
     """Collects MQTT messages on the given filters (a test-side client through tierlite.mqtt)."""
 
-    def __init__(self, port: int, filters: list[str], name: str = "watcher"):
+    def __init__(self, port: int, filters: list[str], name: str = "watcher", broker=None):
+        """`broker`: a BrokerConfig (credentials, TLS) to connect with instead of an anonymous one."""
         from tierlite.config import BrokerConfig
         from tierlite.mqtt import MqttClient
 
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.client = MqttClient(BrokerConfig(port=port, reconnect_min=0.1, reconnect_max=0.5),
-                                 f"test-{name}-{os.getpid()}-{time.monotonic_ns()}")
+        config = broker or BrokerConfig(port=port)
+        config = config.model_copy(update={"port": port, "reconnect_min": 0.1, "reconnect_max": 0.5})
+        self.client = MqttClient(config, f"test-{name}-{os.getpid()}-{time.monotonic_ns()}")
         for f in filters:
             self.client.subscribe(f, self._on, 1)
         self.client.start()

@@ -97,7 +97,9 @@ def int8_stack(tmp_path_factory, broker, small_bundle_dir, frames):
 
 def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, broker, small_bundle_dir, frames):
     frame_dir, thresholds, expected = frames
-    cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, broker.port, frame_dir, thresholds[0])
+    # No audit sampling here (tests/test_drift.py covers it): the store must hold the escalations only.
+    cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, broker.port, frame_dir, thresholds[0],
+                        audit_rate=0, drift={"alarm_audit_rate": 0})
     watcher = Watcher(broker.port, [f"{PREFIX}/cam1/result", f"{PREFIX}/cam1/status"], "results")
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     assert device.wait(60) == 0, device.log()[-3000:]

@@ -86,7 +86,7 @@ def test_two_brokers_bridge_carries_escalations_and_answers(site, small_bundle_d
     n_cloud = sum(r["tier"] == "cloud" for r in results)
     assert n_cloud == sum(t == 2 for t, _ in site["expected"].values()) > 0
     # every cloud-tier frame was seen on the cloud broker exactly once, and its answer on the edge broker
-    wait_until(lambda: len(at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))) == n_cloud, 5, "escalations")
+    wait_until(lambda: len(at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))) == n_cloud, 20, "escalations")
     from tierlite import wire
 
     answers = [wire.decode_answer(p) for p in at_edge.on(lambda t: t.endswith("/bridgecam/answer"))]

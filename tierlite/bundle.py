@@ -6,9 +6,11 @@ BundleError with one clear line.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -187,7 +189,12 @@ class Bundle:
         if not path.exists():
             raise BundleError(f"bundle not found: {path}")
         if path.is_file():
-            path = _extract_archive(path)
+            unpacked = _extract_archive(path)
+            try:
+                return cls.load(unpacked, verify)
+            except BundleError:
+                _remove_tree(unpacked)  # not a bundle after all: nothing left behind
+                raise
         mfile = path / MANIFEST
         if not mfile.is_file():
             raise BundleError(f"not a bundle (no {MANIFEST}): {path}")
@@ -295,16 +302,40 @@ def write_archive(root: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def _extract_archive(path: Path) -> Path:
+MAX_ARCHIVE_BYTES = 512 * 1024 * 1024  # a bundle archive named in a config unpacks to at most this
+MAX_ARCHIVE_MEMBERS = 1000
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _extract_archive(path: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
+    """Unpack a bundle archive into a temp dir, removed at exit (or at once when it fails). Bounded:
+    at most `max_bytes` unpacked and MAX_ARCHIVE_MEMBERS members, checked before anything is written."""
+    out: Path | None = None
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar.getmembers():
+            total, members = 0, []
+            for member in tar:  # streamed: a bomb is refused before its end is read
                 if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
                     raise BundleError(f"bundle archive {path}: unsafe member {member.name!r}")
+                total += member.size
+                members.append(member)
+                if total > max_bytes or len(members) > MAX_ARCHIVE_MEMBERS:
+                    raise BundleError(f"bundle archive {path}: unpacks to more than {max_bytes:,} bytes or "
+                                      f"{MAX_ARCHIVE_MEMBERS} files")
             out = Path(tempfile.mkdtemp(prefix="tierlite-bundle-"))
-            tar.extractall(out)
+            atexit.register(_remove_tree, out)
+            tar.extractall(out, members=members)
     except (tarfile.TarError, OSError, EOFError) as e:
+        if out is not None:
+            _remove_tree(out)
         raise BundleError(f"bundle archive {path} is unreadable: {e}") from None
+    except BundleError:
+        if out is not None:
+            _remove_tree(out)
+        raise
     return out
 
 

@@ -24,7 +24,8 @@ from tierlite.topics import valid_node_id
 __all__ = [
     "load_config", "config_from_dict", "RUNTIMES", "MAX_ARTIFACT_BYTES",
     "TLSConfig", "QoSConfig", "BrokerConfig", "UpdateConfig", "RetrainTriggerConfig", "SourceConfig", "DeviceConfig",
-    "MosquittoConfig", "BridgeConfig", "CloudLinkConfig", "DiscoveryConfig", "EdgeConfig", "StoreConfig", "CloudConfig",
+    "ListenerTLSConfig", "MosquittoConfig", "BridgeConfig", "CloudLinkConfig", "DiscoveryConfig", "EdgeConfig", "StoreConfig", "CloudConfig",
+    "NodeBudgetConfig", "MetricsLabelsConfig",
 ]
 
 RUNTIMES = ("litert", "tflite-runtime", "edgetpu", "tflm")
@@ -206,6 +207,7 @@ class UpdateConfig(Section):
     max_escalation_increase: Share = 0.15  # absolute, after the swap vs the frames before it
     max_error_rate: Share = 0.05
     max_artifact_bytes: AtLeastOne = MAX_ARTIFACT_BYTES
+    chunk_timeout: Positive = 60.0  # seconds without the whole artifact: re-request its (retained) chunks
     # Privacy opt-in: upload the JPEG of frames the end model escalated, so the cloud may retrain
     # the end exit from them (off: only boundary features ever leave the node).
     share_frames: bool = False
@@ -245,6 +247,17 @@ class SourceConfig(Section):
     limit: AtLeastOne | None = None  # stop after this many frames
 
 
+class DriftConfig(Section):
+    """The device's `drift:` section: label-free drift monitor against the bundle's reference
+    statistics (`drift_reference` in the manifest; none there = no monitor). docs/DRIFT.md."""
+    enabled: bool = True
+    window: AtLeastOne | None = None  # frames per window (default: the reference's)
+    step: AtLeastOne = 25  # score the window every this many frames
+    clear_checks: AtLeastOne = 4  # checks in a row below every threshold before an alarm clears
+    threshold_scale: Positive = 1.0  # x the reference's thresholds
+    alarm_audit_rate: Share = 0.25  # audit share of confident frames while in alarm
+
+
 class DeviceConfig(Section):
     model_config = ConfigDict(frozen=False)
 
@@ -263,16 +276,34 @@ class DeviceConfig(Section):
     results_file: RelPath | None = None  # also append every result event as one JSON line here
     home_assistant: bool = False  # publish a retained Home Assistant MQTT discovery config
     update: UpdateConfig | None = None  # accept signed model updates (docs/UPDATES.md)
+    # Audit sampling: this share of the frames the end exit is sure of also goes up the chain,
+    # marked as audits (answered locally as usual); the cloud scores the node's agreement with it.
+    audit_rate: Share = 0.02
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
 
 # -- edge ---------------------------------------------------------------------------------------
+class ListenerTLSConfig(Section):
+    """The managed Mosquitto's TLS listener: its server certificate, and the CA clients must chain to."""
+
+    ca_file: ExistingFile  # the fleet CA (tierlite provision): client certificates must be signed by it
+    cert_file: ExistingFile  # server certificate (SANs: every name/address nodes use for the gateway)
+    key_file: ExistingFile
+    require_certificate: bool = True  # mutual TLS: no client without a CA-signed certificate
+
+
 class MosquittoConfig(Section):
     managed: bool = True  # start and supervise Mosquitto; false = use `broker` as it is
     binary: Annotated[Text, _relative(program=True)] = "mosquitto"  # name on PATH or a path
     bind: Text = "127.0.0.1"  # listener address ("0.0.0.0" for a real site network)
     port: Port = 1883
     state_dir: RelPath | None = None  # generated config, pid and log; default a temp folder
-    password_file: ExistingFile | None = None  # mosquitto_passwd file; none = anonymous access
+    password_file: ExistingFile | None = None  # mosquitto_passwd file; none = anonymous access (loopback only)
+    # Security (docs/SECURITY.md; `tierlite provision` writes these files). A bind beyond loopback
+    # needs tls and acl_file: the generated config then refuses anonymous clients.
+    tls: ListenerTLSConfig | None = None
+    acl_file: ExistingFile | None = None  # Mosquitto ACL (pattern rules per node, topics per worker)
+    persistence: bool = True  # retained update state survives a broker restart (in state_dir)
     max_queued_messages: int = 10000  # mosquitto's default 1000 overflows under bursts
     message_size_limit: int = 1048576
     restart_limit: int = 5  # restarts within 60 s before the gateway gives up
@@ -309,6 +340,28 @@ class DiscoveryConfig(Section):
     address: Text | None = None  # address to advertise; default the listener's (or this host's)
 
 
+class NodeBudgetConfig(Section):
+    """Per-node escalation budget at the edge (a token bucket per node): features beyond it get a
+    REJECT (reason `budget`) and the node answers with its own exit. The default is above any
+    camera's frame rate, so an honest node that escalates every frame is never refused, while a
+    flood (thousands/s) is cut to a few percent of one worker's capacity. Each edge worker keeps its
+    own buckets (a worker that dies must not halve a node's budget), so with N workers a node may
+    reach up to N x rate."""
+
+    enabled: bool = True
+    rate: Positive = 100.0  # escalations per second per node and worker, sustained
+    burst: AtLeastOne = 300  # escalations a node may send at once after a quiet spell
+    max_nodes: AtLeastOne = 10_000  # buckets kept (least recently seen forgotten first)
+
+
+class MetricsLabelsConfig(Section):
+    """Which nodes get their own `node` label in /metrics; any other node is counted under "other"
+    (a fleet's label set stays bounded whatever node ids arrive)."""
+
+    nodes: list[NodeId] | None = None  # the provisioned nodes; null: the first `max_nodes` seen
+    max_nodes: Annotated[int, Field(ge=0)] = 256
+
+
 class EdgeConfig(Section):
     model_config = ConfigDict(frozen=False)  # `tierlite edge --workers` overrides workers
 
@@ -327,6 +380,8 @@ class EdgeConfig(Section):
     forward_end_feature: bool = True  # send the node's feature up too (hard-example store)
     metrics_port: PortOrZero | None = 9464  # Prometheus /metrics; null = off; 0 = any free port
     metrics_bind: Text = "127.0.0.1"
+    metrics_labels: MetricsLabelsConfig = Field(default_factory=MetricsLabelsConfig)
+    node_budget: NodeBudgetConfig = Field(default_factory=NodeBudgetConfig)
     update: UpdateConfig | None = None  # accept signed edge-segment updates (docs/UPDATES.md)
 
     @field_validator("workers")
@@ -345,6 +400,16 @@ class StoreConfig(Section):
     batch: AtLeastOne = 64  # rows per commit
     flush_interval: Positive = 0.5  # seconds; commit a partial batch after this long
     enabled: bool = True
+    # Bounds (null = no bound): the oldest rows are evicted first, counted (tierlite_store_events_total).
+    max_rows: AtLeastOne | None = 1_000_000
+    max_bytes: AtLeastOne | None = 2 << 30  # pages in use, not the file size (SQLite reuses freed pages)
+    max_age_days: Positive | None = 90.0
+    max_pending: AtLeastOne = 10_000  # rows held in memory while writes fail (disk full); oldest dropped
+    # Frame uploads of opted-in nodes (frames store): per node, uploads/s, burst and rows kept.
+    frames_per_node_rate: Positive = 1.0
+    frames_per_node_burst: AtLeastOne = 20
+    frames_per_node_max_rows: AtLeastOne = 5_000
+    frames_max_bytes: AtLeastOne | None = 1 << 30
 
 
 class CloudConfig(Section):
@@ -358,7 +423,13 @@ class CloudConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     metrics_port: PortOrZero | None = 9465
     metrics_bind: Text = "127.0.0.1"
+    metrics_labels: MetricsLabelsConfig = Field(default_factory=MetricsLabelsConfig)
     retrain: RetrainTriggerConfig | None = None  # co-updating: scheduled `tierlite retrain` (docs/UPDATES.md)
+    # Audits (issue 13): per-node agreement window; a drift alarm, or an agreement whose Wilson
+    # upper bound falls below audit_min_agreement, asks the retraining scheduler for a run.
+    audit_window: AtLeastOne = 200
+    audit_min_agreement: Share = 0.8
+    audit_min_frames: AtLeastOne = 30  # audits in the window before the agreement can ask for a run
 
     @field_validator("retrain")
     @classmethod

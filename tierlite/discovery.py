@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 __all__ = ["SERVICE_TYPE", "Advertiser", "DiscoveredBroker", "GatewayRecord", "discover_broker", "local_address"]
 
@@ -46,7 +47,8 @@ class DiscoveredBroker:
 
 
 def discover_broker(timeout: float = 3.0, interfaces: list[str] | None = None,
-                    match: dict[str, str] | None = None) -> DiscoveredBroker | None:
+                    match: dict[str, str] | None = None,
+                    skip: Callable[[DiscoveredBroker], bool] | None = None) -> DiscoveredBroker | None:
     """Browse for a tierlite gateway's `_mqtt._tcp` service, optionally one whose TXT records include
     `match` (e.g. {"bundle": "digits-small"}). Returns the first one resolved within `timeout`
     seconds, else None."""
@@ -81,7 +83,10 @@ def discover_broker(timeout: float = 3.0, interfaces: list[str] | None = None,
                 if not addrs or not info.port:
                     continue
                 host = next((a for a in addrs if ":" not in a), addrs[0])
-                return DiscoveredBroker(host, int(info.port), name, props)
+                found = DiscoveredBroker(host, int(info.port), name, props)
+                if skip is not None and skip(found):  # e.g. one that failed TLS: keep looking
+                    continue
+                return found
         return None
     finally:
         zc.close()

@@ -5,9 +5,16 @@ One family set for both tiers, told apart by the `tier` label:
   tierlite_rejected_messages_total{tier,reason} dropped network input (truncated, version, bundle...)
   tierlite_received_bytes_total{tier,node}     payload bytes of accepted features
   tierlite_sent_bytes_total{tier,kind}         kind: answer | escalate | reject
+  tierlite_budget_rejects_total{tier,node}     edge: features refused, node over its escalation budget
+The `node` label is bounded: provisioned nodes (metrics_labels.nodes) or the first 256 seen; every
+other node is counted under "other" (configure_labels).
   tierlite_process_seconds{tier}               decode + segment + encode, per message
   tierlite_message_age_seconds{tier}           now - the node's send time (meaningful with NTP)
   tierlite_stored_examples_total               cloud: rows written to the hard-example store
+  tierlite_store_events_total{event}           cloud: store bounds and faults (evicted, dropped, recovered...)
+  tierlite_audit_agreement{node,bound}         cloud: node end exit vs cloud exit on audited frames, sliding
+                                               window; bound: estimate | low | high (Wilson 95 %)
+  tierlite_drift_alarm{node}                   cloud: 1 while the node's retained drift event says alarm
 Per-node exit rate at the edge: rate(frames_total{outcome="answered"}) / rate(frames_total).
 
 Several edge worker processes share one endpoint through prometheus-client's multiprocess mode:
@@ -20,6 +27,7 @@ from typing import Any
 
 log = logging.getLogger("tierlite.metrics")
 
+OTHER = "other"  # the node label of every node without its own (see TierMetrics.configure_labels)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -30,6 +38,10 @@ class TierMetrics:
         self.tier = tier
         self._frames: dict[tuple[str, str], Any] = {}
         self._bytes_in: dict[str, Any] = {}
+        self._budget: dict[str, Any] = {}
+        self._allowed: frozenset[str] | None = None  # node label allow-list (provisioned nodes)
+        self._max_nodes = 256  # without an allow-list: the first nodes seen get a label
+        self._labelled: set[str] = set()
         try:
             from prometheus_client import CollectorRegistry, Counter, Histogram
         except ImportError:
@@ -51,11 +63,37 @@ class TierMetrics:
         self.age_seconds = Histogram("tierlite_message_age_seconds", "Time since the node sent the feature",
                                      ["tier"], buckets=LATENCY_BUCKETS, registry=r).labels(tier)
         self.stored = Counter("tierlite_stored_examples", "Hard examples written to the store", registry=r)
+        self.store_events = Counter("tierlite_store_events", "Store bounds and faults: evicted, dropped, invalid, "
+                                    "clamped, failed_flush, recovered", ["event"], registry=r)
+        self.budget_rejects = Counter("tierlite_budget_rejects", "Features refused: node over its escalation budget",
+                                      ["tier", "node"], registry=r)
         self._out = {k: self.bytes_out.labels(tier, k) for k in ("answer", "escalate", "reject")}
+        from prometheus_client import Gauge
+
+        self.audit_agreement = Gauge("tierlite_audit_agreement", "Audited frames: node end exit agrees with the "
+                                     "cloud exit (sliding window; bound estimate|low|high)", ["node", "bound"], registry=r)
+        self.drift_alarm = Gauge("tierlite_drift_alarm", "1 while the node reports a drift alarm", ["node"], registry=r)
+
+    def configure_labels(self, nodes: list[str] | None, max_nodes: int = 256) -> None:
+        """Per-node labels only for `nodes` (the provisioned ones) or, without a list, for the first
+        `max_nodes` nodes seen; every other node is counted under the label "other"."""
+        self._allowed = frozenset(nodes) if nodes is not None else None
+        self._max_nodes = max_nodes
+
+    def node_label(self, node: str) -> str:
+        if self._allowed is not None:
+            return node if node in self._allowed else OTHER
+        if node in self._labelled:
+            return node
+        if len(self._labelled) < self._max_nodes:
+            self._labelled.add(node)
+            return node
+        return OTHER
 
     def frame(self, node: str, outcome: str, nbytes: int, process_s: float, age_s: float | None) -> None:
         if not self.enabled:
             return
+        node = node if node in self._labelled else self.node_label(node)
         key = (node, outcome)
         child = self._frames.get(key)
         if child is None:  # labels() costs a few microseconds: cache per node
@@ -69,6 +107,15 @@ class TierMetrics:
         if age_s is not None and 0 <= age_s < 3600:
             self.age_seconds.observe(age_s)
 
+    def budget_reject(self, node: str) -> None:
+        if not self.enabled:
+            return
+        node = self.node_label(node)
+        child = self._budget.get(node)
+        if child is None:
+            child = self._budget[node] = self.budget_rejects.labels(self.tier, node)
+        child.inc()
+
     def sent(self, kind: str, nbytes: int) -> None:
         if self.enabled:
             self._out[kind].inc(nbytes)
@@ -80,6 +127,19 @@ class TierMetrics:
     def stored_rows(self, n: int) -> None:
         if self.enabled and n:
             self.stored.inc(n)
+
+    def audit(self, node: str, estimate: dict[str, Any]) -> None:
+        if self.enabled and estimate.get("agreement") is not None:
+            for bound, key in (("estimate", "agreement"), ("low", "low"), ("high", "high")):
+                self.audit_agreement.labels(self.node_label(node), bound).set(estimate[key])
+
+    def drift(self, node: str, alarm: bool) -> None:
+        if self.enabled:
+            self.drift_alarm.labels(self.node_label(node)).set(1.0 if alarm else 0.0)
+
+    def store_event(self, event: str, n: int = 1) -> None:
+        if self.enabled and n > 0:
+            self.store_events.labels(event).inc(n)
 
     def serve(self, port: int, bind: str = "127.0.0.1") -> int | None:
         """Serve /metrics on bind:port (0 = any free port); returns the port."""

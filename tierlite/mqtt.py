@@ -123,10 +123,13 @@ class MqttClient:
 
     def _discover_then_connect(self) -> None:
         delay = self.config.reconnect_min
+        rejected: dict[tuple[str, int], float] = {}  # endpoint -> until when it is ignored
         while not self._stop_event.is_set():
+            now = time.monotonic()
             try:
                 found = discover_broker(self.config.discovery_timeout, self.config.discovery_interfaces,
-                                        self.config.discovery_match)
+                                        self.config.discovery_match,
+                                        skip=lambda b: rejected.get((b.host, b.port), 0.0) > time.monotonic())
             except Exception as e:  # zeroconf/network trouble: keep trying, never crash the daemon
                 log.warning("mqtt: zeroconf discovery failed: %s", e)
                 found = None
@@ -134,12 +137,34 @@ class MqttClient:
                 log.info("mqtt: discovered gateway %s at %s:%d (%s)", found.name, found.host, found.port,
                          ", ".join(f"{k}={v}" for k, v in sorted(found.properties.items())))
                 self.discovered = found
-                if not self._stop_event.is_set():
-                    self._connect(found.host, found.port)
-                return
+                if self._stop_event.is_set():
+                    return
+                self._failures = 0
+                self._connect(found.host, found.port)
+                if self.config.tls is None or self._proves_itself():
+                    return
+                # Anyone on the LAN can advertise _mqtt._tcp: with TLS, an endpoint that fails the
+                # handshake (a certificate not from our CA) or refuses our credentials is not our gateway.
+                log.warning("mqtt: %s at %s:%d failed TLS or authentication (not signed by our CA?); "
+                            "ignoring it for 60 s and browsing on", found.name, found.host, found.port)
+                self._client.loop_stop()
+                rejected[(found.host, found.port)] = now + 60.0
+                self.endpoint = None
+                continue
             log.warning("mqtt: no tierlite gateway found by zeroconf yet; retrying in %.1fs", delay)
             self._stop_event.wait(delay)
             delay = min(delay * 2, self.config.reconnect_max)
+
+    def _proves_itself(self, attempts: int = 2) -> bool:
+        """After connecting to a discovered endpoint: True once connected, False after `attempts`
+        failed connection attempts (TLS handshake or CONNACK refusal)."""
+        deadline = time.monotonic() + max(10.0, 4 * self.config.reconnect_max)
+        while time.monotonic() < deadline and not self._stop_event.is_set():
+            if self._connected.wait(0.05):
+                return True
+            if self._failures >= attempts:
+                return False
+        return self._connected.is_set() or self._stop_event.is_set()
 
     def stop(self, final: list[Message] | None = None, timeout: float = 2.0) -> None:
         """Publish `final` messages (e.g. a retained 'offline' status), then disconnect cleanly."""

@@ -14,6 +14,7 @@ from tierlite.bundle import Bundle
 from tierlite.errors import WireError
 from tierlite.metrics import TierMetrics
 from tierlite.mqtt import Message
+from tierlite.ratelimit import LogThrottle
 from tierlite.segment import TierModel
 
 __all__ = ["TierWorker"]
@@ -34,6 +35,7 @@ class TierWorker:
         self.stop_event = threading.Event()
         self.processed = 0
         self.rejected = 0
+        self._reject_log = LogThrottle(10.0)  # one line per reason per 10 s, with the count held back
         self._model: TierModel | None = None  # set by the subclass from its `_load`
         self.mqtt: Any = None
 
@@ -60,9 +62,8 @@ class TierWorker:
         """A message we cannot use: count it, log the first ones, and tell the node when we can."""
         self.rejected += 1
         self.metrics.reject(wire.reason_of(err))
-        if self.rejected <= 10 or self.rejected % 1000 == 0:
-            log.warning("%s worker: dropped %s on %s (%d dropped so far): %s", self.tier, self.consumes,
-                        topic[:100], self.rejected, err)
+        self._reject_log.log(log, logging.WARNING, wire.reason_of(err), "%s worker: dropped %s on %s "
+                             "(%d dropped so far): %s", self.tier, self.consumes, topic[:100], self.rejected, err)
         reject = self._reject_reply(topic, payload, err)
         if reject is not None:
             self.mqtt.send(reject)

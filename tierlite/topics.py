@@ -10,7 +10,7 @@ import re
 from tierlite.errors import WireError
 
 __all__ = [
-    "ANSWER", "ESCALATE", "FEATURE", "NODE_SUFFIXES", "RESERVED_NODE_IDS", "RESULT", "STATUS",
+    "ANSWER", "DRIFT", "ESCALATE", "FEATURE", "NODE_SUFFIXES", "RESERVED_NODE_IDS", "RESULT", "STATUS",
     "Filter", "Topic",
     "bridge_notifications", "cloud_status", "cloud_statuses", "frame_upload", "frame_upload_source", "frame_uploads",
     "gateway_status", "gateway_worker", "gateway_workers", "home_assistant_config", "node_filter",
@@ -22,7 +22,8 @@ MAX_TOPIC_LENGTH = 65535
 
 # <prefix>/<node>/<suffix>
 FEATURE, ESCALATE, ANSWER, RESULT, STATUS = "feature", "escalate", "answer", "result", "status"
-NODE_SUFFIXES = (FEATURE, ESCALATE, ANSWER, RESULT, STATUS)
+DRIFT = "drift"  # <prefix>/<node>/drift: the node's drift alarm (retained JSON event, issue 13)
+NODE_SUFFIXES = (FEATURE, ESCALATE, ANSWER, RESULT, STATUS, DRIFT)
 UPDATE = "update"  # <prefix>/update/<model>/...: model updates
 GATEWAY = "_gateway"  # <prefix>/_gateway/<gateway_id>/...: edge gateway and its workers
 CLOUD = "_cloud"  # <prefix>/_cloud/<worker_id>/status

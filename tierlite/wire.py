@@ -30,7 +30,7 @@ from tierlite.bundle import Bundle, FeatureEncoding, TensorInfo
 from tierlite.errors import BundleError, WireError
 
 __all__ = [
-    "ANSWER_STRUCT", "Answer", "BoundarySpec", "FeatureEncoding", "Kind", "LogitsCodec", "MAGIC",
+    "ANSWER_STRUCT", "Answer", "BoundarySpec", "FLAG_AUDIT", "FeatureEncoding", "Kind", "LogitsCodec", "MAGIC",
     "REJECT_REASONS_WORTH_ANSWERING", "RejectReason", "TENSOR_HEADER", "TIER_CODES", "TensorMessage",
     "WIRE_VERSION", "boundary_spec", "bundle_id", "decode_answer", "decode_feature",
     "decode_tensor_message", "encode_answer", "encode_feature", "encode_reject", "encode_tensor_message",
@@ -52,6 +52,7 @@ TIER_CODES = {"end": 0, "edge": 1, "cloud": 2}
 TIER_NAMES = {v: k for k, v in TIER_CODES.items()}
 ENCODING_CODES = {"int8": 0, "binary": 1}
 FLAG_END_FEATURE = 0x01  # ESCALATE: the node's end feature follows the edge feature
+FLAG_AUDIT = 0x02  # FEATURE/ESCALATE: an audit of a frame the node already answered itself (no answer wanted)
 MAX_NDIM = 6
 
 # magic, version, kind, encoding, flags, n_exits, ndim, bundle_id, bundle_version, frame_id,
@@ -68,11 +69,12 @@ class RejectReason(IntEnum):
     SHAPE = 3
     ENCODING = 4
     SIZE = 5
+    BUDGET = 6  # the node is over its escalation budget at this tier (edge.node_budget)
 
 
 _REASON_OF = {"bundle": RejectReason.BUNDLE, "quantization": RejectReason.QUANTIZATION,
               "shape": RejectReason.SHAPE, "encoding": RejectReason.ENCODING,
-              "truncated": RejectReason.SIZE, "oversized": RejectReason.SIZE}
+              "truncated": RejectReason.SIZE, "oversized": RejectReason.SIZE, "budget": RejectReason.BUDGET}
 
 
 def wire_error(reason: str, message: str) -> WireError:
@@ -242,16 +244,17 @@ class TensorMessage:
     feature: memoryview  # the feature as it travelled (forwarded and stored as it is)
     tensor: np.ndarray  # the feature decoded: the int8 input of this tier's segment
     end_feature: memoryview | None = None  # ESCALATE: the node's feature as it travelled
+    audit: bool = False  # flag bit 1: score it, do not answer (issue 13, docs/protocol.md)
 
 
 def encode_tensor_message(spec: BoundarySpec, frame_id: int, feature_q: np.ndarray,
                           exit_logits: list[np.ndarray], sent_us: int | None = None,
-                          end_feature: bytes | None = None) -> bytes:
+                          end_feature: bytes | None = None, audit: bool = False) -> bytes:
     """Build a FEATURE/ESCALATE payload. feature_q: the producer's quantized feature tensor."""
     if len(exit_logits) != len(spec.exits):
         raise ValueError(f"{spec.kind.name} carries {len(spec.exits)} exits' logits, got {len(exit_logits)}")
     f = spec.feature
-    flags = FLAG_END_FEATURE if end_feature is not None else 0
+    flags = (FLAG_END_FEATURE if end_feature is not None else 0) | (FLAG_AUDIT if audit else 0)
     header = TENSOR_HEADER.pack(
         MAGIC, WIRE_VERSION, spec.kind, spec.encoding_code, flags, len(spec.exits), len(f.shape),
         spec.bundle_id, spec.bundle_version, frame_id & 0xFFFFFFFF, now_us() if sent_us is None else sent_us,
@@ -331,7 +334,7 @@ def decode_tensor_message(payload: bytes | memoryview, spec: BoundarySpec) -> Te
     end_feature = view[off:] if has_end else None
     tensor = decode_feature(feature, shape, spec.encoding)
     return TensorMessage(Kind(kind), frame_id, sent_us, b_ver, float(scale), zp, shape, logits, feature, tensor,
-                         end_feature)
+                         end_feature, bool(flags & FLAG_AUDIT))
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def encode_reject(tier: str, frame_id: int, err: WireError, bundle_name: str, bu
 
 
 # A tier tells the node at once that its frame cannot run here, instead of leaving it to its deadline.
-REJECT_REASONS_WORTH_ANSWERING = ("bundle", "quantization", "shape", "encoding")
+REJECT_REASONS_WORTH_ANSWERING = ("bundle", "quantization", "shape", "encoding", "budget")
 
 
 def decode_answer(payload: bytes | memoryview) -> Answer:

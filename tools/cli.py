@@ -24,11 +24,13 @@ COMMANDS = {
     "device": ("tierlite.device.cli", "run the camera-node daemon"),
     "edge": ("tierlite.edge.cli", "run the edge gateway (broker, discovery, edge workers)"),
     "cloud": ("tierlite.cloud.cli", "run the cloud worker (final segment, hard-example store)"),
+    "provision": ("tierlite.edge.provision", "fleet CA, per-node credentials, broker password/ACL files; revoke NODE"),
     "keygen": ("tierlite.cloud.publish_cli", "generate an Ed25519 key pair for signing model updates"),
     "retrain": ("tierlite.cloud.publish_cli", "distil escalated hard examples into the small models; optionally publish"),
     "publish": ("tierlite.cloud.publish_cli", "sign a bundle and publish it as a model update over MQTT"),
     "demo": ("tierlite.tools.demo", "train a small bundle and run all three tiers on localhost"),
     "bench": ("tierlite.tools.bench", "benchmarks: accuracy/bytes/latency side by side, fleet load test"),
+    "federate": ("tierlite.tools.federate", "co-training on Flower: 'server' (cloud), 'site' (edge gateway), 'export'"),
 }
 
 

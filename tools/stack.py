@@ -163,8 +163,10 @@ class Broker:
     """A broker on 127.0.0.1:<port> with the config the edge gateway generates: Mosquitto, or
     where it is missing and `fallback` holds, amqtt (MQTT 3.1.1: one edge worker, no $share)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, fallback: bool = True):
+    def __init__(self, workdir: Path, port: int | None = None, fallback: bool = True, settings: dict | None = None):
+        """`settings`: more `mosquitto:` keys (tls, password_file, acl_file, persistence; Mosquitto only)."""
         self.workdir, self.port = Path(workdir), port or free_port()
+        self.settings = settings or {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.fallback, self.protocol = fallback, "5"
         self._mosquitto = None
@@ -175,8 +177,9 @@ class Broker:
         from tierlite.edge.broker import MosquittoProcess, find_mosquitto, mosquitto_config
 
         if find_mosquitto() or not self.fallback:
-            m = MosquittoConfig(port=self.port)
-            self._mosquitto = MosquittoProcess(m, self.workdir, mosquitto_config(m))
+            m = MosquittoConfig(port=self.port, **self.settings)
+            state = self.workdir if self.settings.get("persistence") else None
+            self._mosquitto = MosquittoProcess(m, self.workdir, mosquitto_config(m, state_dir=state))
             self._mosquitto.start()
         else:
             self._amqtt = self._start_amqtt()
@@ -200,6 +203,11 @@ class Broker:
         if proc.poll() is not None:
             raise ConfigError(f"amqtt exited at start; see {self.workdir / 'amqtt.log'}")
         return proc
+
+    @property
+    def pid(self) -> int | None:
+        """The Mosquitto process id (None for amqtt or before start)."""
+        return self._mosquitto.proc.pid if self._mosquitto is not None and self._mosquitto.proc else None
 
     def stop(self) -> None:
         if self._mosquitto is not None:

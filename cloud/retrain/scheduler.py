@@ -25,7 +25,10 @@ class RetrainScheduler:
         self.config, self.trigger = config, config.retrain
         store = Path(config.store.path)
         self.frames_path = Path(self.trigger.frames_path) if self.trigger.frames_path else default_frames_path(store)
-        self.collector = (FrameCollector(FrameStore(self.frames_path), mqtt, config.prefix)
+        sc = config.store
+        self.collector = (FrameCollector(FrameStore(self.frames_path, per_node_max_rows=sc.frames_per_node_max_rows,
+                                                    max_bytes=sc.frames_max_bytes), mqtt, config.prefix,
+                                         sc.frames_per_node_rate, sc.frames_per_node_burst)
                           if self.trigger.collect_frames else None)
         self.state_file = store.with_name(store.stem + ".retrain.json")
         self.state = {"parent": str(Path(config.bundle).resolve()), "runs": 0}
@@ -38,6 +41,14 @@ class RetrainScheduler:
         self._log_path: Path | None = None
         self._last = time.monotonic()
         self._base: int | None = None  # store.written at the last run (or at start)
+        self._requested: str | None = None  # a drift alarm / agreement fall asked for a run (issue 13)
+
+    def request(self, why: str) -> None:
+        """Ask for a run at the next tick that min_interval_seconds allows, whatever the example count:
+        a drift the node is sure about escalates nothing, so waiting for hard examples would wait forever."""
+        if self._requested is None:
+            log.info("retrain: run requested (%s)", why)
+            self._requested = why
 
     def tick(self, written: int) -> None:
         """written: hard examples this worker has stored since it started."""
@@ -52,9 +63,12 @@ class RetrainScheduler:
             return
         due_examples = self.trigger.every_examples is not None and new >= self.trigger.every_examples
         due_time = self.trigger.every_seconds is not None and now - self._last >= self.trigger.every_seconds
-        if due_examples or due_time:
+        if due_examples or due_time or self._requested:
             self._base = written
-            self._start(f"{new} new hard examples" if due_examples else "the retraining period elapsed")
+            why = (f"{new} new hard examples" if due_examples else
+                   "the retraining period elapsed" if due_time else str(self._requested))
+            self._requested = None
+            self._start(why)
 
     def _start(self, why: str) -> None:
         import subprocess

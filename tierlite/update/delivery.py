@@ -14,7 +14,7 @@ from tierlite.errors import ConfigError, UpdateError
 from tierlite.update.artifacts import ARTIFACT_FORMAT
 from tierlite.update.signing import verify_document
 
-__all__ = ["CHUNK_MAGIC", "ChunkAssembler", "DEFAULT_CHUNK_BYTES", "chunk_artifact", "in_rollout", "parse_announcement"]
+__all__ = ["CHUNK_MAGIC", "ChunkAssembler", "DEFAULT_CHUNK_BYTES", "ReassemblyError", "chunk_artifact", "in_rollout", "parse_announcement"]
 
 DEFAULT_CHUNK_BYTES = 64 * 1024  # well under the 128-256 KiB message caps of small MQTT stacks
 CHUNK_MAGIC = b"TLU1"
@@ -30,6 +30,10 @@ def chunk_artifact(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[
     return [_CHUNK_HEADER.pack(CHUNK_MAGIC, i, count, len(data), digest) + data[i * chunk_bytes:(i + 1) * chunk_bytes]
             for i in range(count)]
 
+
+
+class ReassemblyError(UpdateError):
+    """Every chunk arrived but together they are not the announced artifact (truncated or corrupt)."""
 
 
 class ChunkAssembler:
@@ -68,7 +72,7 @@ class ChunkAssembler:
         data = b"".join(self.parts[i] for i in range(self.count))
         self.parts.clear()
         if len(data) != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
-            raise UpdateError(f"reassembled artifact is {len(data):,} bytes with a different sha256 "
+            raise ReassemblyError(f"reassembled artifact is {len(data):,} bytes with a different sha256 "
                               f"than announced ({self.size:,} B): truncated or corrupt")
         return data
 

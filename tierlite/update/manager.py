@@ -23,8 +23,9 @@ from tierlite.errors import TierliteError, UpdateError
 from tierlite.policy import decide
 from tierlite.segment import Segment
 from tierlite.update.artifacts import check_boundary, vet_artifact
-from tierlite.update.delivery import ChunkAssembler, in_rollout, parse_announcement
+from tierlite.update.delivery import ChunkAssembler, ReassemblyError, in_rollout, parse_announcement
 from tierlite.update.frame_upload import encode_frame_upload
+from tierlite.update.signing import verify_document
 from tierlite.update.versions import VersionStore
 
 __all__ = ["MAX_UNCONFIRMED_STARTS", "SegmentFactory", "SwapFn", "UpdateManager"]
@@ -71,8 +72,12 @@ class UpdateManager:
         self._lock = threading.Lock()
         self._recent: dict[str, deque] = {t: deque(maxlen=policy.recent_frames) for t in self.tiers}
         self._history: deque = deque(maxlen=policy.watch_frames)  # escalated flags before a swap
+        # The running model's escalation rate as last measured (its confirmed watch): the baseline
+        # of an update that follows before _history has refilled (back-to-back updates).
+        self._last_baseline: float | None = None
         self._watch: _Watch | None = None
         self._assembly: tuple[dict[str, Any], ChunkAssembler] | None = None
+        self._assembly_since = 0.0  # when the chunks were (last) requested
         self._client = None
         self._tasks: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
@@ -105,7 +110,9 @@ class UpdateManager:
                 if version is None or version <= configured.version or not self.store.has(version):
                     continue
                 try:
-                    candidate = Bundle.load(self.store.path(version))
+                    candidate = Bundle.load(self.store.path(version))  # every file's sha256
+                    # kept versions came as signed updates: anything planted in state_dir is not
+                    verify_document(candidate.manifest, self._keys, f"kept {candidate.name} v{version}")
                     for tier in self.tiers:
                         self._factory(candidate, tier)
                 except Exception as e:  # noqa: BLE001 - any load failure means: use an older version
@@ -130,6 +137,7 @@ class UpdateManager:
             st["pending"] = pending = None
         if pending:  # resume the probation the restart interrupted
             self._watch = _Watch(chosen.version, st["previous"], pending["baseline"], time.monotonic())
+            self._last_baseline = pending["baseline"]
         self.store.save()
         self.bundle = chosen
         log.info("update: running %s v%s (previous kept: %s)", chosen.name, chosen.version,
@@ -200,9 +208,14 @@ class UpdateManager:
             if self._assembly is not None:
                 if self._assembly[0]["artifact"]["sha256"] == art["sha256"]:
                     return  # re-announcement (e.g. wider share) of what is being collected
+                if self._assembly[0]["version"] > version:  # a replayed older one cannot displace it
+                    log.info("update: ignoring v%s announced while collecting v%s", version,
+                             self._assembly[0]["version"])
+                    return
                 self._drop_assembly()
             self._assembly = (doc, ChunkAssembler(art["sha256"], art["bytes"], art["chunks"],
                                                   self.policy.max_artifact_bytes))
+            self._assembly_since = time.monotonic()
         log.info("update: %s v%s announced (%s B in %d chunk(s)); collecting", doc["model"], version,
                  f"{art['bytes']:,}", art["chunks"])
         if self._client is not None:
@@ -219,9 +232,15 @@ class UpdateManager:
                 return
             try:
                 data = asm.add(payload)
-            except UpdateError:
-                self._drop_assembly()
+            except ReassemblyError:
+                self._drop_assembly()  # the whole set is wrong: refuse it (a later announcement retries)
                 raise
+            except UpdateError as e:
+                # A garbage chunk costs only itself: the good ones keep arriving, and the chunk
+                # timeout re-requests the set (_retry_chunks) if the artifact never completes.
+                self.counters["dropped_messages"] += 1
+                log.warning("update: ignored a bad chunk of v%s on %s: %s", doc["version"], topic, e)
+                return
             if data is None:
                 return
             self._drop_assembly()
@@ -229,6 +248,20 @@ class UpdateManager:
             self._tasks.put_nowait(("artifact", data))
         except queue.Full:
             log.warning("update: worker busy; v%s will be retried on the next announcement", doc["version"])
+
+    def _retry_chunks(self) -> None:
+        """Chunk collection timed out: re-subscribe, so the broker sends the retained chunks again."""
+        with self._lock:
+            if self._assembly is None or time.monotonic() - self._assembly_since < self.policy.chunk_timeout:
+                return
+            doc, asm = self._assembly
+            self._assembly_since = time.monotonic()
+            log.warning("update: v%s still misses %d of %d chunk(s) after %.0f s; requesting them again",
+                        doc["version"], asm.missing, asm.count, self.policy.chunk_timeout)
+            if self._client is not None:
+                chunks = topics.update_chunks(self.prefix, self._model, doc["version"])
+                self._client.unsubscribe(chunks)
+                self._client.subscribe(chunks, self.on_message, qos=1)
 
     def _drop_assembly(self) -> None:  # caller holds the lock
         doc = self._assembly[0]
@@ -260,6 +293,11 @@ class UpdateManager:
         if done:
             self._enqueue_judge()
 
+    def share_frame(self, x: np.ndarray) -> None:
+        """An audited frame (issue 13): uploaded like an escalated one, only when the node opted in."""
+        if self.policy.share_frames:
+            self._share_frame(x)
+
     def _share_frame(self, x: np.ndarray) -> None:
         """Opted-in nodes: upload an escalated frame as JPEG (rate-limited, QoS 0, best effort)."""
         now = time.monotonic()
@@ -287,6 +325,7 @@ class UpdateManager:
             try:
                 kind, data = self._tasks.get(timeout=0.5)
             except queue.Empty:
+                self._retry_chunks()
                 w = self._watch
                 if w is not None and time.monotonic() - w.started > self.policy.watch_seconds:
                     self._enqueue_judge()
@@ -330,7 +369,7 @@ class UpdateManager:
                                   f"interpreter: {e}") from None
             self._shadow_check(current, candidate, tier, segments[tier])
         with self._lock:
-            baseline = float(np.mean(self._history)) if self._history else 0.0
+            baseline = self._pre_swap_baseline()
         try:
             self._swap(candidate, segments)
         except Exception as e:  # noqa: BLE001
@@ -389,6 +428,18 @@ class UpdateManager:
                               f"{self.policy.max_shadow_escalation_increase} ({detail})")
         log.info("update: %s passed (%s)", what, detail)
 
+    MIN_BASELINE_FRAMES = 20
+
+    def _pre_swap_baseline(self) -> float:
+        """Escalation rate of the running model: the frames since its swap when there are enough,
+        else the rate its own watch measured (an update right after another is judged against the
+        model it replaces, not against an empty history: no false rollback)."""
+        n = len(self._history)
+        if n >= self.MIN_BASELINE_FRAMES or self._last_baseline is None:
+            return float(np.mean(self._history)) if n else (self._last_baseline or 0.0)
+        return (float(np.sum(self._history)) + self._last_baseline * (self.MIN_BASELINE_FRAMES - n)) \
+            / self.MIN_BASELINE_FRAMES
+
     def _judge(self) -> None:
         with self._lock:
             w = self._watch
@@ -397,6 +448,8 @@ class UpdateManager:
             self._watch = None
             self._history.clear()
         if w.frames == 0:
+            with self._lock:
+                self._last_baseline = w.baseline_escalation
             self._confirm(w, "no frames served during the watch")
             return
         esc = w.escalated / max(1, w.frames - w.errors)
@@ -408,6 +461,8 @@ class UpdateManager:
         elif esc > w.baseline_escalation + self.policy.max_escalation_increase:
             self._rollback(w, f"escalation rate regressed past +{self.policy.max_escalation_increase} ({detail})")
         else:
+            with self._lock:
+                self._last_baseline = esc  # the new model's own rate: the next update's baseline
             self._confirm(w, detail)
 
     def _confirm(self, w: _Watch, detail: str) -> None:
@@ -427,6 +482,7 @@ class UpdateManager:
         self.store.save()
         with self._lock:
             self.bundle = previous
+            self._last_baseline = w.baseline_escalation  # the previous model is back, and its rate
         self.counters["rolled_back"] += 1
         self._event("rolled_back", w.version, f"back to v{previous.version}: {reason}", logging.WARNING)
 

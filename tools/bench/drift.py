@@ -57,6 +57,8 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=50.0, help="frame rate per node (default 50)")
     p.add_argument("--gain", type=float, default=0.5, help="low-light gain on pixel values (default 0.5)")
     p.add_argument("--noise", type=float, default=8.0, help="sensor noise sigma, pixel units (default 8)")
+    p.add_argument("--corruption", help="FAMILY:SEVERITY from tierlite.tools.bench.corruptions (noise, blur, fog, "
+                   "low_light, contrast; 1..5) instead of --gain/--noise")
     p.add_argument("--privacy", choices=("raw", "features"), default="raw",
                    help="raw: nodes opt in to uploading escalated frames (end + edge heads retrained); "
                         "features: only boundary features leave the nodes (edge head retrained)")
@@ -68,6 +70,9 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canary", type=float, default=0.25, help="share of nodes updated first (default 0.25)")
     p.add_argument("--margin", type=float, default=1.0, help="retraining verdict margin, points")
     p.add_argument("--offline", action="store_true", help="simulate the fleet in this process (no MQTT)")
+    p.add_argument("--audit-rate", type=float, default=0.02,
+                   help="--offline: nodes' audit share of confident frames (0 = as before issue 13; live nodes use their config)")
+    p.add_argument("--alarm-audit-rate", type=float, default=0.25, help="--offline: audit share while a node's drift alarm is up")
     p.add_argument("--out", default="bench-out", help="output folder (results.json, drift.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -90,6 +95,21 @@ def low_light(images: np.ndarray, gain: float, noise: float, seed: int, quality:
         ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
         jpegs.append(jpg.tobytes())
         out[i] = cv2.cvtColor(cv2.imdecode(jpg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return out, jpegs
+
+
+def _drift(images: np.ndarray, args, seed: int) -> tuple[np.ndarray, list[bytes]]:
+    """The drift of this run: low light (--gain, --noise), or --corruption FAMILY:SEVERITY."""
+    if not getattr(args, "corruption", None):
+        return low_light(images, args.gain, args.noise, seed=seed)
+    import cv2
+
+    from tierlite.tools.bench.corruptions import corrupt
+
+    fam, _, sev = args.corruption.partition(":")
+    out = corrupt(images, fam, int(sev or 3), seed=seed)  # already JPEG round-tripped
+    jpegs = [cv2.imencode(".jpg", cv2.cvtColor(x, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+             for x in out]
     return out, jpegs
 
 
@@ -176,7 +196,8 @@ def live_rates(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store_path: Path, share_frames: bool) -> dict[str, Any]:
+def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store_path: Path, share_frames: bool,
+                   audit_rate: float = 0.0, alarm_audit_rate: float = 0.25, seed: int = 0) -> dict[str, Any]:
     """--offline: what the live fleet round stores, computed by the same int8 chain in-process."""
     import cv2
 
@@ -191,14 +212,32 @@ def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store
     r = Chain(bundle).from_frames(frames)
     end_esc = normalized_entropy(softmax(r["end_logits"])) > bundle.thresholds["end"]
     to_cloud = end_esc & (normalized_entropy(softmax(r["edge_logits"])) > bundle.thresholds["edge"])
+    # Issue 13: each node audits a share of its confident frames (more while its drift monitor is in
+    # alarm, tierlite.drift as the device runs it); audits reach the cloud and its store too.
+    from tierlite.drift import DriftMonitor
+
+    audited = np.zeros(len(frames), bool)
+    alarms: dict[str, int | None] = {}
+    rng = np.random.default_rng(seed + 7)
+    for k, node in enumerate(nodes):
+        mon = DriftMonitor.from_bundle(bundle.manifest) if audit_rate > 0 else None
+        alarms[node] = None
+        for i in range(k, len(frames), len(nodes)):
+            rate = audit_rate
+            if mon is not None:
+                if mon.update(r["end_features"][i:i + 1], r["end_logits"][i]) and alarms[node] is None:
+                    alarms[node] = mon.frames
+                if mon.state.alarm:
+                    rate = max(rate, alarm_audit_rate)
+            audited[i] = not end_esc[i] and rng.random() < rate
     enc, info = bundle.feature_encoding, bundle.segment("end").output("feature")
     store, fstore = HardExampleStore(store_path), FrameStore(default_frames_path(store_path))
-    for i in np.flatnonzero(end_esc):
+    for i in np.flatnonzero(end_esc | audited):
         node = nodes[i % len(nodes)]
         if share_frames:
             ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frames[i], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             fstore.add(node, bundle.name, bundle.version, jpg.tobytes())
-        if to_cloud[i]:
+        if to_cloud[i] or audited[i]:
             store.add(node=node, frame_id=int(i), bundle_name=bundle.name, bundle_version=bundle.version, sent_us=None,
                       feature=b"", feature_shape=(0,), feature_scale=0.0, feature_zero_point=0,
                       logits={"end": r["end_logits"][i], "edge": r["edge_logits"][i], "cloud": r["cloud_logits"][i]},
@@ -208,7 +247,8 @@ def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store
     store.close()
     fstore.close()
     return {"frames": int(len(frames)), "escalated_by_end": 100 * float(end_esc.mean()),
-            "reached_cloud": int(to_cloud.sum())}
+            "reached_cloud": int((to_cloud | audited).sum()), "escalated_to_cloud": int(to_cloud.sum()),
+            "audits": int(audited.sum()), "audit_rate": audit_rate, "alarm_at_frame": alarms}
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -219,7 +259,6 @@ def run_drift(args: argparse.Namespace) -> int:
     from tierlite.cloud.signing import generate_keypair, load_private_key
 
     bundle_dir = Path(args.bundle).resolve()
-    parent = Bundle.load(bundle_dir)
     data = Path(args.data)
     replay = Path(args.replay) if args.replay else data.with_name("train")
     if not replay.is_dir():
@@ -228,6 +267,10 @@ def run_drift(args: argparse.Namespace) -> int:
     work = out / "drift-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    from tierlite.tools.bench.drift_monitor import ensure_reference
+
+    bundle_dir = ensure_reference(bundle_dir, replay, work)  # bundles from before issue 13: a copy with one
+    parent = Bundle.load(bundle_dir)
     rep = Report("drift", out, args)
     t0 = time.monotonic()
 
@@ -240,7 +283,7 @@ def run_drift(args: argparse.Namespace) -> int:
     order = rng.permutation(len(frames.labels))
     fleet_idx, eval_idx = order[:args.fleet_frames], order[args.fleet_frames:]
     eval_clean, eval_y = frames.images[eval_idx], frames.labels[eval_idx]
-    eval_drift, _ = low_light(eval_clean, args.gain, args.noise, seed=args.seed + 10_000)
+    eval_drift, _ = _drift(eval_clean, args, seed=args.seed + 10_000)
     nodes = [f"cam-{i + 1:02d}" for i in range(args.nodes)]
     share_frames = args.privacy == "raw"
 
@@ -250,6 +293,7 @@ def run_drift(args: argparse.Namespace) -> int:
     key = load_private_key(priv)
     shards = np.array_split(fleet_idx, args.nodes)
     results: dict[str, Any] = {"scenario": {"gain": args.gain, "noise_sigma": args.noise, "jpeg_quality": 85,
+                                            "corruption": args.corruption, "audit_rate": args.audit_rate,
                                             "nodes": args.nodes, "fleet_frames": int(len(fleet_idx)),
                                             "eval_frames": int(len(eval_idx)), "privacy": args.privacy,
                                             "end_scope": args.end_scope,
@@ -258,8 +302,12 @@ def run_drift(args: argparse.Namespace) -> int:
 
     if args.offline:
         store_path = work / "hard.sqlite"
-        fleet_drift, _ = low_light(frames.images[fleet_idx], args.gain, args.noise, seed=args.seed + 1)
-        results["fleet_round"] = simulate_fleet(bundle_dir, fleet_drift, nodes, store_path, share_frames)
+        fleet_drift, _ = _drift(frames.images[fleet_idx], args, seed=args.seed + 1)
+        results["fleet_round"] = simulate_fleet(bundle_dir, fleet_drift, nodes, store_path, share_frames,
+                                                args.audit_rate, args.alarm_audit_rate, args.seed)
+        say(f"drift: fleet round reached the cloud with {results['fleet_round']['reached_cloud']} frames "
+            f"({results['fleet_round']['escalated_to_cloud']} escalated, {results['fleet_round']['audits']} audits); "
+            f"drift alarm at frame {results['fleet_round']['alarm_at_frame']}")
         candidate = _retrain(store_path, default_frames_path(store_path), bundle_dir, replay, work, args)
         results["retrain"] = candidate.to_json()
         from tierlite.cloud.publish import build_artifact
@@ -314,7 +362,7 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
             say(f"drift: round 1, {len(nodes)} nodes stream {sum(len(s) for s in shards)} drifted frames")
             paths = []
             for i, (node, idx) in enumerate(zip(nodes, shards)):
-                imgs, jpegs = low_light(frames.images[idx], args.gain, args.noise, seed=args.seed + 1 + i)
+                imgs, jpegs = _drift(frames.images[idx], args, seed=args.seed + 1 + i)
                 paths.append(fleet.start(node, "round1", fleet.write_frames(node, "round1", jpegs, frames.labels[idx]),
                                          args.fps))
             fleet.wait(timeout=120 + 3 * max(len(s) for s in shards) / args.fps)
@@ -330,7 +378,7 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
             paths = []
             for i, node in enumerate(nodes):
                 idx = rng_choice(len(frames.labels), args.live_frames, args.seed + 100 + i)
-                _, jpegs = low_light(frames.images[idx], args.gain, args.noise, seed=args.seed + 200 + i)
+                _, jpegs = _drift(frames.images[idx], args, seed=args.seed + 200 + i)
                 paths.append(fleet.start(node, "round2", fleet.write_frames(node, "round2", jpegs, frames.labels[idx]),
                                          args.fps))
             time.sleep(3.0)  # every node online and serving v1 frames before the update appears

@@ -114,7 +114,8 @@ class _Stack:
         cfg = write_yaml(self.work / f"edge-{workers}w-t{threshold:g}.yaml", {
             "bundle": str(self.bundle_dir), "prefix": self.prefix, "broker": {"port": self.port},
             "mosquitto": {"managed": False}, "discovery": {"advertise": False}, "workers": workers,
-            "threshold": threshold, "metrics_port": mport})
+            "threshold": threshold, "metrics_port": mport,
+            "node_budget": {"enabled": False}})  # 8 load nodes at saturation: capacity, not the per-node budget
         proc = TierProcess(f"edge-{workers}w-t{threshold:g}", ["edge", "--config", str(cfg)], self.work)
         wait_until(lambda: "gateway ready" in proc.log() or not proc.running(), 60, "the edge gateway")
         return proc, mport

@@ -1,0 +1,254 @@
+"""Run a federation from the cloud: Flower SuperLink + tierlite's ServerApp, then export.
+
+    run_federation(out_dir, classes=..., sites=2, rounds=2, ...)   # blocks until the run ends
+
+1. the initial model (converters' joint model, seeded, or a checkpoint's) -> <out>/initial.npz;
+2. a Flower app directory <out>/app (pyproject.toml: components are tierlite's installed modules,
+   `tierlite.cloud.federated.app:app` and `tierlite.edge.federated:app`; the run config);
+3. `flower-superlink` (unless an address of a running one is given), then `flwr run <out>/app`;
+   the ServerApp writes <out>/report.json every round and <out>/global.npz at the end;
+4. export_global: the aggregated weights -> converters' int8 export, boundary check, calibration
+   on a held-out folder the cloud holds -> <out>/bundle (versioned; signing and rollout are the
+   update tools' job: `tierlite publish`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tierlite.errors import ConfigError, TierliteError
+
+log = logging.getLogger("tierlite.cloud.federated")
+
+
+def _exe(name: str) -> str:
+    p = Path(sys.executable).with_name(name)
+    return str(p) if p.exists() else (shutil.which(name) or name)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_app(out: Path, run_config: dict) -> Path:
+    """The Flower app directory `flwr run` packages (a FAB): only a pyproject.toml, whose components
+    are tierlite's installed modules; dependencies are installed beforehand (`[federated]` extra)."""
+    app = out / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    lines = ['[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
+             '[project]', 'name = "tierlite-federation"', 'version = "1.0.0"',
+             'description = "tierlite co-training: ServerApp and ClientApp from the installed tierlite"',
+             'license = "Apache-2.0"', 'dependencies = []', '',
+             '[tool.flwr.app]', 'publisher = "tierlite"', '',
+             '[tool.flwr.app.components]', 'serverapp = "tierlite.cloud.federated.app:app"',
+             'clientapp = "tierlite.edge.federated:app"', '', '[tool.flwr.app.config]']
+    lines += [f"{k} = {_toml(v)}" for k, v in run_config.items() if v is not None]
+    (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    (app / "README.md").write_text("Written by `tierlite federate server`; see docs/COTRAINING.md.\n")
+    return app
+
+
+def write_flwr_home(out: Path, superlink: str, insecure: bool, root_certificates: str | None) -> Path:
+    home = out / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    conn = [f'address = "{superlink}"']
+    conn.append("insecure = true" if insecure else f'root-certificates = {_toml(str(root_certificates or ""))}')
+    (home / "config.toml").write_text('[superlink]\ndefault = "tierlite"\n\n[superlink.tierlite]\n' + "\n".join(conn) + "\n")
+    return home
+
+
+def initial_weights(out: Path, preset: str, classes: list[str], seed: int, overrides: dict,
+                    init_from: str | Path | None = None) -> dict[str, np.ndarray]:
+    from tierlite.converters import build_federated_model, load_checkpoint, model_weights, set_model_weights
+    from tierlite.federated import dumps
+
+    model, arch, _ = build_federated_model(preset, len(classes), seed, **overrides)
+    if init_from:  # a shared pretrained body (same architecture), e.g. `tierlite train` on public data
+        src, meta = load_checkpoint(init_from)
+        if meta.get("classes") != classes:
+            raise ConfigError(f"{init_from}: checkpoint classes {meta.get('classes')} differ from {classes}")
+        set_model_weights(model, model_weights(src), who=str(init_from))
+    weights = model_weights(model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "initial.npz").write_bytes(dumps(weights))
+    (out / "model.json").write_text(json.dumps({"preset": preset, "arch": arch.to_json(), "classes": classes,
+                                                "seed": seed, "overrides": overrides}, indent=2) + "\n")
+    return weights
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise TierliteError(f"{what} exited with status {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TierliteError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str | None = None,
+                    keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1"):
+    """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log."""
+    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        if not (certfile and keyfile):
+            raise ConfigError("a SuperLink with TLS needs --certfile and --keyfile (or --insecure on loopback)")
+        cmd += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile)]
+        if ca_certfile:
+            cmd += ["--ssl-ca-certfile", str(ca_certfile)]
+    logf = open(out / "superlink.log", "ab")
+    home = out / "flwr-home-superlink"  # the apps it installs and their state stay in the output folder
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_HOME": str(home)},
+                            start_new_session=True)
+    _wait_port(port, 60, proc, "flower-superlink")
+    return proc
+
+
+def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) -> int:
+    """`flwr run --stream`: every line to log_path, the ServerApp's "[tierlite]" progress lines
+    (one per round and site: accuracy, loss, bytes, clients, refusals) to this process's log."""
+    deadline = time.monotonic() + timeout if timeout else None
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            logf.write(raw)
+            logf.flush()
+            line = raw.decode(errors="replace")
+            if "[tierlite]" in line:
+                log.info("%s", line.split("[tierlite]", 1)[1].strip())
+            if deadline and time.monotonic() > deadline:
+                proc.kill()
+                break
+        return proc.wait()
+
+
+def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, rounds: int = 2,
+                   preset: str = "small", overrides: dict | None = None, local_epochs: int = 1,
+                   lr: float = 0.05, proximal_mu: float = 0.0, personal: str = "", seed: int = 0,
+                   min_sites: int | None = None, round_timeout: float = 600.0, evaluate: bool = True,
+                   port: int = 9092, superlink: str | None = None, insecure: bool = True,
+                   certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
+                   init_from: str | Path | None = None, timeout: float | None = None) -> dict:
+    """Start (or join) a SuperLink, run the federation to the end; returns the report dict."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("report.json", "global.npz"):
+        (out / stale).unlink(missing_ok=True)
+    overrides = dict(overrides or {})
+    initial_weights(out, preset, classes, seed, overrides, init_from)
+    run_config = {"num-server-rounds": int(rounds), "preset": preset, "arch-set": json.dumps(overrides),
+                  "classes": json.dumps(classes), "local-epochs": int(local_epochs), "lr": float(lr),
+                  "proximal-mu": float(proximal_mu), "personal": personal, "seed": int(seed),
+                  "out-dir": str(out), "wait-sites": int(sites), "min-sites": int(min_sites or 1),
+                  "round-timeout": float(round_timeout), "evaluate": bool(evaluate), "wait-timeout": 600.0}
+    app = write_app(out, run_config)
+    proc = None
+    if superlink is None:
+        proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile)
+        superlink = f"127.0.0.1:{port}"
+    home = write_flwr_home(out, superlink, insecure, ca_certfile)
+    env = {**os.environ, "FLWR_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    t0 = time.monotonic()
+    try:
+        rc = _flwr_run([_exe("flwr"), "run", str(app), "tierlite", "--stream"], env, out / "flwr-run.log", timeout)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    report_file = out / "report.json"
+    if rc != 0 or not (out / "global.npz").is_file():
+        tail = (out / "flwr-run.log").read_text(errors="replace").strip().splitlines()[-5:]
+        raise TierliteError(f"federation did not finish (flwr run status {rc}); {out / 'flwr-run.log'}: "
+                            + " | ".join(tail))
+    report = json.loads(report_file.read_text())
+    report["wall_seconds"] = round(time.monotonic() - t0, 1)
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, out / "report.png")
+    return report
+
+
+def plot_report(report: dict, path: Path) -> Path | None:
+    """Per round: aggregated validation accuracy per exit, and bytes per site each way."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rounds = [r for r in report.get("rounds", []) if r.get("aggregate")]
+    if not rounds:
+        return None
+    xs = [r["round"] for r in rounds]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for t in ("end", "edge", "cloud"):
+        a.plot(xs, [r["aggregate"].get(f"val-acc-{t}", np.nan) for r in rounds], marker="o", label=f"{t} exit")
+        ev = [(r["round"], r.get("evaluate", {}).get("sites", [])) for r in rounds]
+        ev = [(x, sum(e[f"global-acc-{t}"] * e["num-examples"] for e in es) / sum(e["num-examples"] for e in es))
+              for x, es in ev if es and all(f"global-acc-{t}" in e for e in es)]
+        if ev:
+            a.plot(*zip(*ev), linestyle="--", marker="x", label=f"{t} exit, global model")
+    a.set_xlabel("round"); a.set_ylabel("sites' validation accuracy (weighted)")
+    a.set_title("solid: after local training; dashed: aggregate", fontsize=9)
+    a.legend(fontsize=8); a.grid(alpha=.3)
+    b.plot(xs, [r["bytes_down_per_site"] for r in rounds], marker="o", label="down, per site")
+    b.plot(xs, [np.mean([s["bytes_up"] for s in r["sites"]]) for r in rounds], marker="s", label="up, per site (mean)")
+    b.set_xlabel("round"); b.set_ylabel("bytes"); b.legend(); b.grid(alpha=.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | Path | None = None,
+                  weights_file: str | Path | None = None, version: int = 1, name: str | None = None,
+                  max_drop: float = 0.005) -> Path:
+    """The aggregated model (<out>/global.npz) -> int8 bundle, calibrated on `calib_dir` (labelled
+    frames the cloud holds, never a site's). Returns the bundle directory."""
+    from tierlite.converters import (build_federated_model, export_bundle, load_folder_cached,
+                                     representative_frames, set_model_weights)
+    from tierlite.federated import loads
+
+    out = Path(out_dir)
+    meta = json.loads((out / "model.json").read_text())
+    model, arch, tc = build_federated_model(meta["preset"], len(meta["classes"]), meta["seed"], **meta["overrides"])
+    weights = loads(Path(weights_file or out / "global.npz").read_bytes())
+    set_model_weights(model, weights, who="aggregated model")
+    calib = load_folder_cached(calib_dir, arch.input_size, out / "cache")
+    if calib.classes != meta["classes"]:
+        raise ConfigError(f"{calib_dir}: classes {calib.classes} differ from the federation's {meta['classes']}")
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    rounds = report.get("rounds", [])
+    bundle = Path(bundle_dir or out / "bundle")
+    export_bundle(model, bundle, arch=arch, classes=meta["classes"], calib_images=calib.images,
+                  calib_labels=calib.labels, representative=representative_frames(calib.images, tc.calibration_frames,
+                                                                                  meta["seed"]),
+                  name=name or f"federated-{meta['preset']}", version=version, max_drop=max_drop, report_dir=out,
+                  extra={"training": {"federated": True, "preset": meta["preset"], "rounds": len(rounds),
+                                      "sites": sorted({s["site"] for r in rounds for s in r.get("sites", [])}),
+                                      "examples_last_round": (rounds[-1].get("aggregate") or {}).get("examples")
+                                      if rounds else None,
+                                      "calibration_folder": str(Path(calib_dir).resolve())}})
+    return bundle

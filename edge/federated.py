@@ -1,0 +1,229 @@
+"""Co-training, site side: a Flower ClientApp that an edge gateway's SuperNode runs.
+
+Each round the site receives the federation's weights (named float32 arrays), trains the joint
+multi-exit model of the converters on its own labelled frames (`data-dir`, never sent anywhere),
+and replies with its weights and metrics. Frames and features stay on the site; only weights
+travel, and the bytes each way are measured and reported.
+
+Personalisation (FedPer-style): the exit heads of the tiers named in the run's `personal` setting
+are kept per site (`<workdir>/personal.npz`); the site loads the federation's body and its own
+heads before training. Heads still travel up so the cloud can keep a global model for new sites.
+
+The SuperNode is started by `tierlite federate site` (`run_site` below) with a node config:
+  data-dir   the site's labelled image folder (<class>/*.jpg)
+  site       its name (reports, logs)
+  workdir    where its decoded-frame cache, personal heads and last model live
+  arch-set   optional JSON object of model overrides: a site whose model differs (it is refused)
+  limit      optional: use at most this many frames (quick runs)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("tierlite.edge.federated")
+
+PERSONAL_FILE = "personal.npz"
+MODEL_FILE = "site-model.npz"
+# Error codes of refused replies (the reason is one line, logged by the cloud as it is).
+ERR_MODEL_MISMATCH = 1001
+ERR_DATA = 1002
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, values: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None))
+    return path
+
+
+def site_command(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
+                 insecure: bool = False, root_certificates: str | Path | None = None,
+                 arch_set: dict | None = None, limit: int | None = None) -> list[str]:
+    """The flower-supernode command line of one site (node config written to <workdir>/node-config.toml)."""
+    workdir = Path(workdir).resolve()
+    cfg = write_toml(workdir / "node-config.toml", {
+        "data-dir": str(Path(data_dir).resolve()), "site": name, "workdir": str(workdir),
+        "arch-set": json.dumps(arch_set) if arch_set else None, "limit": limit})
+    exe = Path(sys.executable).with_name("flower-supernode")
+    cmd = [str(exe) if exe.exists() else "flower-supernode", "--superlink", superlink,
+           "--node-config", str(cfg), "--port", str(port)]
+    if insecure:
+        cmd.append("--insecure")
+    elif root_certificates:
+        cmd += ["--root-certificates", str(root_certificates)]
+    return cmd
+
+
+def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
+             insecure: bool = False, root_certificates: str | Path | None = None,
+             arch_set: dict | None = None, limit: int | None = None) -> int:
+    """Become the site's SuperNode (exec: a signal to this process reaches Flower directly)."""
+    if not Path(data_dir).is_dir():
+        from tierlite.errors import DataError
+        raise DataError(f"{data_dir}: no such image folder")
+    cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit)
+    log.info("site %s: %s", name, " ".join(cmd))
+    home = Path(workdir).resolve() / "flwr-home"  # Flower's installed apps and state stay in the workdir
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached
+
+
+# ---------------------------------------------------------------------------------------------
+# The ClientApp (loaded by the SuperNode's ClientApp process: `tierlite.edge.federated:app`)
+# ---------------------------------------------------------------------------------------------
+def _site_setup(run_cfg, node_cfg):
+    """(model, arch, tc, splits, site name, workdir) for this site and this round's settings."""
+    from tierlite.converters import build_federated_model, load_splits
+
+    name = str(node_cfg.get("site", "site"))
+    workdir = Path(str(node_cfg.get("workdir", f"federated-site-{name}")))
+    data_dir = Path(str(node_cfg["data-dir"]))
+    overrides = json.loads(str(run_cfg.get("arch-set", "{}")) or "{}")
+    overrides.update(json.loads(str(node_cfg.get("arch-set", "{}")) or "{}"))  # the site's own model
+    classes = json.loads(str(run_cfg["classes"]))
+    seed = int(run_cfg.get("seed", 0))
+    model, arch, tc = build_federated_model(str(run_cfg.get("preset", "small")), len(classes), seed, **overrides)
+    limit = node_cfg.get("limit")
+    splits = load_splits(data_dir, arch.input_size, tc.val_fraction, seed, int(limit) if limit else None,
+                         workdir / "cache")
+    unknown = [c for c in splits.classes if c not in classes]
+    if unknown:
+        from tierlite.errors import DataError
+        raise DataError(f"site {name}: classes {unknown} are not the federation's ({', '.join(classes)})")
+    if splits.classes != classes:  # a site may lack some classes (non-IID): federation's label indices
+        index = np.array([classes.index(c) for c in splits.classes])
+        for part in (splits.train, splits.val):
+            part.labels = index[part.labels].astype(part.labels.dtype)
+        splits.classes = list(classes)
+    return model, arch, tc, splits, name, workdir
+
+
+def _named(record) -> tuple[dict[str, np.ndarray], int]:
+    arrays = {k: v.numpy() for k, v in record.items()}
+    return arrays, int(sum(len(v.data) for v in record.values()))
+
+
+def _array_record(weights: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _personal_tiers(run_cfg) -> list[str]:
+    return [t.strip() for t in str(run_cfg.get("personal", "")).split(",") if t.strip()]
+
+
+def _prepare(msg, context):
+    """Common start of train/evaluate: model with the federation's body and this site's heads."""
+    from tierlite.converters import set_model_weights
+    from tierlite.federated import loads, split_personal
+
+    run_cfg = msg.content["config"]
+    model, arch, tc, splits, name, workdir = _site_setup(run_cfg, context.node_config)
+    global_w, bytes_down = _named(msg.content["arrays"])
+    set_model_weights(model, global_w, who=f"site {name}")
+    personal = _personal_tiers(run_cfg)
+    own = workdir / PERSONAL_FILE
+    if personal and own.is_file():
+        heads = split_personal(loads(own.read_bytes()), personal)[1]
+        set_model_weights(model, heads, who=f"site {name}", partial=True)
+    return run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal
+
+
+def _refusal(msg, e: Exception):
+    from flwr.app import Error, Message
+    from tierlite.federated import ModelMismatch
+
+    code = ERR_MODEL_MISMATCH if isinstance(e, ModelMismatch) else ERR_DATA
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    log.error("%s", reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _train(msg, context):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from tierlite.converters import exit_accuracy, local_train, model_weights
+    from tierlite.errors import TierliteError
+    from tierlite.federated import dumps, split_personal
+
+    try:
+        run_cfg, model, arch, tc, splits, name, workdir, _, bytes_down, personal = _prepare(msg, context)
+    except TierliteError as e:
+        return _refusal(msg, e)
+    rnd = int(run_cfg.get("server-round", 0))
+    res = local_train(model, splits.train.images, splits.train.labels, tc, epochs=int(run_cfg.get("local-epochs", 1)),
+                      lr=float(run_cfg.get("lr", tc.lr)), proximal_mu=float(run_cfg.get("proximal-mu", 0.0)),
+                      seed=int(run_cfg.get("seed", 0)) * 1000 + rnd)
+    weights = model_weights(model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if personal:
+        (workdir / PERSONAL_FILE).write_bytes(dumps(split_personal(weights, personal)[1]))
+    (workdir / MODEL_FILE).write_bytes(dumps(weights))
+    val = exit_accuracy(model, splits.val.images, splits.val.labels)
+    arrays = _array_record(weights)
+    bytes_up = int(sum(len(v.data) for v in arrays.values()))
+    metrics = {"num-examples": int(res["examples"]), "loss": float(res["loss"]),
+               "train-acc-end": res["train_acc"][0], "train-acc-edge": res["train_acc"][1],
+               "train-acc-cloud": res["train_acc"][2], "val-acc-end": val[0], "val-acc-edge": val[1],
+               "val-acc-cloud": val[2], "bytes-down": bytes_down, "bytes-up": bytes_up,
+               "train-seconds": float(res["seconds"])}
+    log.info("site %s round %d: %s", name, rnd, metrics)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                                       "site": ConfigRecord({"name": name})}), reply_to=msg)
+
+
+def _evaluate(msg, context):
+    """The federation's model on this site's validation split; with personal heads, both."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from tierlite.converters import exit_accuracy, set_model_weights
+    from tierlite.errors import TierliteError
+
+    try:
+        run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal = _prepare(msg, context)
+    except TierliteError as e:
+        return _refusal(msg, e)
+    metrics = {"num-examples": int(len(splits.val.labels)), "bytes-down": bytes_down}
+    mine = exit_accuracy(model, splits.val.images, splits.val.labels)
+    if personal:
+        set_model_weights(model, global_w, who=f"site {name}")
+        glob = exit_accuracy(model, splits.val.images, splits.val.labels)
+        metrics.update({f"personal-acc-{t}": a for t, a in zip(("end", "edge", "cloud"), mine)})
+    else:
+        glob = mine
+    metrics.update({f"global-acc-{t}": a for t, a in zip(("end", "edge", "cloud"), glob)})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})}),
+                   reply_to=msg)
+
+
+def _make_app():
+    from flwr.clientapp import ClientApp
+
+    client = ClientApp()
+    client.train()(_train)
+    client.evaluate()(_evaluate)
+    return client
+
+
+try:  # the SuperNode's ClientApp process loads `app`; elsewhere Flower may be absent
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app = _make_app()
+except ImportError:  # pragma: no cover - flwr not installed (camera/edge installs without [federated])
+    app = None

@@ -1,0 +1,235 @@
+"""Issue 13: audit sampling and label-free drift detection.
+
+Unit tests for the statistics (tierlite.drift), the wire's audit flag and the reference in the
+manifest; one runtime test over real Mosquitto and real processes (tierlite.tools.stack): a node
+streams fogged frames its end exit is sure about, audits a share of them, raises a drift alarm
+(retained event, node status), and the cloud scores the audits (status: agreement + Wilson CI)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierlite.drift import AgreementWindow, DriftMonitor, psi, reference_stats, wilson
+
+
+def _frames(rng, n, shift=0.0, classes=10):
+    feats = rng.normal(shift, 1.0, (n, 4, 4, 8)).astype(np.float32)
+    logits = rng.normal(0, 1, (n, classes)).astype(np.float32)
+    logits[np.arange(n), rng.integers(0, classes, n)] += 6.0  # confident, balanced classes
+    return feats, logits
+
+
+def test_wilson_interval():
+    lo, hi = wilson(0, 0)
+    assert (lo, hi) == (0.0, 1.0)
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo, hi = wilson(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-3)
+
+
+def test_agreement_window_slides():
+    w = AgreementWindow(window=10)
+    for _ in range(10):
+        w.add(True)
+    for _ in range(5):
+        w.add(False)
+    e = w.estimate()
+    assert e["audits"] == 15 and e["window"] == 10 and e["agree"] == 5 and e["agreement"] == 0.5
+    assert e["low"] < 0.5 < e["high"]
+
+
+def test_teacher_statistics_flag_a_collapsed_teacher():
+    rng = np.random.default_rng(2)
+    ref = reference_stats(*_frames(rng, 400), window=50, bootstrap=200)
+    healthy, collapsed = AgreementWindow(100, ref), AgreementWindow(100, ref)
+    assert AgreementWindow(100).estimate()["teacher"] is None  # no reference, no teacher statistic
+    for i in range(100):
+        healthy.add(True, int(rng.integers(0, 10)))
+        collapsed.add(True, 3 if i % 10 else 5)  # agrees with the node, on one class
+    assert healthy.estimate()["teacher"]["suspect"] is False
+    t = collapsed.estimate()["teacher"]
+    assert t["suspect"] is True and t["frames"] == 100 and collapsed.estimate()["agreement"] == 1.0
+
+
+def test_psi():
+    assert psi([10, 10, 10], [10, 10, 10]) == pytest.approx(0.0)
+    assert psi([30, 0, 0], [10, 10, 10]) > 1.0
+
+
+def test_monitor_quiet_on_clean_alarms_on_shift():
+    rng = np.random.default_rng(0)
+    ref = reference_stats(*_frames(rng, 400), window=100, bootstrap=200)
+    assert set(ref["thresholds"]) == {"feature", "entropy", "classes"}
+    json.dumps(ref)  # goes into the manifest as it is
+    mon = DriftMonitor(ref, step=10)
+    feats, logits = _frames(rng, 3000)
+    for f, lg in zip(feats, logits):
+        mon.update(f[None], lg)
+    assert mon.state.alarms == 0, mon.state.to_json()
+    changed = []
+    feats, logits = _frames(rng, 300, shift=0.5)
+    for f, lg in zip(feats, logits):
+        c = mon.update(f[None], lg)
+        if c is not None:
+            changed.append((mon.frames, c))
+    assert changed and changed[0][1] is True
+    assert changed[0][0] - 3000 <= 100, changed  # within one window of the shift
+    assert "feature" in mon.state.triggered
+    # back to clean: the alarm clears
+    feats, logits = _frames(rng, 400)
+    for f, lg in zip(feats, logits):
+        mon.update(f[None], lg)
+    assert not mon.state.alarm
+
+
+def test_monitor_entropy_and_classes():
+    rng = np.random.default_rng(1)
+    ref = reference_stats(*_frames(rng, 400), window=100, bootstrap=200)
+    mon = DriftMonitor(ref, step=10)
+    feats, logits = _frames(rng, 200)
+    logits[:] = rng.normal(0, 0.1, logits.shape)  # unsure frames
+    logits[:, 3] += 3.0  # all one class, as a strong drift does
+    for f, lg in zip(feats, logits):
+        mon.update(f[None], lg)
+    assert mon.state.alarm and {"classes", "entropy"} <= set(mon.state.triggered)
+
+
+def test_bundle_without_reference_has_no_monitor():
+    assert DriftMonitor.from_bundle({"name": "x"}) is None
+
+
+def test_audit_flag_on_the_wire(small_bundle_dir):
+    from tierlite.bundle import Bundle
+    from tierlite.wire import FLAG_AUDIT, TENSOR_HEADER, Kind, boundary_spec, decode_tensor_message, encode_tensor_message
+
+    b = Bundle.load(small_bundle_dir)
+    spec = boundary_spec(b, Kind.FEATURE)
+    q = np.zeros(spec.feature.shape, np.int8)
+    lg = np.zeros(spec.n_classes, np.float32)
+    plain = encode_tensor_message(spec, 7, q, [lg])
+    audit = encode_tensor_message(spec, 7, q, [lg], audit=True)
+    assert len(plain) == len(audit) and plain[5] == 0 and audit[5] == FLAG_AUDIT  # flags byte, bit 1
+    assert TENSOR_HEADER.size == 36
+    assert not decode_tensor_message(plain, spec).audit
+    m = decode_tensor_message(audit, spec)
+    assert m.audit and m.frame_id == 7
+    esc = boundary_spec(b, Kind.ESCALATE)
+    e = encode_tensor_message(esc, 7, np.zeros(esc.feature.shape, np.int8), [lg, lg], audit=True, end_feature=bytes(m.feature))
+    assert decode_tensor_message(e, esc).audit
+
+
+def _bundle_with_reference(small_bundle_dir: Path, digits_dir: Path, dest: Path) -> Path:
+    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.pipeline import add_drift_reference
+
+    shutil.copytree(small_bundle_dir, dest)
+    val = load_splits(digits_dir / "train", 32, 0.2, 0, None, dest.parent / "cache").val  # the bundle's validation split
+    add_drift_reference(dest, val.images)
+    return dest
+
+
+def test_reference_recorded_and_old_bundles_load(small_bundle_dir, digits_dir, tmp_path):
+    from tierlite.bundle import Bundle
+
+    b = Bundle.load(_bundle_with_reference(small_bundle_dir, digits_dir, tmp_path / "b"))
+    ref = b.manifest["drift_reference"]
+    assert ref["frames"] > 100 and len(ref["class_hist"]) == len(b.labels) and len(ref["entropy_hist"]) == 10
+    assert DriftMonitor.from_bundle(b.manifest) is not None
+    Bundle.load(small_bundle_dir)  # a bundle without one still loads
+
+
+def test_audits_and_drift_alarm_over_mqtt(small_bundle_dir, digits_dir, tmp_path):
+    """Real Mosquitto, `tierlite edge`, `tierlite cloud` and `tierlite device` processes."""
+    import cv2
+
+    from tierlite.data import load_image_folder
+    from tierlite.tools.bench.corruptions import corrupt
+    from tierlite.tools.stack import Stack, TierProcess, read_jsonl, wait_until, write_yaml
+
+    from runtime_support import Watcher
+
+    bundle = _bundle_with_reference(small_bundle_dir, digits_dir, tmp_path / "bundle")
+    test = load_image_folder(digits_dir / "test", (32, 32))
+    order = np.random.default_rng(0).permutation(len(test.labels))[:300]
+    fogged = corrupt(test.images[order], "fog", 5, seed=1)
+    frames = tmp_path / "frames"
+    for i, img in enumerate(fogged):
+        (frames / "x").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(frames / "x" / f"{i:05d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    with Stack(bundle, edge_workers=1, cloud_workers=1) as stack:
+        w = Watcher(stack.port, [f"{stack.prefix}/+/drift", f"{stack.prefix}/+/status", f"{stack.prefix}/_cloud/+/status"])
+        try:
+            results = tmp_path / "results.jsonl"
+            cfg = write_yaml(tmp_path / "cam.yaml", {
+                "node_id": "cam-a", "bundle": str(bundle), "prefix": stack.prefix,
+                "broker": {"port": stack.port, "reconnect_min": 0.1, "reconnect_max": 1.0},
+                "source": {"uri": str(frames), "fps": 200}, "results_file": str(results),
+                "audit_rate": 0.2, "drift": {"alarm_audit_rate": 0.5}})
+            node = TierProcess("cam-a", ["device", "--config", str(cfg)], tmp_path)
+            assert node.expect_exit(120) == 0, node.tail(20)
+            rs = read_jsonl(results)
+            assert len(rs) == 300 and len({r["frame"] for r in rs}) == 300  # one result per frame
+            assert not any(r["fallback"] for r in rs)  # audits never turned into waits
+            status = [s for s in w.json_on("cam-a/status")][-1]
+            assert status["audits"]["sent"] >= 30, status
+            assert status["late_answers"] == 0  # nobody answered an audit
+            assert status["drift"]["alarm"] and status["drift"]["alarms"] == 1, status["drift"]
+            events = w.json_on("cam-a/drift")
+            assert events and events[-1]["alarm"] and events[-1]["node"] == "cam-a"
+            sent = status["audits"]["sent"]
+
+            def cloud_saw_all():
+                docs = [d for d in w.json_on("bench-cloud-0/status") if "cam-a" in d.get("audits", {})]
+                return docs and docs[-1]["audits"]["cam-a"]["audits"] >= sent and docs[-1]
+            doc = wait_until(cloud_saw_all, 20, "the cloud worker's status with every audit")
+            a = doc["audits"]["cam-a"]
+            assert a["low"] <= a["agreement"] <= a["high"]
+            assert doc["drift"]["cam-a"]["alarm"] is True
+            assert a["teacher"]["suspect"] is True  # under fog the teacher collapses too: reported, not assumed clean
+            time.sleep(1.0)  # the store commits its last batch
+            with sqlite3.connect(stack.dir / "hard-0.sqlite") as db:
+                rows = db.execute("SELECT COUNT(*) FROM hard_examples WHERE node='cam-a'").fetchone()[0]
+            assert rows >= sent  # audits are hard examples too: retraining starts without escalations
+        finally:
+            w.stop()
+
+
+def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_dir, digits_dir, tmp_path):
+    """Issue 13, step 3: the scheduler starts a run on request (a drift alarm, an agreement fall)
+    with no new hard examples at all; the cloud worker asks on a node's retained drift event."""
+    from tierlite.cloud.retrain import RetrainScheduler
+    from tierlite.cloud.worker import CloudWorker
+    from tierlite.config import CloudConfig, config_from_dict
+
+    cfg = config_from_dict({"bundle": str(small_bundle_dir), "store": {"path": str(tmp_path / "hard.sqlite")},
+                            "metrics_port": None,
+                            "retrain": {"replay": str(digits_dir / "train"), "every_examples": None,
+                                        "collect_frames": False, "min_interval_seconds": 0}}, CloudConfig)
+    worker = CloudWorker(cfg)
+    try:
+        assert isinstance(worker.retrain, RetrainScheduler)
+        started: list[str] = []
+        worker.retrain._start = started.append  # the child process itself is tested in test_update_retrain
+        worker.retrain.tick(0)
+        assert started == []  # nothing new, no period: no run
+        worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True,
+                                                           "triggered": ["feature"]}).encode())
+        worker.retrain.tick(0)
+        assert len(started) == 1 and "cam-z" in started[0] and "drift" in started[0]
+        assert worker._status_fields()["drift"]["cam-z"]["alarm"] is True
+        worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True}).encode())
+        worker.retrain.tick(0)
+        assert len(started) == 1  # the same alarm asks once
+        for _ in range(40):  # audits: the node's end exit disagrees with the cloud on most frames
+            worker._score_audit("cam-y", False)
+        worker.retrain.tick(0)
+        assert len(started) == 2 and "agreement" in started[1]
+    finally:
+        worker.store.close()

@@ -1,0 +1,230 @@
+"""Co-training on Flower (docs/COTRAINING.md): the math (fast), then real processes on loopback:
+`tierlite federate server` (SuperLink + ServerApp) and `tierlite federate site` (SuperNode +
+ClientApp) over HTTP without TLS (`--insecure`), training on the digits frames."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierlite.federated import (ModelMismatch, check_arrays, dumps, is_personal, loads, payload_bytes,
+                                proximal_term, split_personal, weighted_average)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+# -- math (numpy only) -------------------------------------------------------------------------
+def test_weighted_average_is_fedavg():
+    a = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([[0.0]], np.float32)}
+    b = {"w": np.array([3.0, 6.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    avg = weighted_average([a, b], [100, 300])
+    np.testing.assert_allclose(avg["w"], [2.5, 5.0])
+    np.testing.assert_allclose(avg["b"], [[3.0]])
+    assert avg["w"].dtype == np.float32 and list(avg) == ["w", "b"]
+    with pytest.raises(ValueError):
+        weighted_average([a, b], [0, 0])
+
+
+def test_model_mismatch_is_one_line():
+    spec = {"end_stem_conv/kernel": (3, 3, 3, 8), "end_logits/bias": (10,)}
+    with pytest.raises(ModelMismatch) as e:
+        check_arrays(spec, {"end_stem_conv/kernel": np.zeros((3, 3, 3, 4)), "end_logits/bias": np.zeros(10)}, "site b")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("site b: model does not match")
+    assert "(3, 3, 3, 4)" in msg and "(3, 3, 3, 8)" in msg
+    with pytest.raises(ModelMismatch, match="missing 1 array"):
+        check_arrays(spec, {"end_stem_conv/kernel": np.zeros((3, 3, 3, 8))})
+
+
+def test_personal_heads_and_serialisation():
+    w = {"end_logits/kernel": np.ones((4, 10), np.float32), "edge_b0_conv1/kernel": np.ones((3, 3, 2, 2), np.float32),
+         "cloud_hidden/bias": np.zeros(5, np.float32), "cloud_logits/bias": np.zeros(10, np.float32)}
+    shared, personal = split_personal(w, ["end", "cloud"])
+    assert set(personal) == {"end_logits/kernel", "cloud_hidden/bias", "cloud_logits/bias"}
+    assert set(shared) == {"edge_b0_conv1/kernel"}
+    assert not is_personal("end_logits/kernel", ["edge"])
+    back = loads(dumps(w))
+    assert list(back) == list(w) and all(np.array_equal(back[k], w[k]) for k in w)
+    assert payload_bytes(w) == sum(v.nbytes for v in w.values())
+    assert proximal_term({"x": np.array([1.0, 3.0])}, {"x": np.array([0.0, 1.0])}, 0.5) == pytest.approx(1.25)
+
+
+def test_fedprox_term_keeps_local_weights_near_the_global_model(digits_dir):
+    from tierlite.converters import (build_federated_model, load_folder_cached, local_train, model_weights,
+                                     set_model_weights)
+    from tierlite.converters.fedtrain import _variables
+
+    frames = load_folder_cached(digits_dir / "train", 32, limit=128, seed=0)
+    model, arch, tc = build_federated_model("small", 10, 0)
+    start = model_weights(model)
+    drift = {}
+    for mu in (0.0, 10.0):
+        set_model_weights(model, start)
+        local_train(model, frames.images, frames.labels, tc, epochs=1, lr=0.05, proximal_mu=mu, seed=1)
+        now = model_weights(model)
+        ids = {id(v) for v in model.trainable_variables}
+        trainable = {name for name, v in _variables(model) if id(v) in ids}
+        drift[mu] = sum(float(np.sum((now[k] - start[k]) ** 2)) for k in now if k in trainable)
+    assert 0 < drift[10.0] < drift[0.0]
+
+
+# -- real Flower processes on loopback ---------------------------------------------------------
+pytest.importorskip("flwr")
+
+
+def test_strategy_refuses_a_reply_of_another_shape_and_averages_the_rest():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from tierlite.cloud.federated.strategy import TierliteFedAvg, from_record, to_record
+
+    lines: list[str] = []
+    strategy = TierliteFedAvg({"w": (2,), "b": (1,)}, say=lines.append)
+
+    def reply(node, name, w, b, n):  # what the strategy reads of a Flower reply
+        content = RecordDict({"arrays": to_record({"w": np.array(w, np.float32), "b": np.array(b, np.float32)}),
+                              "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
+                              "site": ConfigRecord({"name": name})})
+        return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False)
+
+    agg, metrics = strategy.aggregate_train(1, [reply(1, "a", [1, 2], [0], 1), reply(2, "b", [3, 6], [4], 3),
+                                                reply(3, "c", [1, 2, 3], [0], 5)])
+    out = from_record(agg)
+    np.testing.assert_allclose(out["w"], [2.5, 5.0])
+    np.testing.assert_allclose(out["b"], [3.0])
+    assert metrics["clients"] == 2 and metrics["examples"] == 4
+    assert lines[0] == ("round 1: site c (node 3) refused: model does not match the federation's: "
+                        "'w' has shape (3,), the federation's (2,)")
+    assert strategy.rounds[0]["refused"] == [lines[0]] and strategy.rounds[0]["clients"] == 2
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(log, "wb") as out:  # own process group: a site is killed with its ClientApp
+        return subprocess.Popen([sys.executable, "-m", "tierlite", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def _site(tmp: Path, data: Path, name: str, link_port: int, *extra: str) -> subprocess.Popen:
+    from tierlite.tools.stack import free_port
+
+    return _start(["federate", "site", str(data), "--superlink", f"127.0.0.1:{link_port}", "--name", name,
+                   "--workdir", str(tmp / f"site-{name}"), "--port", str(free_port()), "--insecure", *extra],
+                  tmp / f"site-{name}.log")
+
+
+@pytest.fixture(scope="module")
+def site_folders(digits_dir, tmp_path_factory):
+    from tierlite.tools.federate import split_sites
+
+    # 3 IID sites of ~150 frames each (small: this runs on a shared 2-core CPU)
+    return split_sites(digits_dir / "train", tmp_path_factory.mktemp("sites"), 3, None, seed=0, limit=450)
+
+
+def _run_server(tmp: Path, port: int, *args: str) -> subprocess.Popen:
+    return _start(["federate", "server", str(tmp / "out"), "--insecure", "--port", str(port), "--no-evaluate",
+                   "--local-epochs", "1", *args], tmp / "server.log")
+
+
+def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_path, site_folders, digits_dir):
+    from tierlite.bundle import Bundle
+    from tierlite.data import load_image_folder
+    from tierlite.segment import Segment
+    from tierlite.tools.stack import free_port
+
+    port = free_port()
+    server = _run_server(tmp_path, port, "--sites", "2", "--min-sites", "2", "--rounds", "2",
+                         "--calib-dir", str(digits_dir / "test"), "--export")
+    sites = [_site(tmp_path, site_folders[0], "a", port), _site(tmp_path, site_folders[1], "b", port)]
+    try:
+        rc = server.wait(800)
+    finally:
+        for p in (*sites, server):
+            _kill(p)
+    out_text = (tmp_path / "server.log").read_text(errors="replace")
+    assert rc == 0, out_text[-3000:]
+    assert re.search(r"round 2: 2 site\(s\)", out_text)
+
+    import json
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["clients"] for r in report["rounds"]] == [2, 2]
+    initial = loads((tmp_path / "out" / "initial.npz").read_bytes())
+    for r in report["rounds"]:  # only weights travel: the whole model each way, measured
+        assert r["bytes_down_per_site"] >= payload_bytes(initial)
+        assert all(s["bytes_up"] >= payload_bytes(initial) for s in r["sites"])
+    last = {s["site"]: s["examples"] for s in report["rounds"][-1]["sites"]}
+    glob = loads((tmp_path / "out" / "global.npz").read_bytes())
+    a = loads((tmp_path / "site-a" / "site-model.npz").read_bytes())  # what site a sent in round 2
+    b = loads((tmp_path / "site-b" / "site-model.npz").read_bytes())
+    na, nb = float(last["a"]), float(last["b"])
+    assert set(glob) == set(a) == set(b) == set(initial)
+    for k in glob:  # computed independently of tierlite.federated
+        expect = (na * a[k].astype(np.float64) + nb * b[k].astype(np.float64)) / (na + nb)
+        np.testing.assert_allclose(glob[k], expect, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert any(not np.allclose(glob[k], a[k]) for k in glob)
+    assert any(not np.allclose(glob[k], b[k]) for k in glob)
+    assert any(not np.allclose(glob[k], initial[k]) for k in glob)
+
+    # the aggregated model, exported through the converters, is served by the runtime
+    bundle = Bundle.load(tmp_path / "out" / "bundle")
+    assert bundle.manifest["training"]["federated"] and bundle.manifest["training"]["sites"] == ["a", "b"]
+    test = load_image_folder(digits_dir / "test", (32, 32), limit=8)
+    end, edge, cloud = (Segment(bundle, t) for t in ("end", "edge", "cloud"))
+    for img in test.images:
+        o1 = end.run(img[None])
+        o2 = edge.run(o1.feature)
+        o3 = cloud.run(o2.feature)
+        assert o3.logits.shape == (10,) and np.isfinite(o3.logits).all()
+    assert (tmp_path / "out" / "report.png").is_file()
+
+
+def test_dead_site_and_wrong_model_do_not_stop_training(tmp_path, site_folders):
+    from tierlite.tools.stack import free_port
+
+    port = free_port()
+    server = _run_server(tmp_path, port, "--sites", "3", "--min-sites", "1", "--rounds", "2",
+                         "--round-timeout", "60", "--classes", ",".join(str(i) for i in range(10)))
+    good = _site(tmp_path, site_folders[0], "a", port)
+    wrong = _site(tmp_path, site_folders[1], "b", port, "--set", "boundary=4")  # another model
+    doomed = _site(tmp_path, site_folders[2], "c", port)
+    try:
+        # kill site c (SuperNode + its ClientApp) once its ClientApp is training round 1
+        deadline = time.monotonic() + 300
+        while "Start `flwr-clientapp` process" not in (tmp_path / "site-c.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        time.sleep(3)
+        _kill(doomed)
+        rc = server.wait(600)
+    finally:
+        for p in (good, wrong, doomed, server):
+            _kill(p)
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    import json
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["clients"] for r in report["rounds"]] == [1, 1]
+    assert all([s["site"] for s in r["sites"]] == ["a"] for r in report["rounds"])
+    refused = [line for r in report["rounds"] for line in r["refused"] if "site b" in line]
+    assert refused, report
+    assert all("\n" not in line for line in refused)
+    assert re.search(r"site b: model does not match the federation's: '[^']+' has shape \([^)]*\), "
+                     r"the federation's \([^)]*\)", refused[0]), refused[0]
+    assert (tmp_path / "out" / "global.npz").is_file()

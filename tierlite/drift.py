@@ -1,0 +1,246 @@
+"""Label-free drift statistics and audit agreement (issue 13), shared by the node and the cloud.
+
+Reference statistics (`reference_stats`) are computed at calibration on held-out clean frames,
+through the int8 chain the node runs, and stored in the bundle manifest under `drift_reference`:
+
+    {"format": 1, "frames": N, "window": W, "entropy_bins": 10,
+     "feature": {"mean": [C], "var": [C]},   # per channel: mean / variance of a frame's spatial mean
+     "entropy_hist": [10], "class_hist": [K],  # normalized entropy of the end exit; its argmax
+     "thresholds": {"feature": t1, "entropy": t2, "classes": t3}, "margin": m, "bootstrap": B}
+
+`DriftMonitor` keeps the last W frames' statistics and scores them against the reference every
+`step` frames: feature = mean over channels of z^2, the window's channel mean against the reference
+(standard error of a W-frame mean plus the reference's own); entropy and classes = population
+stability index (PSI) of the histograms. An alarm is raised when any score exceeds its threshold,
+and cleared after `clear_checks` checks in a row below all of them. Thresholds: `margin` x the
+largest score of `bootstrap` rounds, each a window of W clean frames scored against a pseudo-reference,
+both resampled from the reference frames (so clean data from the reference distribution does not
+alarm; measured on held-out clean streams in docs/DRIFT.md). A bundle without `drift_reference` simply has no drift monitor.
+
+`AgreementWindow` is the cloud's per-node audit estimate: the share of audited frames on which the
+node's end exit agreed with the cloud exit, over the last `window` audits, with a Wilson interval.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AgreementWindow", "DriftMonitor", "DriftState", "REFERENCE_KEY", "entropy_of", "frame_stats",
+           "psi", "reference_stats", "window_scores", "wilson"]
+
+REFERENCE_KEY = "drift_reference"
+FORMAT = 1
+ENTROPY_BINS = 10
+STATS = ("feature", "entropy", "classes")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95 % by default); (0, 1) for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+class AgreementWindow:
+    """Agreement of a node's end exit with the teacher over its last `window` audits."""
+
+    def __init__(self, window: int = 200, reference: dict[str, Any] | None = None):
+        self.window = int(window)
+        self._w: deque[bool] = deque(maxlen=self.window)
+        self._teacher: deque[int] = deque(maxlen=self.window)  # the teacher's labels on the same audits
+        self.ref = reference if isinstance(reference, dict) else None
+        self.total = 0
+
+    def add(self, agree: bool, teacher_label: int | None = None) -> None:
+        self._w.append(bool(agree))
+        if teacher_label is not None:
+            self._teacher.append(int(teacher_label))
+        self.total += 1
+
+    def teacher(self) -> dict[str, Any] | None:
+        """The teacher's own drift statistic on the audited frames: PSI of its predicted classes
+        against the reference class histogram (the end exit's on clean validation frames, ~the
+        label prior), against the reference's classes threshold for the nearest window. A teacher
+        that has collapsed onto a few classes under drift shows here, whatever it agrees with."""
+        n = len(self._teacher)
+        if self.ref is None or n < 10:
+            return None
+        k = len(self.ref["class_hist"])
+        hist = np.bincount(np.clip(np.fromiter(self._teacher, np.int64), 0, k - 1), minlength=k)
+        value = psi(hist, self.ref["class_hist"])
+        by_w = self.ref.get("thresholds_by_window") or {str(self.ref["window"]): self.ref["thresholds"]}
+        w = min(by_w, key=lambda x: abs(int(x) - n))
+        limit = float(by_w[w]["classes"])
+        return {"frames": n, "class_psi": round(value, 5), "threshold": limit, "suspect": value > limit}
+
+    def estimate(self) -> dict[str, Any]:
+        n, k = len(self._w), int(sum(self._w))
+        lo, hi = wilson(k, n)
+        return {"audits": self.total, "window": n, "agree": k,
+                "agreement": round(k / n, 4) if n else None, "low": round(lo, 4), "high": round(hi, 4),
+                "teacher": self.teacher()}
+
+
+def psi(p: np.ndarray, q: np.ndarray, eps: float = 0.5) -> float:
+    """Population stability index between two count histograms (normalized here), each bin given a
+    pseudo-count of eps so that a bin empty by chance in a short window does not dominate."""
+    p = np.asarray(p, np.float64) + eps
+    q = np.asarray(q, np.float64) + eps
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+def entropy_of(logits: np.ndarray) -> np.ndarray:
+    """Normalized entropy (0..1) of softmax(logits), row-wise."""
+    z = np.asarray(logits, np.float64).reshape(len(logits), -1)
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    h = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
+    return h / math.log(z.shape[1])
+
+
+def frame_stats(features: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: channel means of the boundary feature (N, C), exit entropy (N,), predicted class (N,)."""
+    f = np.asarray(features, np.float32)
+    f = f.reshape(f.shape[0], -1, f.shape[-1])
+    return f.mean(1), entropy_of(logits), np.asarray(logits).reshape(len(logits), -1).argmax(1)
+
+
+def _hist(values: np.ndarray, bins: int, integer: bool) -> np.ndarray:
+    if integer:
+        return np.bincount(values.astype(np.int64), minlength=bins)[:bins].astype(np.float64)
+    return np.histogram(np.clip(values, 0, 1), bins=bins, range=(0.0, 1.0))[0].astype(np.float64)
+
+
+def window_scores(ref: dict[str, Any], cmeans: np.ndarray, ent: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """The three drift scores of one window of frames against a reference."""
+    n, nref = len(ent), int(ref["frames"])
+    mu, var = np.asarray(ref["feature"]["mean"]), np.asarray(ref["feature"]["var"])
+    se2 = np.maximum(var, 1e-6) * (1.0 / n + 1.0 / nref)
+    z2 = (cmeans.mean(0) - mu) ** 2 / se2
+    bins = int(ref.get("entropy_bins", ENTROPY_BINS))
+    return {"feature": float(z2.mean()),
+            "entropy": psi(_hist(ent, bins, False), ref["entropy_hist"]),
+            "classes": psi(_hist(pred, len(ref["class_hist"]), True), ref["class_hist"])}
+
+
+WINDOWS = (50, 100, 200)  # thresholds are recorded for each (a node picks one with drift.window)
+
+
+def reference_stats(features: np.ndarray, logits: np.ndarray, window: int = 50, margin: float = 2.0,
+                    bootstrap: int = 1000, seed: int = 0, windows: tuple[int, ...] = WINDOWS) -> dict[str, Any]:
+    """Reference statistics and alarm thresholds from clean held-out frames (the manifest entry):
+    `thresholds` for the default `window`, `thresholds_by_window` for each of `windows` too."""
+    cm, ent, pred = frame_stats(features, logits)
+    n, k = len(ent), np.asarray(logits).reshape(len(logits), -1).shape[1]
+    ref: dict[str, Any] = {"format": FORMAT, "frames": int(n), "window": int(window), "entropy_bins": ENTROPY_BINS,
+                           "feature": {"mean": cm.mean(0).round(6).tolist(), "var": cm.var(0).round(6).tolist()},
+                           "entropy_hist": _hist(ent, ENTROPY_BINS, False).astype(int).tolist(),
+                           "class_hist": _hist(pred, k, True).astype(int).tolist(),
+                           "margin": margin, "bootstrap": int(bootstrap)}
+    # Null distribution: a clean window against a reference that is itself a sample, so both are
+    # drawn afresh (with replacement) from the clean frames, each bootstrap round.
+    by_window = {}
+    for w in sorted({int(window), *(int(x) for x in windows)}):
+        rng = np.random.default_rng(seed)
+        worst = {s: 0.0 for s in STATS}
+        for _ in range(bootstrap):
+            r, i = rng.integers(0, n, n), rng.integers(0, n, w)
+            pseudo = {"frames": n, "entropy_bins": ENTROPY_BINS,
+                      "feature": {"mean": cm[r].mean(0), "var": cm[r].var(0)},
+                      "entropy_hist": _hist(ent[r], ENTROPY_BINS, False), "class_hist": _hist(pred[r], k, True)}
+            for s, v in window_scores(pseudo, cm[i], ent[i], pred[i]).items():
+                worst[s] = max(worst[s], v)
+        by_window[str(w)] = {s: round(margin * v, 6) for s, v in worst.items()}
+    ref["thresholds"] = by_window[str(int(window))]
+    ref["thresholds_by_window"] = by_window
+    return ref
+
+
+@dataclass
+class DriftState:
+    alarm: bool = False
+    checks: int = 0
+    alarms: int = 0  # alarms raised so far
+    since_frame: int | None = None  # frame count when the current alarm was raised
+    scores: dict[str, float] | None = None
+    triggered: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alarm": self.alarm, "checks": self.checks, "alarms": self.alarms, "since_frame": self.since_frame,
+                "scores": {k: round(v, 5) for k, v in (self.scores or {}).items()}, "triggered": list(self.triggered)}
+
+
+class DriftMonitor:
+    """Sliding-window drift scores of one node's end exit against the bundle's reference."""
+
+    def __init__(self, reference: dict[str, Any], window: int | None = None, step: int = 25,
+                 clear_checks: int = 4, threshold_scale: float = 1.0):
+        if int(reference.get("format", 0)) != FORMAT:
+            raise ValueError(f"unsupported drift reference format {reference.get('format')!r}")
+        self.ref = reference
+        self.window = int(window or reference["window"])
+        self.step, self.clear_checks = int(step), int(clear_checks)
+        if self.window == int(reference["window"]):
+            thr = reference["thresholds"]
+        elif str(self.window) in (reference.get("thresholds_by_window") or {}):
+            thr = reference["thresholds_by_window"][str(self.window)]
+        else:
+            raise ValueError(f"no thresholds for a window of {self.window} frames (the reference has "
+                             f"{sorted(int(w) for w in reference.get('thresholds_by_window') or {reference['window']: 0})})")
+        self.thresholds = {s: float(v) * threshold_scale for s, v in thr.items()}
+        c = len(reference["feature"]["mean"])
+        self._cm = np.zeros((self.window, c), np.float32)
+        self._ent = np.zeros(self.window, np.float64)
+        self._pred = np.zeros(self.window, np.int64)
+        self._n = 0  # frames seen
+        self._quiet = 0
+        self.state = DriftState()
+
+    @classmethod
+    def from_bundle(cls, manifest: dict[str, Any], **kw) -> "DriftMonitor | None":
+        ref = manifest.get(REFERENCE_KEY)
+        return cls(ref, **kw) if isinstance(ref, dict) else None
+
+    def update(self, feature: np.ndarray, logits: np.ndarray) -> bool | None:
+        """Add one frame. Returns True when an alarm is raised, False when it clears, else None."""
+        f = np.asarray(feature, np.float32)
+        i = self._n % self.window
+        self._cm[i] = f.reshape(-1, f.shape[-1]).mean(0)
+        lg = np.asarray(logits).reshape(1, -1)
+        self._ent[i] = entropy_of(lg)[0]
+        self._pred[i] = int(lg.argmax())
+        self._n += 1
+        if self._n < self.window or self._n % self.step:
+            return None
+        return self._check()
+
+    def _check(self) -> bool | None:
+        s = self.state
+        s.scores = window_scores(self.ref, self._cm, self._ent, self._pred)
+        s.checks += 1
+        over = tuple(k for k, v in s.scores.items() if v > self.thresholds.get(k, math.inf))
+        if over:
+            s.triggered, self._quiet = over, 0
+            if not s.alarm:
+                s.alarm, s.alarms, s.since_frame = True, s.alarms + 1, self._n
+                return True
+            return None
+        self._quiet += 1
+        if s.alarm and self._quiet >= self.clear_checks:
+            s.alarm, s.since_frame, s.triggered = False, None, ()
+            return False
+        return None
+
+    @property
+    def frames(self) -> int:
+        return self._n

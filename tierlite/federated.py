@@ -1,0 +1,120 @@
+"""Co-training math shared by the cloud (aggregator) and the sites (edge gateways): numpy only.
+
+Orchestration (who trains when, over which transport) lives in `tierlite.cloud.federated`
+(Flower ServerApp + strategy) and `tierlite.edge.federated` (Flower ClientApp); this module holds
+what both sides must agree on, kept apart from Flower the way Flower keeps its strategies'
+orchestration apart from `aggregate.py`:
+
+- named weights: a model is an ordered mapping name -> float32 array (Keras variable paths);
+- which names are *personal* (the exit heads a site keeps, FedPer-style) and which are shared;
+- `check_arrays`: the federation's model against a site's, refused with one clear line;
+- `weighted_average`: FedAvg's example-weighted mean (float64 accumulation);
+- `proximal_term`: FedProx's mu/2 ||w - w_global||^2 (reference; the training loop has its own);
+- (de)serialisation of a named model to .npz bytes, and payload sizes.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tierlite.errors import TierliteError
+
+# Layers whose weights form an exit head (converters/models.py `_exit_head`): "<tier>_logits",
+# "<tier>_hidden". A weight belongs to a head when its path starts with one of these layer names.
+HEAD_LAYER_SUFFIXES = ("_logits", "_hidden")
+TIERS = ("end", "edge", "cloud")
+
+Named = dict[str, np.ndarray]
+
+
+class ModelMismatch(TierliteError):
+    """A site's model does not have the federation's weights (names or shapes)."""
+
+
+def head_layers(tiers: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{t}{s}" for t in tiers for s in HEAD_LAYER_SUFFIXES)
+
+
+def is_personal(name: str, personal_tiers: Sequence[str]) -> bool:
+    """True when weight `name` (e.g. "end_logits/kernel") is in an exit head of `personal_tiers`."""
+    layer = name.split("/", 1)[0]
+    return layer in head_layers(personal_tiers)
+
+
+def split_personal(weights: Mapping[str, np.ndarray], personal_tiers: Sequence[str]) -> tuple[Named, Named]:
+    """(shared, personal) parts of a named model."""
+    shared, personal = {}, {}
+    for k, v in weights.items():
+        (personal if is_personal(k, personal_tiers) else shared)[k] = v
+    return shared, personal
+
+
+def spec_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(np.shape(v)) for k, v in weights.items()}
+
+
+def check_arrays(expected: Mapping[str, Sequence[int]], got: Mapping[str, np.ndarray], who: str = "site") -> None:
+    """Raise ModelMismatch (one line) unless `got` has exactly the names and shapes of `expected`."""
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} array(s), e.g. {missing[0]!r}")
+        if extra:
+            parts.append(f"{len(extra)} unknown array(s), e.g. {extra[0]!r}")
+        raise ModelMismatch(f"{who}: model does not match the federation's ({'; '.join(parts)})")
+    for k, shape in expected.items():
+        s = tuple(np.shape(got[k]))
+        if s != tuple(shape):
+            raise ModelMismatch(f"{who}: model does not match the federation's: {k!r} has shape {s}, "
+                                f"the federation's {tuple(shape)}")
+
+
+def weighted_average(models: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Named:
+    """sum_i w_i x_i / sum_i w_i per named array (FedAvg), accumulated in float64, cast to float32.
+
+    Every model must have the same names and shapes (check_arrays first)."""
+    if not models:
+        raise ValueError("weighted_average of no models")
+    if len(models) != len(weights):
+        raise ValueError("one weight per model")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    w = w / w.sum()
+    out: Named = {}
+    for name in models[0]:
+        acc = np.zeros(np.shape(models[0][name]), dtype=np.float64)
+        for wi, m in zip(w, models):
+            acc += wi * np.asarray(m[name], dtype=np.float64)
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+def proximal_term(weights: Mapping[str, np.ndarray], anchor: Mapping[str, np.ndarray], mu: float) -> float:
+    """FedProx: mu/2 * sum ||w - w_global||^2 over the names both hold."""
+    total = sum(float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(anchor[k], np.float64)) ** 2))
+                for k in weights if k in anchor)
+    return 0.5 * mu * total
+
+
+def payload_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    """Raw bytes of the arrays (what an ArrayRecord carries, less its small per-array headers)."""
+    return int(sum(np.asarray(v).nbytes for v in weights.values()))
+
+
+def dumps(weights: Mapping[str, np.ndarray]) -> bytes:
+    """A named model as .npz bytes (order kept in the `__order__` entry)."""
+    buf = io.BytesIO()
+    names = list(weights)
+    np.savez(buf, __order__=np.array(names), **{f"a{i}": np.asarray(weights[n]) for i, n in enumerate(names)})
+    return buf.getvalue()
+
+
+def loads(data: bytes) -> Named:
+    z = np.load(io.BytesIO(data), allow_pickle=False)
+    names = [str(n) for n in z["__order__"]]
+    return {n: z[f"a{i}"] for i, n in enumerate(names)}

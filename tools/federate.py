@@ -1,0 +1,143 @@
+"""`tierlite federate server|site|export`: co-training across sites on Flower (docs/COTRAINING.md).
+
+    tierlite federate server OUT --sites 2 --rounds 5 --calib-dir HELD_OUT [--proximal-mu 0.01]
+                             [--personal end,edge] [--port 9092] [--insecure] [--export]
+    tierlite federate site DATA_DIR --superlink HOST:PORT --name shop-1 --workdir W [--insecure]
+    tierlite federate export OUT --calib-dir HELD_OUT [--bundle B] [--version N]
+
+The server runs Flower's SuperLink with tierlite's ServerApp (cloud); each site runs a SuperNode
+with tierlite's ClientApp (edge gateway) that trains on DATA_DIR. Only weights travel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tierlite.converters.cli import parse_sets
+from tierlite.errors import ConfigError
+
+
+def configure_federate(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="role", metavar="ROLE", required=True)
+    s = sub.add_parser("server", help="cloud: SuperLink + tierlite's ServerApp; runs the federation, reports, exports")
+    s.add_argument("out", type=Path, help="output folder: report.json/.png, global.npz, bundle/")
+    s.add_argument("--sites", type=int, default=2, help="wait for this many sites before round 1 (default 2)")
+    s.add_argument("--min-sites", type=int, default=1,
+                   help="a round goes on with at least this many answers; the others are failures (default 1)")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--classes", help="comma-separated class names (default: those of --calib-dir)")
+    s.add_argument("--calib-dir", type=Path, help="held-out labelled frames the cloud holds: classes, calibration")
+    s.add_argument("--preset", default="small")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model/training override (all sites)")
+    s.add_argument("--local-epochs", type=int, default=1)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal term (0: FedAvg)")
+    s.add_argument("--personal", default="", help="exit heads each site keeps, e.g. 'end,edge' (FedPer-style)")
+    s.add_argument("--no-evaluate", action="store_true", help="skip the sites' evaluation after each round")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--round-timeout", type=float, default=1800.0, help="seconds a round waits for answers")
+    s.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet + Control APIs)")
+    s.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
+    s.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    s.add_argument("--certfile"); s.add_argument("--keyfile"); s.add_argument("--ca-certfile")
+    s.add_argument("--init-from", help="checkpoint workdir of a pretrained model of the same architecture")
+    s.add_argument("--export", action="store_true", help="export the aggregated model as a bundle (needs --calib-dir)")
+    s.add_argument("--version", type=int, default=1, help="bundle version")
+    c = sub.add_parser("site", help="edge gateway: SuperNode + tierlite's ClientApp training on DATA_DIR")
+    c.add_argument("data_dir", type=Path, help="the site's labelled frames (<class>/*.jpg); they never leave")
+    c.add_argument("--superlink", required=True, help="the cloud's SuperLink HOST:PORT")
+    c.add_argument("--name", required=True)
+    c.add_argument("--workdir", type=Path, help="cache, personal heads, last model (default federated-<name>)")
+    c.add_argument("--port", type=int, default=9094, help="the SuperNode's local ClientApp API port")
+    c.add_argument("--insecure", action="store_true")
+    c.add_argument("--root-certificates", help="CA that signed the SuperLink's certificate")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="this site's model deviations (refused if they change shapes)")
+    c.add_argument("--limit", type=int, help="use at most this many frames")
+    e = sub.add_parser("export", help="aggregated model -> int8 bundle calibrated on a held-out folder")
+    e.add_argument("out", type=Path, help="the server's output folder")
+    e.add_argument("--calib-dir", type=Path, required=True)
+    e.add_argument("--bundle", type=Path)
+    e.add_argument("--version", type=int, default=1)
+    e.add_argument("--weights", type=Path, help="another named-weights file of the federation's model, e.g. a "
+                   "personalised site's <workdir>/site-model.npz (default OUT/global.npz)")
+
+
+def run_federate(args) -> int:
+    if args.role == "site":
+        from tierlite.edge.federated import run_site
+        if not args.insecure and not args.root_certificates:
+            raise ConfigError("a site needs --root-certificates (TLS) or --insecure (loopback tests)")
+        return run_site(args.superlink, args.data_dir, args.name, args.workdir or Path(f"federated-{args.name}"),
+                        args.port, args.insecure, args.root_certificates, parse_sets(args.set) or None, args.limit)
+    from tierlite.cloud.federated.server import export_global, run_federation
+    if args.role == "export":
+        b = export_global(args.out, args.calib_dir, args.bundle, weights_file=args.weights, version=args.version)
+        print(f"bundle {b}")
+        return 0
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    elif args.calib_dir:
+        from tierlite.data import list_image_folder
+        classes = list_image_folder(args.calib_dir)[2]
+    else:
+        raise ConfigError("give --classes or --calib-dir (the federation's class names)")
+    if args.export and not args.calib_dir:
+        raise ConfigError("--export needs --calib-dir (held-out frames to calibrate the exits on)")
+    if not args.insecure and not (args.superlink or (args.certfile and args.keyfile)):
+        raise ConfigError("the SuperLink needs --certfile/--keyfile (TLS) or --insecure (loopback tests)")
+    report = run_federation(args.out, classes=classes, sites=args.sites, rounds=args.rounds, preset=args.preset,
+                            overrides=parse_sets(args.set), local_epochs=args.local_epochs, lr=args.lr,
+                            proximal_mu=args.proximal_mu, personal=args.personal, seed=args.seed,
+                            min_sites=args.min_sites, round_timeout=args.round_timeout,
+                            evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,
+                            insecure=args.insecure, certfile=args.certfile, keyfile=args.keyfile,
+                            ca_certfile=args.ca_certfile, init_from=args.init_from)
+    for r in report["rounds"]:
+        a = r.get("aggregate") or {}
+        print(f"round {r['round']}: {r['clients']} site(s), loss {a.get('loss', float('nan')):.3f}, val acc "
+              f"end/edge/cloud {a.get('val-acc-end', 0):.3f}/{a.get('val-acc-edge', 0):.3f}/{a.get('val-acc-cloud', 0):.3f}, "
+              f"bytes per site down {r['bytes_down_per_site']:,} up "
+              + ", ".join(f"{s['site']} {s['bytes_up']:,}" for s in r["sites"])
+              + "".join(f"\n  {line}" for line in r.get("refused", [])))
+    print(f"report {args.out / 'report.json'} (+ report.png), global model {args.out / 'global.npz'}")
+    if args.export:
+        b = export_global(args.out, args.calib_dir, version=args.version)
+        print(f"bundle {b}")
+    sys.stdout.flush()
+    return 0
+
+
+def split_sites(src: Path, dst: Path, sites: int, alpha: float | None = None, seed: int = 0,
+                limit: int | None = None) -> list[Path]:
+    """Split a labelled folder into `sites` site folders (symlinks): IID (alpha None) or non-IID,
+    each class's frames spread over the sites by Dirichlet(alpha) proportions. Returns the folders."""
+    import numpy as np
+
+    from tierlite.data import list_image_folder
+
+    paths, labels, classes = list_image_folder(src)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(paths))
+    if limit:
+        order = order[:limit]
+    out = [Path(dst) / f"site{i}" for i in range(sites)]
+    for c, name in enumerate(classes):
+        idx = [i for i in order if labels[i] == c]
+        if alpha is None:
+            parts = np.array_split(np.array(idx, dtype=int), sites)
+        else:
+            p = rng.dirichlet([alpha] * sites)
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            parts = np.split(np.array(idx, dtype=int), cuts)
+        for s, part in enumerate(parts):
+            if not len(part):
+                continue  # a site without this class: no folder for it
+            d = out[s] / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                link = d / paths[i].name
+                if not link.exists():
+                    link.symlink_to(Path(paths[i]).resolve())
+    return out
