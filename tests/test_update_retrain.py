@@ -108,3 +108,17 @@ def test_retrain_end_branch_keeps_the_boundary(fleet_store, digits_dir):
     parent, cand = Bundle.load(small_bundle_dir), Bundle.load(out)
     assert cand.segment("end").outputs == parent.segment("end").outputs
     assert (out / "end.tflite").read_bytes() != (small_bundle_dir / "end.tflite").read_bytes()
+
+
+def test_replay_defaults_to_the_checkpoints_training_folder(small_bundle_dir, digits_dir):
+    """`tierlite retrain` without --replay takes the folder its checkpoint was trained on."""
+    from tierlite.bundle import Bundle
+    from tierlite.cloud.retrain.data import replay_and_val
+    from tierlite.cloud.retrain.options import RetrainOptions
+
+    bundle = Bundle.load(small_bundle_dir)
+    x, y, vx, vy = replay_and_val(RetrainOptions(bundle=str(small_bundle_dir), store="unused", replay=None), bundle)
+    given = replay_and_val(RetrainOptions(bundle=str(small_bundle_dir), store="unused",
+                                          replay=digits_dir / "train"), bundle)
+    assert len(x) > 0 and len(vx) > 0
+    assert len(vx) == len(given[2]) and (vy == given[3]).all()  # the same validation split as the training's

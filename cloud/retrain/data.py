@@ -68,19 +68,21 @@ def replay_and_val(opts: RetrainOptions, bundle: Bundle):
     split as the original training did (its seed and val_fraction, from the checkpoint's metadata)."""
     from tierlite.converters import load_splits
 
-    if opts.replay is None:
-        raise ConfigError("--replay: the labelled training folder is needed to keep clean accuracy and "
-                          "to re-calibrate the thresholds")
     work = workdir(bundle, opts)
     meta_file = work / "checkpoint" / "model.json"
-    seed, val_fraction, limit = int(bundle.manifest.get("training", {}).get("seed", 0)), 0.1, None
+    seed, val_fraction, limit, replay = int(bundle.manifest.get("training", {}).get("seed", 0)), 0.1, None, opts.replay
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         seed, val_fraction, limit = meta.get("seed", seed), meta["train"]["val_fraction"], meta["train"].get("limit")
+        if replay is None and meta.get("train_dir") and Path(meta["train_dir"]).is_dir():
+            replay = Path(meta["train_dir"])  # the folder the checkpoint was trained on (--replay's default)
+    if replay is None:
+        raise ConfigError("--replay: the labelled training folder is needed to keep clean accuracy and to "
+                          "re-calibrate the thresholds (the checkpoint's own training folder is not available)")
     cache = work / "cache" if (work / "cache").is_dir() else opts.cache_dir  # the training's decoded frames
-    splits = load_splits(opts.replay, bundle.input_shape[1], val_fraction, seed, limit, cache)
+    splits = load_splits(replay, bundle.input_shape[1], val_fraction, seed, limit, cache)
     if splits.classes != bundle.labels:
-        raise DataError(f"--replay {opts.replay}: classes {splits.classes} differ from the bundle's {bundle.labels}")
+        raise DataError(f"--replay {replay}: classes {splits.classes} differ from the bundle's {bundle.labels}")
     rng = np.random.default_rng(opts.seed)
     n = min(opts.replay_frames, len(splits.train.labels))
     idx = rng.choice(len(splits.train.labels), n, replace=False)

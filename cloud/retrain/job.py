@@ -73,7 +73,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
                         f"need at least {opts.min_examples} (--min-examples)")
     chain = Chain(parent)
     ex = _through_parent(opts, chain, hard)
-    log.info("retrain: replay and validation frames from %s", opts.replay)
+    log.info("retrain: replay and validation frames from %s", opts.replay or "the checkpoint's training folder")
     rx, ry, vx, vy = replay_and_val(opts, parent)
     replay = chain.from_frames(rx)
     val = chain.from_frames(vx)
