@@ -250,11 +250,15 @@ def _resume_state(workdir: Path, arch: ArchConfig, tc: TrainConfig, model, opt, 
         state_file = ckpt / OPTIMIZER_STATE
         if not state_file.is_file():
             raise BundleError(f"{ckpt}: no {OPTIMIZER_STATE}, cannot resume this run")
-        z = np.load(state_file)
-        slots = [z[f"arr_{i}"] for i in range(len(opt.variables))]
-        for v, value in zip(opt.variables, slots):
-            v.assign(value)
-        seed_gen.reset(z["rng_state"])
+        try:
+            z = np.load(state_file)
+            slots = [z[f"arr_{i}"] for i in range(len(opt.variables))]
+            for v, value in zip(opt.variables, slots):
+                v.assign(value)
+            seed_gen.reset(z["rng_state"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BundleError(f"{state_file}: unreadable optimizer state ({e}); "
+                              "train again with a new --workdir") from None
         log.info("resuming %s after epoch %d of %d", workdir, len(history), tc.epochs)
     return history
 
