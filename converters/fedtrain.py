@@ -89,7 +89,7 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
 
     @tf.function
     def step(x, y):
-        x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen)
+        x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen, tc.cutout)
         with tf.GradientTape() as tape:
             outs = [tf.cast(o, tf.float32) for o in model(x, training=True)]
             loss = multi_exit_loss(outs, y, num_classes, weights, smooth, distill, temp)

@@ -29,6 +29,7 @@ class TrainConfig:
     temperature: float = 3.0          # softening temperature of the distillation targets
     pad: int = 4                      # pad-and-crop augmentation (pixels); 0 disables
     flip: bool = True                 # horizontal flips (off for digits: mirrored digits are not digits)
+    cutout: int = 0                   # side (pixels) of one grey square hidden per frame; 0 disables
     val_fraction: float = 0.1         # stratified validation split carved from the training folder
     limit: int | None = None          # use at most this many training images (quick runs)
     mixed_precision: bool = False     # bfloat16 compute (AMX/AVX512-BF16 CPUs); weights stay float32
@@ -47,6 +48,8 @@ class TrainConfig:
                               f"got {self.loss_weights}")
         if not set(self.freeze) <= {"end", "edge", "cloud"}:
             raise ConfigError(f"freeze takes segment names (end, edge, cloud), got {self.freeze}")
+        if self.cutout < 0:
+            raise ConfigError(f"cutout must be >= 0 pixels, got {self.cutout}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         return self

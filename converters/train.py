@@ -54,8 +54,8 @@ def _one_cycle(peak: float, total: int, warmup: float):
     return OneCycle(peak, total, warmup)
 
 
-def _augment(x, pad: int, flip: bool, seed_gen):
-    """Random pad-crop (reflect padding) and horizontal flip of a (B,H,W,C) float batch."""
+def _augment(x, pad: int, flip: bool, seed_gen, cutout: int = 0):
+    """Random pad-crop (reflect padding), horizontal flip and cutout of a (B,H,W,C) float batch."""
     import tensorflow as tf
     b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
     if pad:
@@ -69,6 +69,15 @@ def _augment(x, pad: int, flip: bool, seed_gen):
     if flip:
         mask = seed_gen.uniform([b], 0, 2, dtype=tf.int32) > 0
         x = tf.where(mask[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    if cutout:
+        # One mid-grey square per frame, centre anywhere (DeVries & Taylor 2017): fights the
+        # overfitting of the wide cloud segment without touching the labels.
+        top = seed_gen.uniform([b], 0, h, dtype=tf.int32)[:, None] - cutout // 2
+        left = seed_gen.uniform([b], 0, w, dtype=tf.int32)[:, None] - cutout // 2
+        inside_y = (tf.range(h)[None] >= top) & (tf.range(h)[None] < top + cutout)
+        inside_x = (tf.range(w)[None] >= left) & (tf.range(w)[None] < left + cutout)
+        hole = tf.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
+        x = tf.where(hole, tf.constant(128.0, x.dtype), x)
     return x
 
 
@@ -155,7 +164,7 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
     has_binary = arch.binarized
 
     def replica_step(x, y):
-        x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen)
+        x = _augment(tf.cast(x, tf.float32), tc.pad, tc.flip, seed_gen, tc.cutout)
         with tf.GradientTape() as tape:
             outs = [tf.cast(o, tf.float32) for o in model(x, training=True)]
             loss = multi_exit_loss(outs, y, num_classes, weights, smooth, distill, temp)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tierlite.bundle import TIERS, Bundle
-from tierlite.errors import BundleError
+from tierlite.errors import BundleError, ConfigError
 from tierlite.segment import Segment
 from tierlite.wire import decode_feature, encode_feature
 
@@ -228,3 +228,18 @@ def test_boundary_can_be_cut_before_the_end_exit():
     # the edge squeezes its 8x8x128 trunk for the cloud hop; the cloud widens it back to 128
     assert tuple(edge.outputs[0].shape[1:]) == (8, 8, arch.edge_boundary) and tuple(cloud.outputs[0].shape[1:]) == (10,)
     assert cloud.get_layer("cloud_expand_conv").kernel.shape[-1] == 128
+
+
+def test_cutout_hides_one_square_per_frame_and_is_validated():
+    import tensorflow as tf
+    from tierlite.converters.presets import TrainConfig
+    from tierlite.converters.train import _augment
+    frames = tf.zeros([32, 32, 32, 3])
+    holes = tf.reduce_sum(tf.cast(_augment(frames, 0, False, tf.random.Generator.from_seed(1), 8)[..., 0] == 128,
+                                  tf.int32), axis=[1, 2]).numpy()
+    # one 8x8 square per frame, clipped at the border: never empty, never larger than 64 pixels
+    assert holes.min() > 0 and holes.max() == 64
+    untouched = _augment(frames, 0, False, tf.random.Generator.from_seed(1), 0)
+    assert float(tf.reduce_max(untouched)) == 0.0
+    with pytest.raises(ConfigError, match="cutout"):
+        TrainConfig(cutout=-1).validate()
