@@ -16,14 +16,19 @@ Read side (retraining, any process, also while the worker writes; WAL readers ne
             ex.label, ex.confidence   # the cloud's answer
         arrays = store.read_arrays(bundle_name="digits-small")   # the same, stacked numpy arrays
 
-Table `hard_examples` (one row per escalated frame):
+Table `hard_examples` (one row per frame that reached the cloud: escalated, or audited):
   id INTEGER PK, ts REAL (unix s, cloud receive time), sent_us INTEGER (node send time),
   node TEXT, frame_id INTEGER, bundle_name TEXT, bundle_version INTEGER,
   feature BLOB, feature_shape TEXT (JSON), feature_scale REAL, feature_zero_point INTEGER,
   end_feature BLOB NULL, end_feature_shape TEXT NULL, end_feature_encoding TEXT NULL (JSON),
   end_feature_scale REAL NULL, end_feature_zero_point INTEGER NULL,
   end_logits BLOB, edge_logits BLOB, cloud_logits BLOB (float32 little-endian),
-  label INTEGER, confidence REAL, entropy REAL
+  label INTEGER, confidence REAL, entropy REAL,
+  audit INTEGER (1: an audit, a confident frame the node answered itself and sent for scoring,
+                 docs/DRIFT.md; 0: escalated because no lower tier was sure)
+
+Schema 2 added `audit`. A schema-1 file is migrated when opened for writing (the column is added,
+existing rows are escalations: audit 0) and read as it is when opened read-only.
 """
 from __future__ import annotations
 
@@ -56,11 +61,12 @@ U32_MAX = (1 << 32) - 1
 # (stored as NULL), flushes that failed (kept and retried), corrupt files moved aside.
 STORE_EVENTS = ("evicted", "dropped", "invalid", "clamped", "failed_flush", "recovered")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: before the audit marker (every row an escalation)
 COLUMNS = ("ts", "sent_us", "node", "frame_id", "bundle_name", "bundle_version",
            "feature", "feature_shape", "feature_scale", "feature_zero_point",
            "end_feature", "end_feature_shape", "end_feature_encoding", "end_feature_scale", "end_feature_zero_point",
-           "end_logits", "edge_logits", "cloud_logits", "label", "confidence", "entropy")
+           "end_logits", "edge_logits", "cloud_logits", "label", "confidence", "entropy", "audit")
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS hard_examples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,11 +75,16 @@ CREATE TABLE IF NOT EXISTS hard_examples (
     feature BLOB NOT NULL, feature_shape TEXT NOT NULL, feature_scale REAL NOT NULL, feature_zero_point INTEGER NOT NULL,
     end_feature BLOB, end_feature_shape TEXT, end_feature_encoding TEXT, end_feature_scale REAL, end_feature_zero_point INTEGER,
     end_logits BLOB NOT NULL, edge_logits BLOB NOT NULL, cloud_logits BLOB NOT NULL,
-    label INTEGER NOT NULL, confidence REAL NOT NULL, entropy REAL NOT NULL);
+    label INTEGER NOT NULL, confidence REAL NOT NULL, entropy REAL NOT NULL,
+    audit INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS hard_examples_bundle ON hard_examples (bundle_name, bundle_version);
 CREATE INDEX IF NOT EXISTS hard_examples_ts ON hard_examples (ts);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
+"""
+_MIGRATE_1_TO_2 = """
+ALTER TABLE hard_examples ADD COLUMN audit INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 
 
@@ -148,6 +159,7 @@ class HardExample:
     label: int
     confidence: float
     entropy: float
+    audit: bool = False  # a confident frame sent for scoring, not an escalation
 
     def feature_array(self) -> np.ndarray:
         """The cloud segment's input as the node's chain produced it (int8)."""
@@ -173,7 +185,8 @@ class HardExample:
                                   if row["end_feature_encoding"] else None),
             end_feature_scale=row["end_feature_scale"], end_feature_zero_point=row["end_feature_zero_point"],
             logits={t: np.frombuffer(row[f"{t}_logits"], dtype="<f4").astype(np.float32) for t in ("end", "edge", "cloud")},
-            label=row["label"], confidence=row["confidence"], entropy=row["entropy"])
+            label=row["label"], confidence=row["confidence"], entropy=row["entropy"],
+            audit=bool(row["audit"]) if "audit" in row.keys() else False)
 
 
 class HardExampleStore:
@@ -192,6 +205,7 @@ class HardExampleStore:
         self._failures = 0  # failed flushes in a row (backoff)
         self._age_checked = 0.0
         self.written = 0
+        self.audits_written = 0  # of `written`, rows marked as audits
         self.events = dict.fromkeys(STORE_EVENTS, 0)
         self.moved_aside: list[Path] = []  # corrupt files this store moved aside
         try:
@@ -208,12 +222,13 @@ class HardExampleStore:
                     self._recover(e)
             self._db.row_factory = sqlite3.Row
             version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            self.schema = int(version[0]) if version is not None and str(version[0]).isdigit() else None
             self._rows = int(self._db.execute("SELECT COUNT(*) FROM hard_examples").fetchone()[0])
         except sqlite3.Error as e:
             raise StoreError(f"hard-example store {self.path}: {e}") from None
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+        if self.schema not in READABLE_SCHEMAS:
             raise StoreError(f"hard-example store {self.path}: schema {version and version[0]}, "
-                             f"this tierlite reads {SCHEMA_VERSION}")
+                             f"this tierlite reads {', '.join(map(str, READABLE_SCHEMAS))}")
 
     @classmethod
     def from_config(cls, cfg) -> "HardExampleStore":
@@ -232,6 +247,11 @@ class HardExampleStore:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
             self._db.executescript(_CREATE)
             self._db.commit()
+            if self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1":
+                self._db.executescript(_MIGRATE_1_TO_2)  # its own transaction: all or nothing
+                self._db.commit()
+                log.info("hard-example store %s: schema 1 -> 2 (audit marker; existing rows are escalations)",
+                         self.path)
             check = self._db.execute("PRAGMA quick_check(1)").fetchone()
             if check is None or check[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check and check[0]}")
@@ -266,8 +286,8 @@ class HardExampleStore:
             logits: dict[str, np.ndarray], label: int, confidence: float, entropy: float,
             end_feature: bytes | None = None, end_feature_shape: tuple[int, ...] | None = None,
             end_feature_encoding: FeatureEncoding | dict | None = None, end_feature_scale: float | None = None,
-            end_feature_zero_point: int | None = None) -> None:
-        """Buffer one row. Never raises on bad values: every header field is range-checked (a send
+            end_feature_zero_point: int | None = None, audit: bool = False) -> None:
+        """Buffer one row (`audit`: a confident frame the node sent for scoring, docs/DRIFT.md). Never raises on bad values: every header field is range-checked (a send
         time outside SQLite's signed 64 bits is stored as NULL and counted as `clamped`; anything
         else out of range drops the row, counted as `invalid`)."""
         try:
@@ -290,7 +310,7 @@ class HardExampleStore:
                    if has_end else None,
                    *(np.asarray(logits[t], dtype="<f4").tobytes() for t in ("end", "edge", "cloud")),
                    _checked_int(label, 0, INT64_MAX, "label"), _checked_float(confidence, "confidence"),
-                   _checked_float(entropy, "entropy"))
+                   _checked_float(entropy, "entropy"), int(bool(audit)))
         except (TypeError, ValueError, OverflowError, KeyError, TierliteError) as e:
             self.events["invalid"] += 1
             _throttle.log(log, logging.WARNING, "invalid", "hard-example store: row refused (%d so far): %s",
@@ -349,6 +369,11 @@ class HardExampleStore:
             except (sqlite3.Error, OSError) as e2:
                 log.error("hard-example store %s: could not start a fresh store: %s", self.path, e2)
 
+    def _audits_since(self, n: int) -> int:
+        """Audit rows among the last n inserted (when some rows of a batch were refused)."""
+        return int(self._db.execute("SELECT COALESCE(SUM(audit), 0) FROM (SELECT audit FROM hard_examples "
+                                    "ORDER BY id DESC LIMIT ?)", (n,)).fetchone()[0])
+
     def _delete_oldest(self, n: int) -> int:
         return self._db.execute("DELETE FROM hard_examples WHERE id IN "
                                 "(SELECT id FROM hard_examples ORDER BY id LIMIT ?)", (max(0, n),)).rowcount
@@ -399,6 +424,7 @@ class HardExampleStore:
                 return 0
             self._failures, self._retry_at = 0, 0.0
             self.written += n
+            self.audits_written += sum(r[-1] for r in rows) if n == len(rows) else self._audits_since(n)
             self._rows += n
             try:
                 self._evict()
@@ -426,28 +452,35 @@ class HardExampleStore:
         self._db.close()
 
     # -- read ------------------------------------------------------------------------------------
-    @staticmethod
-    def _where(bundle_name: str | None, bundle_version: int | None, min_version: int | None,
-               since_id: int, node: str | None) -> tuple[str, list]:
+    def _where(self, bundle_name: str | None, bundle_version: int | None, min_version: int | None,
+               since_id: int, node: str | None, audit: bool | None = None) -> tuple[str, list]:
         clauses, params = ["id > ?"], [since_id]
         for clause, value in (("bundle_name = ?", bundle_name), ("bundle_version = ?", bundle_version),
                               ("bundle_version >= ?", min_version), ("node = ?", node)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
+        if audit is not None:
+            if self.schema == 1:  # a read-only schema-1 file: every row is an escalation
+                clauses.append("0" if audit else "1")
+            else:
+                clauses.append("audit = ?")
+                params.append(int(bool(audit)))
         return " AND ".join(clauses), params
 
     def count(self, bundle_name: str | None = None, bundle_version: int | None = None,
-              min_version: int | None = None, since_id: int = 0, node: str | None = None) -> int:
-        where, params = self._where(bundle_name, bundle_version, min_version, since_id, node)
+              min_version: int | None = None, since_id: int = 0, node: str | None = None,
+              audit: bool | None = None) -> int:
+        """Rows matching the filters; audit=True counts audits only, False escalations only."""
+        where, params = self._where(bundle_name, bundle_version, min_version, since_id, node, audit)
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM hard_examples WHERE {where}", params).fetchone()[0])
 
     def iter_examples(self, bundle_name: str | None = None, bundle_version: int | None = None,
                       min_version: int | None = None, since_id: int = 0, node: str | None = None,
-                      limit: int | None = None, page: int = 512) -> Iterator[HardExample]:
+                      limit: int | None = None, page: int = 512, audit: bool | None = None) -> Iterator[HardExample]:
         """Rows in id order (oldest first), fetched a page at a time."""
-        where, params = self._where(bundle_name, bundle_version, min_version, since_id, node)
+        where, params = self._where(bundle_name, bundle_version, min_version, since_id, node, audit)
         last, left = since_id, limit
         while left is None or left > 0:
             n = page if left is None else min(page, left)
@@ -465,7 +498,7 @@ class HardExampleStore:
     def read_arrays(self, **filters) -> dict[str, np.ndarray]:
         """Everything matching `filters` (as iter_examples) stacked: ids, features (N,...) int8,
         end_features (N,...) int8 when every row has one, {end,edge,cloud}_logits (N, C), labels,
-        confidences, nodes, bundle_versions."""
+        confidences, nodes, bundle_versions, audits (bool)."""
         rows = list(self.iter_examples(**filters))
         out: dict[str, np.ndarray] = {
             "ids": np.array([r.id for r in rows], dtype=np.int64),
@@ -473,6 +506,7 @@ class HardExampleStore:
             "confidences": np.array([r.confidence for r in rows], dtype=np.float32),
             "nodes": np.array([r.node for r in rows], dtype=object),
             "bundle_versions": np.array([r.bundle_version for r in rows], dtype=np.int64),
+            "audits": np.array([r.audit for r in rows], dtype=bool),
         }
         if rows:
             out["features"] = np.concatenate([r.feature_array() for r in rows])

@@ -11,8 +11,8 @@ from tierlite.bundle import Bundle
 from tierlite.config import CloudConfig
 from tierlite.errors import WireError
 from tierlite.mqtt import MqttClient, default_client_id
-from tierlite.policy import decide
-from tierlite.segment import TierModel
+from tierlite.policy import decide, decide_batch
+from tierlite.segment import SegmentOutput, TierModel
 from tierlite.tierworker import TierWorker
 
 __all__ = ["CloudWorker"]
@@ -38,8 +38,11 @@ class CloudWorker(TierWorker):
         self.mqtt = MqttClient(config.broker, default_client_id("cloud", config.worker_id),
                                will=self._will(), on_connect=self._on_connect)
         share = config.share_group if config.broker.protocol == "5" else None
-        self.mqtt.subscribe(topics.node_filter(self.prefix, topics.ESCALATE).shared(share), self.on_escalate,
-                            self._qos.escalate)
+        handler = self._batcher(self.on_escalate_batch, self.on_escalate, config.batch)  # dynamic batching (issue 15)
+        # One pool for every site: <prefix>/<node>/escalate, and <prefix>/<site>/<node>/escalate from site bridges.
+        for escalations in (topics.node_filter(self.prefix, topics.ESCALATE),
+                            topics.site_node_filter(self.prefix, topics.ESCALATE)):
+            self.mqtt.subscribe(escalations.shared(share), handler, self._qos.escalate)
         # Audits and drift (issue 13): every worker sees every node's retained drift event.
         self.audits: dict = {}  # node -> AgreementWindow
         self.drift: dict[str, dict] = {}  # node -> its latest drift event
@@ -51,14 +54,17 @@ class CloudWorker(TierWorker):
             self.retrain = RetrainScheduler(config, self.mqtt)
 
     def _load(self, bundle: Bundle) -> TierModel:
-        return TierModel.load(bundle, "cloud", self.config.runtime, {"threads": self.config.threads})
+        model = TierModel.load(bundle, "cloud", self.config.runtime, {"threads": self.config.threads})
+        model.segment.prepare_batches(self.config.batch.max_size)  # before traffic: no batch waits for one
+        return model
 
     def on_escalate(self, topic: str, payload: bytes) -> None:
         t0 = time.perf_counter()
         m = self._model
         spec = m.spec_in
         try:
-            node = topics.node_of(topic, self.prefix)
+            sender = topics.sender_of(topic, self.prefix)  # the answer goes back to its site only
+            node = sender.key
             msg = wire.decode_tensor_message(payload, spec)
         except WireError as e:
             self._reject(topic, payload, e)
@@ -73,11 +79,58 @@ class CloudWorker(TierWorker):
             self._store(node, m, spec, msg, out, label, conf, entropy)
             return
         reply = wire.encode_answer("cloud", msg.frame_id, label, conf, entropy, m.bundle.name, m.bundle.version)
-        self.mqtt.publish(topics.node_topic(self.prefix, node, topics.ANSWER), reply, self._qos.answer)
+        self.mqtt.publish(sender.topic(self.prefix, topics.ANSWER), reply, self._qos.answer)
         self.processed += 1
         self.metrics.frame(node, "answered", len(payload), time.perf_counter() - t0, (wire.now_us() - msg.sent_us) / 1e6)
         self.metrics.sent("answer", len(reply))
         self._store(node, m, spec, msg, out, label, conf, entropy)
+
+    def on_escalate_batch(self, items: list[tuple[str, bytes]]) -> None:
+        """What on_escalate does, for a batch of (topic, payload): one segment call, vectorised
+        decode and decision, the answers in one write; each frame stored and scored as before."""
+        t0 = time.perf_counter()
+        m = self._model
+        spec = m.spec_in
+        senders, received, payloads = [], [], []
+        for topic, payload in items:
+            try:
+                senders.append(topics.sender_of(topic, self.prefix))  # the answer goes back to its site only
+            except WireError as e:
+                self._reject(topic, payload, e)
+                continue
+            received.append(topic)
+            payloads.append(payload)
+        if not payloads:
+            return
+        batch = self._decode_batch(spec, received, payloads)
+        if batch is None:
+            return
+        n = len(batch)
+        out = m.segment.run_batch(batch.tensor)
+        _, label, conf, entropy = decide_batch(out.logits, m.threshold)
+        replies = []
+        for r in range(n):
+            if not batch.audit[r]:
+                replies.append((senders[batch.index[r]].topic(self.prefix, topics.ANSWER),
+                                wire.encode_answer("cloud", batch.frame_id[r], int(label[r]), float(conf[r]),
+                                                   float(entropy[r]), m.bundle.name, m.bundle.version),
+                                self._qos.answer))
+        self._publish_replies(replies)
+        self.processed += n
+        share = (time.perf_counter() - t0) / n  # each message's share of the batch's time
+        now = wire.now_us()
+        for r in range(n):
+            i = batch.index[r]
+            node = senders[i].key
+            if batch.audit[r]:  # answered by the node already: score it, store it, send nothing back
+                self._score_audit(node, int(batch.exit_logits[0][r].argmax()) == int(label[r]), int(label[r]))
+            else:
+                self.metrics.sent("answer", wire.ANSWER_STRUCT.size)
+            self.metrics.frame(node, "audited" if batch.audit[r] else "answered", len(payloads[i]), share,
+                               (now - batch.sent_us[r]) / 1e6)
+            if self.store is not None:
+                self._store(node, m, spec, batch.message(r), SegmentOutput(None, out.logits[r]), int(label[r]),
+                            float(conf[r]), float(entropy[r]))
 
     def _store(self, node, m, spec, msg, out, label, conf, entropy) -> None:
         if self.store is not None:
@@ -89,7 +142,8 @@ class CloudWorker(TierWorker):
                 logits={"end": msg.exit_logits[0], "edge": msg.exit_logits[1], "cloud": out.logits},
                 label=label, confidence=conf, entropy=entropy,
                 end_feature=msg.end_feature, end_feature_shape=end.shape if msg.end_feature is not None else None,
-                end_feature_encoding=spec.end_encoding, end_feature_scale=end.scale, end_feature_zero_point=end.zero_point)
+                end_feature_encoding=spec.end_encoding, end_feature_scale=end.scale, end_feature_zero_point=end.zero_point,
+                audit=msg.audit)
 
     # -- audits and drift (issue 13, docs/DRIFT.md) -------------------------------------------------
     def _score_audit(self, node: str, agree: bool, teacher_label: int | None = None) -> None:
@@ -158,6 +212,8 @@ class CloudWorker(TierWorker):
         log.info("cloud worker %s: %s v%d, store %s", self.config.worker_id, m.bundle.name, m.bundle.version,
                  self.store.path if self.store is not None else "off")
         wait_for_stop(self.stop_event, self._housekeeping, 0.1)
+        if self.batcher is not None:
+            self.batcher.stop()
         self.mqtt.stop(final=[self._will()])
         if self.retrain is not None:
             self.retrain.close()

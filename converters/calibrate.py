@@ -135,9 +135,19 @@ def write_report(path: str | Path, report: dict) -> Path:
     return path
 
 
-def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str = "",
-         jpeg_bytes: float | None = None) -> Path:
-    """Accuracy vs camera-exit fraction (colour: camera uplink bytes/frame) and vs bytes/frame."""
+def _labelled_points(points: list[OperatingPoint], x) -> list[tuple[float, float, str]]:
+    """One label per distinct point: on small data several max-drop budgets pick the same
+    thresholds, and their labels would be drawn on top of each other."""
+    groups: dict[tuple[float, float], list[float]] = {}
+    for p in points:
+        groups.setdefault((round(float(x(p)), 6), round(p.accuracy * 100, 6)), []).append(p.max_drop or 0.0)
+    return [(cx, cy, "-" + "/".join(f"{d * 100:g}" for d in sorted(drops)) + "pt")
+            for (cx, cy), drops in groups.items()]
+
+
+def figure(points: list[OperatingPoint], table: dict, title: str = "", jpeg_bytes: float | None = None):
+    """The calibration figure (matplotlib, Agg): accuracy vs camera-exit fraction (colour: camera
+    uplink bytes/frame) and vs bytes/frame."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,23 +166,37 @@ def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str
     cam = [p.camera_fraction * 100 for p in points]
     acc = [p.accuracy * 100 for p in points]
     ax1.plot(cam, acc, "r.-", label="chosen per max drop")
-    for p in points:
-        ax1.annotate(f"-{p.max_drop * 100:g}pt", (p.camera_fraction * 100, p.accuracy * 100),
-                     fontsize=7, xytext=(3, -8), textcoords="offset points")
+    for x, y, text in _labelled_points(points, lambda p: p.camera_fraction * 100):
+        ax1.annotate(text, (x, y), fontsize=7, xytext=(3, -8), textcoords="offset points")
     ax1.axhline(points[0].cloud_only_accuracy * 100, color="k", ls="--", lw=0.8, label="cloud only")
     ax1.set_xlabel("frames decided on the camera (%)")
     ax1.set_ylabel("system top-1 (%)")
     top = max(float(table["accuracy"].max()), points[0].cloud_only_accuracy) * 100
     ax1.set_ylim(max(0.0, min(acc) - 3), min(100.0, top + 1))
     ax1.legend(fontsize=8)
-    ax2.plot([p.camera_uplink_bytes for p in points], acc, "bo-", label="camera -> edge")
+    # Every scored pair here too, so a sweep whose budgets all land on one point (small data: every
+    # frame decided on the camera, 0 B/frame) still shows the trade-off it was chosen from.
+    ax2.scatter(table["camera_uplink_bytes"], table["accuracy"] * 100, s=2, color="0.8", label="all threshold pairs")
+    ax2.plot([p.camera_uplink_bytes for p in points], acc, "bo-", label="camera -> edge (chosen)")
+    for x, y, text in _labelled_points(points, lambda p: p.camera_uplink_bytes):
+        ax2.annotate(text, (x, y), fontsize=7, xytext=(3, -8), textcoords="offset points")
     if jpeg_bytes:
         ax2.axvline(jpeg_bytes, color="gray", ls=":", label=f"JPEG frame ({jpeg_bytes:.0f} B)")
     ax2.set_xlabel("uplink bytes / frame (mean)")
     ax2.set_ylabel("system top-1 (%)")
+    ax2.set_ylim(ax1.get_ylim())
     ax2.legend(fontsize=8)
     fig.suptitle(title or "exit calibration sweep")
     fig.tight_layout()
+    return fig
+
+
+def plot(path: str | Path, points: list[OperatingPoint], table: dict, title: str = "",
+         jpeg_bytes: float | None = None) -> Path:
+    """Write the calibration figure (see `figure`) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(points, table, title, jpeg_bytes)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -56,15 +56,29 @@ def set_model_weights(model, weights: Mapping[str, np.ndarray], who: str = "site
             v.assign(np.asarray(weights[k], dtype=np.float32))
 
 
+def federation_lr(peak: float, warmup: float, server_round: int, rounds: int, step: int, steps: int) -> float:
+    """The converters' one-cycle schedule (linear warm-up, cosine decay) laid over the whole
+    federation: local step `step` of `steps` in round `server_round` of `rounds` sits at
+    ((round - 1) * steps + step) / (rounds * steps) of the run, so every site follows one
+    schedule whatever its frame count, and the rate does not restart at its peak each round."""
+    from tierlite.converters.train import _one_cycle
+
+    return float(_one_cycle(peak, max(1, rounds * steps), warmup)((server_round - 1) * steps + step))
+
+
 def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, epochs: int = 1,
-                lr: float | None = None, proximal_mu: float = 0.0, seed: int = 0) -> dict:
+                lr: float | None = None, proximal_mu: float = 0.0, seed: int = 0,
+                schedule: tuple[int, int] | None = None, weight_decay: float | None = None) -> dict:
     """Train `model` in place on one site's frames (uint8 NHWC) for `epochs`.
 
     Loss as in converters.train (weighted CE with label smoothing + self-distillation of the early
     exits) plus, when proximal_mu > 0, FedProx's mu/2 ||w - w_start||^2 over the trainable weights
-    (w_start: the weights the round began with, i.e. the federation's). Constant learning rate,
-    SGD-nesterov (momentum reset every round: optimizer state does not travel).
-    Returns {"loss", "train_acc": [end, edge, cloud], "seconds", "steps", "examples"}.
+    (w_start: the weights the round began with, i.e. the federation's). SGD-nesterov with the
+    converters' decoupled weight decay (tc.weight_decay unless given; none on BatchNorm/bias);
+    momentum starts at zero every round (optimizer state does not travel).
+    schedule: (server_round, rounds) -> `federation_lr` with peak `lr` (one schedule across the
+    rounds, as centralised training has across its epochs); None -> constant `lr`.
+    Returns {"loss", "train_acc": [end, edge, cloud], "seconds", "steps", "examples", "lr": [first, last]}.
     """
     import keras
     import tensorflow as tf
@@ -77,7 +91,13 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
     if n == 0:
         raise ConfigError("a site with no training frames cannot train")
     batch = min(tc.batch_size, n)
-    opt = keras.optimizers.SGD(lr if lr is not None else tc.lr, momentum=0.9, nesterov=True)
+    peak = float(lr if lr is not None else tc.lr)
+    steps_per_epoch = max(1, n // batch)
+    local_steps = steps_per_epoch * epochs
+    decay = float(tc.weight_decay if weight_decay is None else weight_decay)
+    opt = keras.optimizers.SGD(peak, momentum=0.9, nesterov=True, weight_decay=decay or None)
+    if decay:
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     trainable = model.trainable_variables
     opt.build(trainable)
     anchor = [tf.constant(v.numpy()) for v in trainable]
@@ -103,9 +123,13 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
     loss_sum, correct_sum, seen, steps = 0.0, np.zeros(3), 0, 0
+    rates = []
     for _ in range(epochs):
         order = rng.permutation(n)
-        for s in range(max(1, n // batch)):
+        for s in range(steps_per_epoch):
+            if schedule is not None:
+                opt.learning_rate = federation_lr(peak, tc.warmup, schedule[0], schedule[1], steps, local_steps)
+                rates.append(float(opt.learning_rate))
             idx = order[s * batch:(s + 1) * batch]
             loss, correct = step(images[idx], labels[idx].astype(np.int32))
             if not np.isfinite(float(loss)):
@@ -115,7 +139,8 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
             seen += len(idx)
             steps += 1
     return {"loss": loss_sum / max(seen, 1), "train_acc": [float(c / max(seen, 1)) for c in correct_sum],
-            "seconds": round(time.monotonic() - t0, 2), "steps": steps, "examples": int(n)}
+            "seconds": round(time.monotonic() - t0, 2), "steps": steps, "examples": int(n),
+            "lr": [rates[0], rates[-1]] if rates else [peak, peak]}
 
 
 def exit_accuracy(model, images: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -127,5 +152,5 @@ def exit_accuracy(model, images: np.ndarray, labels: np.ndarray) -> list[float]:
     return [float((l.argmax(1) == labels).mean()) for l in predict_logits(model, images)]
 
 
-__all__ = ["ArchConfig", "build_federated_model", "exit_accuracy", "local_train", "model_weights",
+__all__ = ["ArchConfig", "build_federated_model", "exit_accuracy", "federation_lr", "local_train", "model_weights",
            "set_model_weights"]

@@ -24,6 +24,9 @@ from tierlite.bundle import Bundle
 from tierlite.config import DeviceConfig
 from tierlite.drift import DriftMonitor
 from tierlite.errors import WireError
+from tierlite.homeassistant import HomeAssistantOptions, HomeAssistantPublisher
+from tierlite.linkstate import LinkFollower
+from tierlite.metrics import NodeMetrics
 from tierlite.mqtt import Message, MqttClient, default_client_id
 from tierlite.policy import decide
 from tierlite.segment import Segment, TierModel
@@ -88,6 +91,8 @@ class DeviceDaemon:
                 segment_factory=lambda b, tier: Segment(b, tier, self.runtime, self.runtime_options, fallback=True))
             bundle = self.updates.startup(bundle)  # a kept newer version survives restarts
         self._model = self._load(bundle)
+        # Exit threshold that follows the link (tierlite.linkstate), when `adaptive` is enabled.
+        self.adaptive = LinkFollower.for_bundle(config.adaptive, bundle.manifest, self._model.threshold)
         self._rng = random.Random()
         self._drift = self._drift_monitor(bundle)
         self._topics = {k: topics.node_topic(self.prefix, self.node, k) for k in topics.NODE_SUFFIXES}
@@ -100,6 +105,7 @@ class DeviceDaemon:
         self.mqtt.subscribe(self._topics[topics.ANSWER], self._on_answer, qos.answer)
         if self.updates is not None:
             self.updates.attach(self.mqtt)
+        self._integrations(config)
         self._reaper = threading.Thread(target=self._reap, name="deadline-reaper", daemon=True)
 
     # -- model ----------------------------------------------------------------------------------
@@ -116,6 +122,7 @@ class DeviceDaemon:
         the error propagates. Frames already escalated finish under the model that sent them."""
         new = self._load(bundle)
         old, self._model = self._model, new
+        self.adaptive = LinkFollower.for_bundle(self.config.adaptive, bundle.manifest, new.threshold)
         self._drift = self._drift_monitor(bundle)  # the new version's reference statistics
         log.info("model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version, bundle.name, bundle.version)
         self.publish_status()
@@ -129,7 +136,9 @@ class DeviceDaemon:
         m = self._model
         t0 = time.perf_counter()
         out = m.segment.run(image[None] if image.ndim == 3 else image)
-        confident, label, conf, entropy = decide(out.logits, m.threshold)
+        follower = self.adaptive
+        threshold = m.threshold if follower is None or m.spec_out is None else follower.threshold
+        confident, label, conf, entropy = decide(out.logits, threshold)
         decision_s = time.perf_counter() - t0
         if self.updates is not None:
             self.updates.observe("end", image, out.logits, escalated=not confident)
@@ -141,12 +150,14 @@ class DeviceDaemon:
             self._after_confident(m, frame_id, out, image)  # after the result: an audit never delays it
             return
         if self._drift is not None:
-            self._observe_drift(out)
+            self._observe_drift(out, image)
         reason = None
         if not self.mqtt.connected:
             reason = "offline"
         elif len(self._pending) >= self.config.max_pending:
             reason = "backlog"
+        if follower is not None:
+            follower.observe_backlog(len(self._pending))
         if reason:
             self._emit(m, frame_id, "end", label, conf, entropy, t0, decision_s, ref, 0, reason)
             return
@@ -182,7 +193,7 @@ class DeviceDaemon:
 
     def _after_confident(self, m: TierModel, frame_id: int, out, image: np.ndarray) -> None:
         if self._drift is not None:
-            self._observe_drift(out)
+            self._observe_drift(out, image)
         rate = self.audit_rate
         if rate <= 0 or m.spec_out is None or self._rng.random() >= rate or not self.mqtt.connected:
             return  # (an end-only bundle has no tier above to audit with)
@@ -194,10 +205,10 @@ class DeviceDaemon:
             if self.updates is not None:
                 self.updates.share_frame(image)  # opted-in nodes only (privacy policy)
 
-    def _observe_drift(self, out) -> None:
+    def _observe_drift(self, out, image: np.ndarray) -> None:
         if out.feature is None:
             return
-        changed = self._drift.update(out.feature, out.logits)
+        changed = self._drift.update(out.feature, out.logits, image)  # image: which variant's reference
         if changed is None:
             return
         st = self._drift.state
@@ -232,12 +243,15 @@ class DeviceDaemon:
             self.stats.late_answers += 1
             return
         if ans.kind == wire.Kind.REJECT:
-            if self.stats.fallbacks.get("rejected", 0) == 0:
+            # over the node's escalation budget at that tier: its own reason, the model is fine
+            reason = "budget" if ans.reason == wire.RejectReason.BUDGET else "rejected"
+            if self.stats.fallbacks.get(reason, 0) == 0:
                 log.warning("%s tier rejected frame %d (%s): answering locally", ans.tier, ans.frame_id, ans.reason.name.lower())
-            reason = "rejected"
         elif ans.bundle_id != p.model.spec_out.bundle_id:
             reason = "rejected"  # answered by another model (any version of this one is fine: updates keep the boundary)
         else:
+            if self.adaptive is not None:  # the escalation's round trip: link + gateway queue + compute
+                self.adaptive.observe_answer(time.perf_counter() - p.t0 - p.decision_s)
             self._emit(p.model, p.frame_id, ans.tier, ans.label, ans.confidence, ans.entropy, p.t0,
                        p.decision_s, p.ref, p.bytes_up, None)
             return
@@ -292,14 +306,31 @@ class DeviceDaemon:
                     wait = next(iter(self._pending.values())).deadline - now if self._pending else 0.5
                     self._wake.wait(min(max(wait, 0.0005), 0.5))
             for p in expired:
+                if self.adaptive is not None:
+                    self.adaptive.observe_deadline()
                 self._emit(p.model, p.frame_id, "end", p.label, p.confidence, p.entropy, p.t0, p.decision_s,
                            p.ref, p.bytes_up, "deadline")
 
     # -- connection and status ------------------------------------------------------------------
+    def _integrations(self, config: DeviceConfig) -> None:
+        """Home Assistant discovery + throttled state, and this node's /metrics: both fed by result events."""
+        self.home_assistant = self.metrics = None
+        self.metrics_port: int | None = None  # where /metrics is served once start() ran
+        if config.home_assistant.enabled:
+            self.home_assistant = HomeAssistantPublisher(self.mqtt, self.prefix, self.node,
+                                                         HomeAssistantOptions.from_config(config.home_assistant),
+                                                         lambda: self.bundle)
+            self.add_result_listener(self.home_assistant.on_result)
+        if config.metrics_port is not None:
+            updates = self.updates
+            self.metrics = NodeMetrics(self.node, lambda: self.mqtt.connected,
+                                       (lambda: updates.counters) if updates is not None else None)
+            self.add_result_listener(self.metrics.on_result)
+
     def _on_connect(self) -> None:
         self.publish_status()
-        if self.config.home_assistant:
-            self._publish_home_assistant()
+        if self.home_assistant is not None:
+            self.home_assistant.publish_discovery()
 
     def _on_disconnect(self) -> None:
         # Nothing in flight will be answered on a dead connection: fall back now, not at the deadline.
@@ -316,24 +347,17 @@ class DeviceDaemon:
                 "bytes_up": s.bytes_up, "late_answers": s.late_answers, "bad_answers": s.bad_answers,
                 "audits": {"rate": self.audit_rate, "sent": s.audits, "bytes": s.audit_bytes},
                 "drift": self._drift.state.to_json() if self._drift is not None else None,
+                "adaptive": self.adaptive.status() if self.adaptive is not None else None,
                 "ts": round(time.time(), 3),
                 **({"update": self.updates.status()} if self.updates is not None else {})}
 
     def publish_status(self, state: str = "online") -> None:
         self.mqtt.publish(self._topics[topics.STATUS], json.dumps(self.status(state)), self._qos.status, retain=True)
 
-    def _publish_home_assistant(self) -> None:
-        uid = f"tierlite_{self.node}".replace(".", "_").replace("-", "_")
-        config = {"name": f"{self.node} class", "unique_id": f"{uid}_label",
-                  "state_topic": self._topics[topics.RESULT], "value_template": "{{ value_json.label_name }}",
-                  "json_attributes_topic": self._topics[topics.RESULT],
-                  "availability_topic": self._topics[topics.STATUS], "availability_template": "{{ value_json.state }}",
-                  "payload_available": "online", "payload_not_available": "offline",
-                  "device": {"identifiers": [uid], "name": f"tierlite {self.node}", "manufacturer": "tierlite"}}
-        self.mqtt.publish(topics.home_assistant_config(uid), json.dumps(config), 1, retain=True)
-
     # -- main loop --------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.metrics is not None and self.metrics_port is None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         self.mqtt.start()
         if not self._reaper.is_alive():
             self._reaper.start()

@@ -33,25 +33,42 @@ def find_mosquitto(binary: str = "mosquitto") -> str | None:
 
 def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
     """Mosquitto bridge section: escalations out to the cloud broker, answers and model updates in,
-    update reports and opted-in frame uploads out. MQTT 5 bridge (no-local subscriptions: nothing echoes back)."""
+    update reports and opted-in frame uploads out. MQTT 5 bridge (no-local subscriptions: nothing echoes back).
+
+    With `bridge.site` (or a `cloud_prefix` of its own) the node topics are renamed on the way:
+    <prefix>/<node>/... here is <cloud_prefix>/<site>/<node>/... on the cloud broker, so the bridge
+    takes in this site's answers only and one pool of cloud workers serves every site."""
     b = bridge
+    here = f"{prefix}/"
+    cloud_root = f"{b.cloud_prefix or prefix}/"
+    cloud_nodes = f"{topics.site_prefix(cloud_root[:-1], b.site)}/" if b.site else cloud_root
+
+    def rule(topic_filter: str, direction: str, qos: int, there: str) -> str:
+        if there == here:  # same name on both brokers: the plain form
+            return f"topic {topic_filter} {direction} {qos}"
+        return f"topic {topic_filter[len(here):]} {direction} {qos} {here} {there}"
+
+    client_id = b.client_id or "-".join(["tierlite-bridge", *([b.site] if b.site else []), gateway_id])
     lines = [
         f"connection tierlite-{gateway_id}",
         f"address {b.host}:{b.port}",
         "bridge_protocol_version mqttv50",
-        f"remote_clientid {b.client_id or f'tierlite-bridge-{gateway_id}'}",
+        f"remote_clientid {client_id}",  # per site: two sites' gateways may share an id
         "cleansession true",
         f"keepalive_interval {b.keepalive}",
-        "restart_timeout 1 30",  # reconnect backoff: 1 s doubling up to 30 s
+        f"restart_timeout 1 {b.reconnect_max}",  # reconnect backoff: 1 s doubling up to reconnect_max
         "try_private true",
         "notifications true",
         f"notification_topic {topics.bridge_notifications(prefix, gateway_id)}",
-        f"topic {topics.node_filter(prefix, topics.ESCALATE)} out {b.qos}",
-        f"topic {topics.node_filter(prefix, topics.ANSWER)} in {b.qos}",
-        f"topic {topics.updates(prefix)} in 1",
-        f"topic {topics.update_reports(prefix)} out 1",
-        f"topic {topics.frame_uploads(prefix)} out 0",  # hard-case frames from nodes that opted in
+        rule(topics.node_filter(prefix, topics.ESCALATE), "out", b.qos, cloud_nodes),
+        rule(topics.node_filter(prefix, topics.ANSWER), "in", b.qos, cloud_nodes),
+        # Model updates are fleet-wide: one announcement for every site, from the cloud root.
+        rule(topics.updates(prefix), "in", 1, cloud_root),
+        rule(topics.update_reports(prefix), "out", 1, cloud_root),
+        rule(topics.frame_uploads(prefix), "out", 0, cloud_root),  # hard-case frames from nodes that opted in
     ]
+    if b.site:  # two sites' gateways may share an id: their up/down notices stay on their own broker
+        lines.insert(lines.index("notifications true") + 1, "notifications_local_only true")
     if b.username:
         lines.append(f"remote_username {b.username}")
     if b.password:

@@ -67,22 +67,72 @@ def site_command(superlink: str, data_dir: str | Path, name: str, workdir: str |
     return cmd
 
 
+# At most this many flwr-clientapp processes per site: older ones hold expired claims (Flower
+# launched a newer one for the same task, see tierlite.federated.FLOWER_CLAIM_SECONDS): stopped.
+MAX_CLIENTAPPS = 1
+
+
 def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
              insecure: bool = False, root_certificates: str | Path | None = None,
-             arch_set: dict | None = None, limit: int | None = None) -> int:
-    """Become the site's SuperNode (exec: a signal to this process reaches Flower directly)."""
+             arch_set: dict | None = None, limit: int | None = None, check_every: float = 2.0) -> int:
+    """Run the site's SuperNode and supervise it until it ends or this process is told to stop.
+
+    This process leads a process group holding the SuperNode, its SuperExec and every ClientApp
+    they launch: a signal to the group (or SIGTERM/SIGINT to this process) stops all of them,
+    and older ClientApps beyond MAX_CLIENTAPPS are stopped as they appear."""
+    import signal
+    import subprocess
+    import time
+
     if not Path(data_dir).is_dir():
         from tierlite.errors import DataError
         raise DataError(f"{data_dir}: no such image folder")
     cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit)
-    log.info("site %s: %s", name, " ".join(cmd))
+    from tierlite.federated import flower_command, flower_processes
+
+    cmd = flower_command("flwr.supernode.cli:flower_supernode", "flower-supernode") + cmd[1:]
+    log.info("site %s: flower-supernode %s", name, " ".join(cmd[3:]))
     home = Path(workdir).resolve() / "flwr-home"  # Flower's installed apps and state stay in the workdir
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if os.getpgrp() != os.getpid():
+        os.setsid()  # our own group: stopping it never touches the caller's processes
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)
-    return 1  # not reached
+    proc = subprocess.Popen(cmd, env=env)
+    stale = 0
+    try:
+        while proc.poll() is None and not stop:
+            time.sleep(check_every)
+            apps = flower_processes(b"flwr-clientapp", os.getpgrp())
+            for _, pid in apps[:max(0, len(apps) - MAX_CLIENTAPPS)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    stale += 1
+                except ProcessLookupError:
+                    pass
+            if len(apps) > MAX_CLIENTAPPS:
+                log.warning("site %s: stopped %d stale flwr-clientapp process(es) (%d so far): Flower "
+                            "relaunched a task whose ClientApp had not started in time", name,
+                            len(apps) - MAX_CLIENTAPPS, stale)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)  # the SuperNode, SuperExec and ClientApps
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        for _, pid in flower_processes(b"flwr-clientapp", os.getpgrp()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    return 0 if stop else (proc.returncode or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +190,11 @@ def _prepare(msg, context):
     set_model_weights(model, global_w, who=f"site {name}")
     personal = _personal_tiers(run_cfg)
     own = workdir / PERSONAL_FILE
-    if personal and own.is_file():
+    own_heads = bool(personal) and own.is_file()
+    if own_heads:  # the heads this site trained last round replace the federation's average
         heads = split_personal(loads(own.read_bytes()), personal)[1]
         set_model_weights(model, heads, who=f"site {name}", partial=True)
-    return run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal
+    return run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal, own_heads
 
 
 def _refusal(msg, e: Exception):
@@ -164,13 +215,15 @@ def _train(msg, context):
     from tierlite.federated import dumps, split_personal
 
     try:
-        run_cfg, model, arch, tc, splits, name, workdir, _, bytes_down, personal = _prepare(msg, context)
+        run_cfg, model, arch, tc, splits, name, workdir, _, bytes_down, personal, own_heads = _prepare(msg, context)
     except TierliteError as e:
         return _refusal(msg, e)
     rnd = int(run_cfg.get("server-round", 0))
+    rounds = int(run_cfg.get("num-server-rounds", 0))
+    cycle = str(run_cfg.get("lr-schedule", "const")) == "cycle" and 1 <= rnd <= rounds
     res = local_train(model, splits.train.images, splits.train.labels, tc, epochs=int(run_cfg.get("local-epochs", 1)),
                       lr=float(run_cfg.get("lr", tc.lr)), proximal_mu=float(run_cfg.get("proximal-mu", 0.0)),
-                      seed=int(run_cfg.get("seed", 0)) * 1000 + rnd)
+                      seed=int(run_cfg.get("seed", 0)) * 1000 + rnd, schedule=(rnd, rounds) if cycle else None)
     weights = model_weights(model)
     workdir.mkdir(parents=True, exist_ok=True)
     if personal:
@@ -183,7 +236,9 @@ def _train(msg, context):
                "train-acc-end": res["train_acc"][0], "train-acc-edge": res["train_acc"][1],
                "train-acc-cloud": res["train_acc"][2], "val-acc-end": val[0], "val-acc-edge": val[1],
                "val-acc-cloud": val[2], "bytes-down": bytes_down, "bytes-up": bytes_up,
-               "train-seconds": float(res["seconds"])}
+               "train-seconds": float(res["seconds"]), "lr-first": res["lr"][0], "lr-last": res["lr"][1],
+               "local-steps": int(res["steps"]),
+               "own-heads": float(own_heads)}
     log.info("site %s round %d: %s", name, rnd, metrics)
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                                        "site": ConfigRecord({"name": name})}), reply_to=msg)
@@ -197,7 +252,7 @@ def _evaluate(msg, context):
     from tierlite.errors import TierliteError
 
     try:
-        run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal = _prepare(msg, context)
+        run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal, _ = _prepare(msg, context)
     except TierliteError as e:
         return _refusal(msg, e)
     metrics = {"num-examples": int(len(splits.val.labels)), "bytes-down": bytes_down}

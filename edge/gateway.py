@@ -72,8 +72,11 @@ class Gateway:
         self.mosquitto.preexec = die_with_parent()  # Mosquitto dies with the gateway, even on SIGKILL
         self.mosquitto.start()
         if bridge is not None:
-            log.info("bridge to cloud broker %s:%d: %s out, %s in", bridge.host, bridge.port,
-                     topics.node_filter(cfg.prefix, topics.ESCALATE), topics.node_filter(cfg.prefix, topics.ANSWER))
+            cloud_prefix = bridge.cloud_prefix or cfg.prefix
+            there = topics.site_prefix(cloud_prefix, bridge.site) if bridge.site else cloud_prefix
+            log.info("bridge to cloud broker %s:%d%s: %s out, %s in (as %s there)", bridge.host, bridge.port,
+                     f" as site {bridge.site}" if bridge.site else "", topics.node_filter(cfg.prefix, topics.ESCALATE),
+                     topics.node_filter(cfg.prefix, topics.ANSWER), topics.node_filter(there, "<suffix>"))
         return self.mosquitto.connect_host, cfg.mosquitto.port
 
     def _start_worker(self, w: _Worker, host: str, port: int) -> None:

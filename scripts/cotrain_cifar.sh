@@ -4,11 +4,13 @@
 # run `tierlite federate server` + N `tierlite federate site` processes on loopback, export the
 # aggregated model and evaluate the int8 bundle on the 10,000 test frames.
 #   OUT=/work/runs/fed-noniid SITES=4 ALPHA=0.5 LIMIT=10000 ROUNDS=3 EPOCHS=1 MU=0 bash scripts/cotrain_cifar.sh
+# LR: the sites' peak rate (default: the preset's); SCHEDULE cycle|const; SETS_EXTRA: extra --set overrides,
+# e.g. SETS_EXTRA="batch_size=16"; SERVER_LR / SERVER_MOMENTUM: FedAvgM.
 set -euo pipefail
 DATA=${DATA:-/work/shared/datasets/cifar10-jpeg}
 OUT=${OUT:?set OUT}; SITES=${SITES:-4}; ALPHA=${ALPHA:-0.5}; LIMIT=${LIMIT:-10000}; CALIB=${CALIB:-1000}
 ROUNDS=${ROUNDS:-3}; EPOCHS=${EPOCHS:-1}; MU=${MU:-0}; PERSONAL=${PERSONAL:-}; PRESET=${PRESET:-small}
-PORT=${PORT:-9520}; LR=${LR:-0.05}
+PORT=${PORT:-9520}; LR=${LR:-}; SCHEDULE=${SCHEDULE:-cycle}; SERVER_LR=${SERVER_LR:-1}; SERVER_MOMENTUM=${SERVER_MOMENTUM:-0}
 mkdir -p "$OUT"
 python3 - "$DATA/train" "$OUT" "$SITES" "$ALPHA" "$LIMIT" "$CALIB" <<'PY'
 import sys, numpy as np
@@ -32,8 +34,10 @@ for d in dirs:
 PY
 SETS=()
 [ -n "$PERSONAL" ] && SETS+=(--personal "$PERSONAL")
+[ -n "$LR" ] && SETS+=(--lr "$LR")
+for kv in ${SETS_EXTRA:-}; do SETS+=(--set "$kv"); done
 python3 -m tierlite federate server "$OUT/out" --sites "$SITES" --rounds "$ROUNDS" --local-epochs "$EPOCHS" \
-    --lr "$LR" --proximal-mu "$MU" --preset "$PRESET" --set flip=true --calib-dir "$OUT/calib" --insecure \
+    --lr-schedule "$SCHEDULE" --server-lr "$SERVER_LR" --server-momentum "$SERVER_MOMENTUM" --proximal-mu "$MU" --preset "$PRESET" --set flip=true --calib-dir "$OUT/calib" --insecure \
     --port "$PORT" --export "${SETS[@]}" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 sleep 20

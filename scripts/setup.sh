@@ -10,6 +10,6 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto g++ >/dev/null
 fi
-echo "== installing tierlite[all,test] (pip)"
-python3 -m pip install -q --disable-pip-version-check -e ".[all,test]"
+echo "== installing tierlite[all,test,bench] (pip; bench = Ray Serve for tierlite bench offload)"
+python3 -m pip install -q --disable-pip-version-check -e ".[all,test,bench]"
 echo "== set-up done"

@@ -51,8 +51,9 @@ def test_fleet_summary_finds_knee_sustained_rate_and_cost():
     assert run["knee_offered_per_s"] == 400
     assert run["sustained_per_s"] == pytest.approx(396)  # kept up, though past the knee
     assert run["sustained_under_knee_per_s"] == pytest.approx(198)
-    assert run["cpu_ms_per_escalation"]["edge worker 0"] == pytest.approx(4.0 * 10 / 396)
-    assert run["cpu_bound_capacity_per_s"] == pytest.approx(1000 / (4.0 * 10 / 396))
+    # CPU cost at the busiest step (480/s achieved at 8 % of a core): the worker flat out
+    assert run["cpu_ms_per_escalation"]["edge worker 0"] == pytest.approx(8.0 * 10 / 480)
+    assert run["cpu_bound_capacity_per_s"] == pytest.approx(1000 / (8.0 * 10 / 480))
     lossy = summarize(1, [_step(100, 5), _step(200, 20, lost=3)], knee_ms=50)
     assert lossy["knee_offered_per_s"] is None and lossy["sustained_per_s"] == pytest.approx(99)
     assert lossy["lost_total"] == 3 and lossy["lost_up_to_sustained"] == 0
@@ -110,14 +111,21 @@ def test_bench_accuracy_end_to_end(tmp_path, digits_dir, small_bundle_dir, binar
 def test_bench_fleet_end_to_end(tmp_path, digits_dir, small_bundle_dir):
     out = tmp_path / "bench"
     rc = main(["bench", "fleet", "--bundle", str(small_bundle_dir), "--data", str(digits_dir / "test"),
-               "--frames", "16", "--nodes", "5", "--workers", "1,2", "--rates", "40,80", "--step-seconds", "1",
-               "--drain-seconds", "3", "--knee-ms", "100000", "--out", str(out), "--quiet"])
+               "--frames", "16", "--nodes", "5", "--workers", "1,2", "--batch", "1,8", "--rates", "40,80",
+               "--step-seconds", "1", "--min-messages", "40", "--drain-seconds", "3", "--knee-ms", "100000", "--out", str(out), "--quiet"])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())["fleet"]
     runs = doc["results"]["runs"]
-    assert [r["edge_workers"] for r in runs] == [1, 2]
+    assert [(r["edge_workers"], r["batch_max_size"]) for r in runs] == [(1, 1), (2, 1), (1, 8), (2, 8)]
+    # batching on vs off side by side: one ratio row per worker count, from the same run's CPU figures
+    ratios = doc["results"]["batching"]
+    assert [(r["edge_workers"], r["batch_max_size"]) for r in ratios] == [(1, 8), (2, 8)]
+    # (a 1 s step on a busy machine may miss a process's CPU reading: at least one pair is measured)
+    assert any((r["edge_worker_cpu_ms_on"] or 0) > 0 and (r["edge_worker_cpu_ms_off"] or 0) > 0 for r in ratios)
     for run in runs:
-        assert len(run["steps"]) == 2 and run["sustained_per_s"] > 0
+        # Stepping stops at a step that answers < 95 % within its 1 s window: on a busy machine the
+        # last answers of a 40-frame step can trail the window, so one step or two; none is lost.
+        assert 1 <= len(run["steps"]) <= 2
         for s in run["steps"]:
             assert s["sent"] == s["answered"] and s["lost"] == 0 and s["duplicated"] == 0 and s["rejected"] == 0
         cpu = run["steps"][-1]["cpu_percent"]
@@ -125,3 +133,23 @@ def test_bench_fleet_end_to_end(tmp_path, digits_dir, small_bundle_dir):
         assert len(workers) == run["edge_workers"]
         assert {"mosquitto", "cloud worker 0", "load generator"} <= set(cpu)
     assert (out / "fleet.md").read_text().count("| 1 |") >= 1
+
+
+def test_bench_runtime_end_to_end(tmp_path, digits_dir, small_bundle_dir):
+    """`bench runtime`: camera decision, a real node daemon sending every frame up, then the same
+    open-loop generator as `bench fleet`, all in one results.json."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "runtime", "--bundle", str(small_bundle_dir), "--data", str(digits_dir / "test"),
+               "--frames", "16", "--nodes", "3", "--batch", "8", "--rates", "40", "--step-seconds", "1",
+               "--min-messages", "40", "--drain-seconds", "3", "--knee-ms", "100000", "--decision-frames", "50",
+               "--rtt-frames", "20", "--rtt-fps", "40", "--out", str(out), "--quiet"])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())["runtime"]["results"]
+    assert doc["camera_decision"]["n"] == 50 and doc["camera_decision"]["p50_ms"] > 0
+    daemon = doc["node_daemon"]
+    assert daemon["frames"] == 20 and daemon["decision"]["n"] == 20
+    assert daemon["answered_by_cloud"] + daemon["fallbacks"] == 20 and daemon["round_trip"]["n"] == daemon["answered_by_cloud"]
+    (run,) = doc["runs"]
+    assert run["batch_max_size"] == 8 and run["steps"][0]["sent"] == 40
+    assert run["steps"][0]["answered"] + run["steps"][0]["lost"] + run["steps"][0]["rejected"] == 40
+    assert (out / "runtime.md").read_text().count("camera decision") >= 2

@@ -194,9 +194,11 @@ def test_audits_and_drift_alarm_over_mqtt(small_bundle_dir, digits_dir, tmp_path
             assert doc["drift"]["cam-a"]["alarm"] is True
             assert a["teacher"]["suspect"] is True  # under fog the teacher collapses too: reported, not assumed clean
             time.sleep(1.0)  # the store commits its last batch
-            with sqlite3.connect(stack.dir / "hard-0.sqlite") as db:
-                rows = db.execute("SELECT COUNT(*) FROM hard_examples WHERE node='cam-a'").fetchone()[0]
-            assert rows >= sent  # audits are hard examples too: retraining starts without escalations
+            from tierlite.cloud.store import HardExampleStore
+
+            with HardExampleStore.open_readonly(stack.dir / "hard-0.sqlite") as store:
+                audits = store.count(node="cam-a", audit=True)
+            assert audits == sent  # stored as audits, apart: retraining starts without escalations
         finally:
             w.stop()
 
@@ -233,3 +235,66 @@ def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_di
         assert len(started) == 2 and "agreement" in started[1]
     finally:
         worker.store.close()
+
+
+def test_store_marks_audits_and_migrates_a_schema_1_file(tmp_path):
+    """Audits are stored with a marker and counted apart; a store written before the marker
+    (schema 1) still reads (every row an escalation) and is migrated when opened for writing."""
+    from tierlite.cloud.store import SCHEMA_VERSION, HardExampleStore
+
+    def add(store, i, audit):
+        store.add(node="cam1", frame_id=i, bundle_name="b", bundle_version=1, sent_us=None, feature=b"\x00" * 4,
+                  feature_shape=(1, 2, 2, 1), feature_scale=0.1, feature_zero_point=0,
+                  logits={t: np.zeros(3, np.float32) for t in ("end", "edge", "cloud")}, label=0, confidence=1.0,
+                  entropy=0.0, audit=audit)
+
+    path = tmp_path / "hard.sqlite"
+    with HardExampleStore(path, batch=100) as store:
+        for i in range(5):
+            add(store, i, audit=False)
+    con = sqlite3.connect(path)  # the same file as a tierlite from before the marker wrote it
+    con.executescript("ALTER TABLE hard_examples DROP COLUMN audit; UPDATE meta SET value = '1' "
+                      "WHERE key = 'schema_version';")
+    con.close()
+    with HardExampleStore.open_readonly(path) as old:
+        assert old.schema == 1 and old.count() == 5 and old.count(audit=True) == 0 and old.count(audit=False) == 5
+        assert not any(ex.audit for ex in old.iter_examples())
+    with HardExampleStore(path, batch=100) as store:
+        assert store.schema == SCHEMA_VERSION  # migrated on open
+        for i in range(5, 8):
+            add(store, i, audit=True)
+        store.flush()
+        assert store.audits_written == 3 and store.written == 3
+    with HardExampleStore.open_readonly(path) as new:
+        assert new.schema == SCHEMA_VERSION == 2
+        assert new.count(audit=True) == 3 and new.count(audit=False) == 5 and new.count() == 8
+        assert [ex.frame_id for ex in new.iter_examples(audit=True)] == [5, 6, 7]
+        assert new.read_arrays()["audits"].tolist() == [False] * 5 + [True] * 3
+
+
+def test_a_budget_reject_is_reported_as_budget(small_bundle_dir, digits_dir, tmp_path):
+    """Issue 12 leftover: an escalation the edge refuses because the node is over its budget is
+    answered locally with the reason "budget", not the model-mismatch "rejected"."""
+    import cv2
+
+    from tierlite.data import load_image_folder
+    from tierlite.tools.stack import Stack, TierProcess, read_jsonl, write_yaml
+
+    test = load_image_folder(digits_dir / "test", (32, 32))
+    frames = tmp_path / "frames" / "x"
+    frames.mkdir(parents=True)
+    for i, img in enumerate(test.images[:40]):
+        cv2.imwrite(str(frames / f"{i:05d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    with Stack(small_bundle_dir, edge_workers=1, cloud_workers=1, edge_threshold=1.0,
+               edge_extra={"node_budget": {"rate": 1.0, "burst": 5}}) as stack:
+        results = tmp_path / "results.jsonl"
+        cfg = write_yaml(tmp_path / "cam.yaml", {
+            "node_id": "cam-b", "bundle": str(small_bundle_dir), "prefix": stack.prefix, "threshold": 0.0,
+            "broker": {"port": stack.port, "reconnect_min": 0.1, "reconnect_max": 1.0},
+            "source": {"uri": str(frames.parent), "fps": 100}, "results_file": str(results), "audit_rate": 0})
+        node = TierProcess("cam-b", ["device", "--config", str(cfg)], tmp_path)
+        assert node.expect_exit(60) == 0, node.tail(20)
+    rs = read_jsonl(results)
+    reasons = [r["reason"] for r in rs]
+    assert len(rs) == 40 and "rejected" not in reasons
+    assert 20 <= reasons.count("budget") <= 35 and reasons.count(None) >= 5, reasons  # burst 5 (+1/s) answered

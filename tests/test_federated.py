@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tierlite.federated import (ModelMismatch, check_arrays, dumps, is_personal, loads, payload_bytes,
-                                proximal_term, split_personal, weighted_average)
+                                proximal_term, server_step, split_personal, weighted_average)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -54,6 +54,25 @@ def test_personal_heads_and_serialisation():
     assert list(back) == list(w) and all(np.array_equal(back[k], w[k]) for k in w)
     assert payload_bytes(w) == sum(v.nbytes for v in w.values())
     assert proximal_term({"x": np.array([1.0, 3.0])}, {"x": np.array([0.0, 1.0])}, 0.5) == pytest.approx(1.25)
+
+
+def test_server_momentum_and_one_schedule_across_rounds():
+    from tierlite.converters.fedtrain import federation_lr
+
+    cur = {"c/kernel": np.array([1.0], np.float32), "c_bn/moving_mean": np.array([0.0], np.float32)}
+    avg = {"c/kernel": np.array([2.0], np.float32), "c_bn/moving_mean": np.array([4.0], np.float32)}
+    same, vel = server_step(cur, avg, None)  # lr 1, momentum 0: plain FedAvg
+    assert vel is None and same["c/kernel"][0] == 2.0
+    new, vel = server_step(cur, avg, {"c/kernel": np.array([0.5], np.float32)}, lr=1.0, momentum=0.9)
+    assert new["c/kernel"][0] == pytest.approx(1.0 + 0.9 * 0.5 + 1.0)  # v = 0.9 v + delta
+    assert new["c_bn/moving_mean"][0] == 4.0  # statistics: averaged, never extrapolated
+    # 3 rounds of 10 local steps: one warm-up + cosine over 30 steps, not three restarts
+    lrs = [federation_lr(0.1, 0.15, r, 3, s, 10) for r in (1, 2, 3) for s in range(10)]
+    peak = int(np.argmax(lrs))
+    assert max(lrs) == pytest.approx(0.1, rel=0.02) and 3 <= peak <= 5
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])) and lrs[-1] < 0.002
+    # a site with 4x the steps per round sits at the same point of the schedule at a round's start
+    assert federation_lr(0.1, 0.15, 2, 3, 0, 40) == pytest.approx(federation_lr(0.1, 0.15, 2, 3, 0, 10))
 
 
 def test_fedprox_term_keeps_local_weights_near_the_global_model(digits_dir):
@@ -122,12 +141,27 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def _site(tmp: Path, data: Path, name: str, link_port: int, *extra: str) -> subprocess.Popen:
+def _site(tmp: Path, data: Path, name: str, link_port: int, *extra: str, ca: Path | None = None) -> subprocess.Popen:
+    """A site; with `ca`, over TLS to a SuperLink whose certificate that CA signed."""
     from tierlite.tools.stack import free_port
 
+    security = ["--root-certificates", str(ca)] if ca else ["--insecure"]
     return _start(["federate", "site", str(data), "--superlink", f"127.0.0.1:{link_port}", "--name", name,
-                   "--workdir", str(tmp / f"site-{name}"), "--port", str(free_port()), "--insecure", *extra],
+                   "--workdir", str(tmp / f"site-{name}"), "--port", str(free_port()), *security, *extra],
                   tmp / f"site-{name}.log")
+
+
+def _superlink_certificates(tmp: Path) -> dict[str, Path]:
+    """A fleet CA (tierlite provision's) and the SuperLink's server certificate for 127.0.0.1."""
+    from tierlite.edge.provision import _pem_cert, _pem_key, issue, make_ca
+
+    ca_cert, ca_key = make_ca("federation test CA")
+    cert, key = issue(ca_cert, ca_key, "superlink", ["127.0.0.1", "localhost"])
+    files = {"ca": tmp / "ca.crt", "cert": tmp / "superlink.crt", "key": tmp / "superlink.key"}
+    files["ca"].write_bytes(_pem_cert(ca_cert))
+    files["cert"].write_bytes(_pem_cert(cert))
+    files["key"].write_bytes(_pem_key(key))
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +172,10 @@ def site_folders(digits_dir, tmp_path_factory):
     return split_sites(digits_dir / "train", tmp_path_factory.mktemp("sites"), 3, None, seed=0, limit=450)
 
 
-def _run_server(tmp: Path, port: int, *args: str) -> subprocess.Popen:
-    return _start(["federate", "server", str(tmp / "out"), "--insecure", "--port", str(port), "--no-evaluate",
+def _run_server(tmp: Path, port: int, *args: str, tls: dict[str, Path] | None = None) -> subprocess.Popen:
+    security = (["--certfile", str(tls["cert"]), "--keyfile", str(tls["key"]), "--ca-certfile", str(tls["ca"])]
+                if tls else ["--insecure"])
+    return _start(["federate", "server", str(tmp / "out"), *security, "--port", str(port), "--no-evaluate",
                    "--local-epochs", "1", *args], tmp / "server.log")
 
 
@@ -151,7 +187,7 @@ def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_
 
     port = free_port()
     server = _run_server(tmp_path, port, "--sites", "2", "--min-sites", "2", "--rounds", "2",
-                         "--calib-dir", str(digits_dir / "test"), "--export")
+                         "--calib-dir", str(digits_dir / "test"), "--export", "--personal", "end")
     sites = [_site(tmp_path, site_folders[0], "a", port), _site(tmp_path, site_folders[1], "b", port)]
     try:
         rc = server.wait(800)
@@ -182,6 +218,26 @@ def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_
     assert any(not np.allclose(glob[k], b[k]) for k in glob)
     assert any(not np.allclose(glob[k], initial[k]) for k in glob)
 
+    # personalised camera exit (--personal end): each site keeps the head it trained, across rounds
+    assert [[s["own-heads"] for s in r["sites"]] for r in report["rounds"]] == [[0.0, 0.0], [1.0, 1.0]]
+    heads = [k for k in glob if k.startswith(("end_logits/", "end_hidden/"))]
+    assert heads and all(is_personal(k, ["end"]) for k in heads)
+    for site in (a, b):
+        assert any(not np.allclose(site[k], glob[k]) for k in heads)  # differs from the global head
+    kept_a = loads((tmp_path / "site-a" / "personal.npz").read_bytes())
+    assert sorted(kept_a) == sorted(heads)
+    assert all(np.array_equal(kept_a[k], a[k]) for k in heads)  # what a trained in round 2 is what it keeps
+    # one learning-rate schedule across the rounds (the preset's peak 0.1, warm-up 0.15): round 2
+    # goes on from where round 1 stopped instead of restarting
+    from tierlite.converters.fedtrain import federation_lr
+    for r in report["rounds"]:
+        for s in r["sites"]:
+            steps = int(s["local-steps"])
+            assert s["lr-first"] == pytest.approx(federation_lr(0.1, 0.15, r["round"], 2, 0, steps), rel=1e-5)
+            assert s["lr-last"] == pytest.approx(federation_lr(0.1, 0.15, r["round"], 2, steps - 1, steps), rel=1e-5)
+    firsts = [{s["site"]: s for s in r["sites"]}["a"]["lr-first"] for r in report["rounds"]]
+    assert firsts[0] != firsts[1]
+
     # the aggregated model, exported through the converters, is served by the runtime
     bundle = Bundle.load(tmp_path / "out" / "bundle")
     assert bundle.manifest["training"]["federated"] and bundle.manifest["training"]["sites"] == ["a", "b"]
@@ -195,15 +251,16 @@ def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_
     assert (tmp_path / "out" / "report.png").is_file()
 
 
-def test_dead_site_and_wrong_model_do_not_stop_training(tmp_path, site_folders):
+def test_dead_site_and_wrong_model_do_not_stop_training_over_tls(tmp_path, site_folders):
     from tierlite.tools.stack import free_port
 
+    tls = _superlink_certificates(tmp_path)  # this federation runs over TLS (the other test: --insecure)
     port = free_port()
     server = _run_server(tmp_path, port, "--sites", "3", "--min-sites", "1", "--rounds", "2",
-                         "--round-timeout", "60", "--classes", ",".join(str(i) for i in range(10)))
-    good = _site(tmp_path, site_folders[0], "a", port)
-    wrong = _site(tmp_path, site_folders[1], "b", port, "--set", "boundary=4")  # another model
-    doomed = _site(tmp_path, site_folders[2], "c", port)
+                         "--round-timeout", "60", "--classes", ",".join(str(i) for i in range(10)), tls=tls)
+    good = _site(tmp_path, site_folders[0], "a", port, ca=tls["ca"])
+    wrong = _site(tmp_path, site_folders[1], "b", port, "--set", "boundary=4", ca=tls["ca"])  # another model
+    doomed = _site(tmp_path, site_folders[2], "c", port, ca=tls["ca"])
     try:
         # kill site c (SuperNode + its ClientApp) once its ClientApp is training round 1
         deadline = time.monotonic() + 300
@@ -228,3 +285,5 @@ def test_dead_site_and_wrong_model_do_not_stop_training(tmp_path, site_folders):
     assert re.search(r"site b: model does not match the federation's: '[^']+' has shape \([^)]*\), "
                      r"the federation's \([^)]*\)", refused[0]), refused[0]
     assert (tmp_path / "out" / "global.npz").is_file()
+    # the SuperLink served over TLS (the sites had only --root-certificates, no --insecure)
+    assert "running on https://127.0.0.1" in (tmp_path / "out" / "superlink.log").read_text(errors="replace")

@@ -97,9 +97,9 @@ def int8_stack(tmp_path_factory, broker, small_bundle_dir, frames):
 
 def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, broker, small_bundle_dir, frames):
     frame_dir, thresholds, expected = frames
-    # No audit sampling here (tests/test_drift.py covers it): the store must hold the escalations only.
+    # Audits on (a share of confident frames also reaches the cloud): the store marks them apart.
     cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, broker.port, frame_dir, thresholds[0],
-                        audit_rate=0, drift={"alarm_audit_rate": 0})
+                        audit_rate=0.2)
     watcher = Watcher(broker.port, [f"{PREFIX}/cam1/result", f"{PREFIX}/cam1/status"], "results")
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     assert device.wait(60) == 0, device.log()[-3000:]
@@ -121,11 +121,16 @@ def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, 
 
     n_cloud = sum(r["tier"] == "cloud" for r in results)
     store_path = int8_stack["dir"] / "hard.sqlite"
-    wait_until(lambda: HardExampleStore.open_readonly(store_path).count() >= n_cloud, 5, "hard examples stored")
+    n_audits = status[-1]["audits"]["sent"]
+    assert n_audits > 0
+    wait_until(lambda: HardExampleStore.open_readonly(store_path).count(node="cam1") >= n_cloud + n_audits, 5,
+               "hard examples and audits stored")
     with HardExampleStore.open_readonly(store_path) as store:
-        rows = list(store.iter_examples(node="cam1"))
-        arrays = store.read_arrays(node="cam1")
-    assert len(rows) == n_cloud
+        rows = list(store.iter_examples(node="cam1", audit=False))
+        arrays = store.read_arrays(node="cam1", audit=False)
+        assert store.count(node="cam1", audit=True) == n_audits
+        assert all(ex.audit for ex in store.iter_examples(node="cam1", audit=True))
+    assert len(rows) == n_cloud and not arrays["audits"].any()
     cloud_labels = sorted(r["label"] for r in results if r["tier"] == "cloud")
     assert sorted(int(x.label) for x in rows) == cloud_labels
     assert arrays["features"].shape[0] == n_cloud and arrays["end_features"].shape[0] == n_cloud

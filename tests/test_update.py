@@ -524,3 +524,30 @@ def test_frame_uploads_are_validated_and_stored(tmp_path):
     (rec,) = list(store.iter_frames("toy"))
     assert (rec.node, rec.bundle_version) == ("cam-7", 3) and rec.image((32, 32)).shape == (32, 32, 3)
     store.close()
+
+
+def test_bad_announcements_are_counted_each_but_logged_and_reported_throttled(tmp_path, keys, caplog):
+    """Issue 12: anyone on the update topic can send garbage; a flood of it must not become a flood
+    of warnings and retained reports on every node."""
+    node = Node(tmp_path, keys)
+
+    class Reports:  # stands in for the MqttClient: records what the manager publishes
+        def __init__(self):
+            self.published = []
+
+        def subscribe(self, *a, **kw):
+            pass
+
+        def publish(self, topic, payload, **kw):
+            self.published.append((topic, payload))
+            return True
+
+    client = Reports()
+    node.mgr.attach(client)
+    with caplog.at_level(logging.WARNING, "tierlite.update"):
+        for i in range(200):
+            node.mgr.on_message(node.mgr.topic, b'{"not": "signed", "n": %d}' % i)
+    refusals = [r for r in caplog.records if "update refused" in r.getMessage()]
+    assert node.mgr.counters["refused"] == 200  # every one counted
+    assert len(refusals) == 1 and len(client.published) == 1, (len(refusals), len(client.published))
+    assert node.mgr.last_event["state"] == "refused"  # the status still says what happened last

@@ -122,3 +122,112 @@ def test_replay_defaults_to_the_checkpoints_training_folder(small_bundle_dir, di
                                           replay=digits_dir / "train"), bundle)
     assert len(x) > 0 and len(vx) > 0
     assert len(vx) == len(given[2]) and (vy == given[3]).all()  # the same validation split as the training's
+
+
+# -- issue 13: the verdict under a drift that fools the teacher too ------------------------------
+@pytest.fixture(scope="module")
+def fog_round(tmp_path_factory, small_bundle_dir, digits_dir):
+    """Fog, severity 5: the camera and the cloud teacher both collapse (docs/DRIFT.md). Half the
+    test frames are the fleet's (every confident frame audited, frames uploaded), half are kept
+    with their labels to say which candidate is really better. The job runs with --end-scope
+    profile, as a live round started by a drift alarm would."""
+    from tierlite.tools.bench.corruptions import corrupt
+    from tierlite.tools.bench.drift import simulate_fleet
+    from tierlite.converters.pipeline import default_workdir
+    from tierlite.data import load_image_folder
+
+    work = tmp_path_factory.mktemp("fog")
+    test = load_image_folder(digits_dir / "test", (32, 32))
+    order = np.random.default_rng(0).permutation(len(test.labels))
+    fleet, held = order[: len(order) // 2], order[len(order) // 2:]
+    fogged = corrupt(test.images, "fog", 5, seed=3)
+    bundle = work / "bundle"
+    shutil.copytree(small_bundle_dir, bundle)
+    (work / "bundle-work").symlink_to(default_workdir(small_bundle_dir).resolve())
+    stats = simulate_fleet(bundle, fogged[fleet], ["cam-1", "cam-2"], work / "hard.sqlite", share_frames=True,
+                           audit_rate=1.0)
+    assert stats["audits"] > 100 and stats["escalated_to_cloud"] < 10, stats  # the camera is sure: audits only
+    out = work / "candidate"
+    assert main(["retrain", "--store", str(work / "hard.sqlite"), "--bundle", str(bundle), "--out", str(out),
+                 "--replay", str(digits_dir / "train"), "--privacy", "raw", "--end-scope", "profile",
+                 "--json", str(work / "report.json")]) == 0
+    return {"work": work, "bundle": bundle, "candidate": out, "report": json.loads((work / "report.json").read_text()),
+            "x": fogged[held], "y": test.labels[held], "clean": test.images[held]}
+
+
+def _end_accuracy(bundle_dir, x, y) -> float:
+    from tierlite.cloud.retrain import Chain
+
+    return float((Chain(Bundle.load(bundle_dir)).from_frames(x)["end_logits"].argmax(1) == y).mean())
+
+
+def test_verdict_accepts_a_label_free_fix_when_the_teacher_is_drifted(fog_round):
+    r = fog_round
+    report = r["report"]
+    # The teacher failed its own drift check on the audits, so nothing was distilled from it ...
+    check = report["teacher"]["check"]
+    assert report["teacher"]["audits"] > 100 and check["drifted"] and "classes" in check["triggered"], check
+    assert "edge" not in report["heads"] and report["heads"]["end"]["retrained"].startswith("condition profile")
+    # ... and the old criterion (agreement with that teacher) would have refused the candidate.
+    end = report["holdout"]["end"]
+    assert end["candidate_agreement"] < end["parent_agreement"], end
+    # Judged through the candidate's end, where the teacher is back in distribution: accepted.
+    through = end["through_candidate"]
+    assert not through["teacher_drift"]["drifted"] and through["candidate_agreement"] > through["parent_agreement"]
+    assert report["better"], report["reason"]
+    assert "teacher drifted on the audits" in report["reason"] and "in distribution again" in report["reason"]
+    # Right to: on labelled fogged frames nobody trained or judged on, the end exit really is better.
+    before, after = _end_accuracy(r["bundle"], r["x"], r["y"]), _end_accuracy(r["candidate"], r["x"], r["y"])
+    assert after > before + 0.10, (before, after)
+    assert _end_accuracy(r["candidate"], r["clean"], r["y"]) >= _end_accuracy(r["bundle"], r["clean"], r["y"]) - 0.005
+
+
+def test_verdict_refuses_a_candidate_with_shuffled_labels_under_the_same_drift(fog_round, digits_dir):
+    """The same profile with its exit's classes permuted (what training it on shuffled labels
+    gives): the clean check cannot see it (the variant runs on fogged frames only), the teacher
+    through its boundary is as healthy as for the good one, and the end exit disagrees with it."""
+    from tierlite.cloud.retrain import Head, PrivacyPolicy, RetrainOptions, judge_candidate
+    from tierlite.bundle import write_manifest
+    from tierlite.conditions import ROLE
+
+    r = fog_round
+    bad = r["work"] / "candidate-shuffled"
+    shutil.copytree(r["candidate"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    variant = bad / next(e["file"] for e in manifest["files"] if e.get("role") == ROLE)
+    head = Head(variant.read_bytes(), "end")
+    perm = np.roll(np.arange(head.b.size), 3)
+    variant.write_bytes(head.patched(head.W[:, perm], head.b[perm]))
+    write_manifest(bad, manifest)
+    opts = RetrainOptions(store=r["work"] / "hard.sqlite", bundle=r["bundle"], replay=digits_dir / "train",
+                          privacy=PrivacyPolicy(default="raw"), frames=r["work"] / "hard.frames.sqlite")
+    good = judge_candidate(opts, r["candidate"])
+    assert good["better"] and good["reason"] == r["report"]["reason"]  # the same judgement as the run's
+    verdict = judge_candidate(opts, bad)
+    assert not verdict["better"], verdict["reason"]
+    assert "teacher drifted on the audits" in verdict["reason"] and "below the 1.0 pt margin" in verdict["reason"]
+    assert _end_accuracy(bad, r["x"], r["y"]) < _end_accuracy(r["bundle"], r["x"], r["y"]) + 0.05
+
+
+def test_the_variant_carries_its_own_drift_reference(fog_round):
+    """After the fog variant lands, the node's monitor scores fogged frames against the variant's
+    reference: no alarm while the fog lasts (the bundle's clean reference alarms on them)."""
+    from tierlite.conditions import ROLE
+    from tierlite.drift import REFERENCE_KEY, ConditionDriftMonitor, DriftMonitor
+    from tierlite.segment import Segment
+
+    r = fog_round
+    cand = Bundle.load(r["candidate"])
+    entry = next(e for e in cand.manifest["files"] if e.get("role") == ROLE)
+    assert entry[REFERENCE_KEY]["frames"] >= 20
+    mon = DriftMonitor.from_bundle(cand.manifest)
+    clean_only = DriftMonitor(cand.manifest[REFERENCE_KEY])
+    assert isinstance(mon, ConditionDriftMonitor)
+    seg = Segment(cand, "end")
+    raised = []
+    for x in list(r["x"][:150]) + list(r["clean"][:100]):
+        out = seg.run(x[None])
+        raised.append(mon.update(out.feature, out.logits, x))
+        clean_only.update(out.feature, out.logits)
+    assert clean_only.state.alarms >= 1  # the clean reference alone: fog is drift
+    assert mon.state.alarms == 0 and True not in raised, mon.state.to_json()

@@ -163,6 +163,12 @@ class Bundle:
     def thresholds(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.manifest.get("thresholds", {}).items()}
 
+    @property
+    def operating_points(self) -> list[dict[str, Any]]:
+        """Extra exit operating points (`tierlite plan --export`): [{name, thresholds: {end: x}, ...}],
+        which an adaptive node moves between (tierlite.linkstate); [] when the manifest has none."""
+        return [dict(p) for p in self.manifest.get("operating_points") or []]
+
     def segment_path(self, tier: str) -> Path:
         return self.root / self.segment(tier).file
 
@@ -266,6 +272,10 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
         file = e.get("file") if isinstance(e, dict) else None
         if not isinstance(file, str) or not _plain_relative(file) or not isinstance(e.get("sha256"), str):
             raise BundleError(f"{where} files[{i}]: needs a plain relative 'file' and its 'sha256'")
+    for i, p in enumerate(m.get("operating_points") or []):
+        end = p.get("thresholds", {}).get("end") if isinstance(p, dict) and isinstance(p.get("thresholds"), dict) else None
+        if not isinstance(end, (int, float)) or not 0.0 <= end <= 1.0:
+            raise BundleError(f"{where} operating_points[{i}]: needs thresholds.end, a number in [0, 1]")
     end_variants(m)  # condition variants' selectors are well formed
     return segments
 

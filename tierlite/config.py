@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
                       ValidationInfo, field_validator, model_validator)
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tierlite.errors import ConfigError
 from tierlite.topics import valid_node_id
@@ -25,7 +25,7 @@ __all__ = [
     "load_config", "config_from_dict", "RUNTIMES", "MAX_ARTIFACT_BYTES",
     "TLSConfig", "QoSConfig", "BrokerConfig", "UpdateConfig", "RetrainTriggerConfig", "SourceConfig", "DeviceConfig",
     "ListenerTLSConfig", "MosquittoConfig", "BridgeConfig", "CloudLinkConfig", "DiscoveryConfig", "EdgeConfig", "StoreConfig", "CloudConfig",
-    "NodeBudgetConfig", "MetricsLabelsConfig",
+    "NodeBudgetConfig", "MetricsLabelsConfig", "HomeAssistantConfig",
 ]
 
 RUNTIMES = ("litert", "tflite-runtime", "edgetpu", "tflm")
@@ -93,9 +93,77 @@ MqttProtocol = Annotated[Literal["5", "3.1.1"], BeforeValidator(lambda v: str(v)
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys refused, no type coercion (YAML `'1883'` is no port)."""
+    """Base of every section: unknown keys refused, no type coercion (YAML `'1883'` is no port).
+
+    Checks that involve several keys go in `cross_checks`, not in a pydantic after-validator:
+    pydantic skips those as soon as any field fails, so a user fixing one line would meet the next
+    problem only on the next run. `cross_checks` runs on the validated values, or on the raw ones
+    (with the defaults) when a field failed, and every problem is one line of its own."""
 
     model_config = ConfigDict(extra="forbid", strict=True, coerce_numbers_to_str=True, frozen=True)
+
+    @classmethod
+    def cross_checks(cls, values: dict[str, Any]) -> list[tuple[str | None, str]]:
+        """(key or None for the section, problem) pairs. `values` may be raw YAML: check types first."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: Any) -> Any:
+        try:
+            model, failed = handler(data), None
+        except ValidationError as e:
+            model, failed = None, e
+        if model is not None:
+            values = dict(model)
+        elif isinstance(data, dict):
+            values = {**{k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()
+                         if not f.is_required()}, **data}
+        else:
+            raise failed  # not a mapping: nothing more to check
+        try:
+            found = cls.cross_checks(values)
+        except (KeyError, TypeError, ValueError):
+            if failed is None:
+                raise
+            found = []  # raw values too broken to compare: their own field errors say why
+        problems = [InitErrorDetails(type=_problem(msg), loc=(key,) if key else (), input=values.get(key, data))
+                    for key, msg in found]
+        if not problems:
+            if failed is not None:
+                raise failed
+            return model
+        raise ValidationError.from_exception_data(cls.__name__, [*_reraisable(failed), *problems])
+
+
+def _reraisable(failed: ValidationError | None) -> list[InitErrorDetails]:
+    """The errors of `failed`, rebuilt so they can be raised again together with more."""
+    out = []
+    for err in failed.errors(include_url=False) if failed is not None else ():
+        ctx = err.get("ctx") or {}
+        if err["type"] == "config":
+            kind: Any = _problem(ctx["message"])
+        else:
+            kind = err["type"]
+            try:  # a pydantic error type rebuilt from its context (keeps _describe's wording)
+                ValidationError.from_exception_data("probe", [InitErrorDetails(type=kind, loc=(), input=None, ctx=ctx)])
+            except (KeyError, TypeError, ValueError):
+                kind = PydanticCustomError(err["type"], err["msg"].replace("{", "{{").replace("}", "}}"))
+        detail = InitErrorDetails(type=kind, loc=tuple(err["loc"]), input=err.get("input"))
+        if ctx and isinstance(kind, str):
+            detail["ctx"] = ctx
+        out.append(detail)
+    return out
+
+
+def _number(v: Any) -> float | None:
+    """A raw YAML value as a number, or None (its own field reports the wrong type)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _get(section: Any, key: str) -> Any:
+    """A key of a sub-section, validated (a model) or raw (a dict)."""
+    return section.get(key) if isinstance(section, dict) else getattr(section, key, None)
 
 
 # -- shared sections ---------------------------------------------------------------------------
@@ -105,11 +173,19 @@ class TLSConfig(Section):
     key_file: ExistingFile | None = None
     insecure: bool = False  # skip hostname verification (self-signed lab brokers only)
 
-    @model_validator(mode="after")
-    def _pair(self) -> TLSConfig:
-        if bool(self.cert_file) != bool(self.key_file):
-            raise _problem("cert_file and key_file go together")
-        return self
+    @classmethod
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        return [(None, "cert_file and key_file go together")] if bool(v["cert_file"]) != bool(v["key_file"]) else []
+
+
+MQTT_TLS_PORT = 8883  # IANA's MQTT-over-TLS port: plain MQTT to it hangs in the TLS handshake
+
+
+def _tls_port_check(v: dict[str, Any]) -> list[tuple[str | None, str]]:
+    if v.get("port") == MQTT_TLS_PORT and v.get("tls") is None:
+        return [("port", f"port {MQTT_TLS_PORT} is MQTT over TLS: add a 'tls' section (ca_file: ... or {{}} for "
+                         "the system CAs), or use the plain port 1883")]
+    return []
 
 
 class QoSConfig(Section):
@@ -155,16 +231,15 @@ class BrokerConfig(Section):
             return os.environ.get(self.password_env)
         return self.password
 
-    @model_validator(mode="after")
-    def _pairs(self) -> BrokerConfig:
-        problems = []
-        if self.reconnect_min > self.reconnect_max:
-            problems.append(f"need reconnect_min <= reconnect_max, got {self.reconnect_min} > {self.reconnect_max}")
-        if self.password and self.password_env:
-            problems.append("give password or password_env, not both")
-        if problems:
-            raise _problem("; ".join(problems))
-        return self
+    @classmethod
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        problems: list[tuple[str | None, str]] = []
+        low, high = _number(v["reconnect_min"]), _number(v["reconnect_max"])
+        if low is not None and high is not None and low > high:
+            problems.append((None, f"need reconnect_min <= reconnect_max, got {low} > {high}"))
+        if v["password"] and v["password_env"]:
+            problems.append((None, "give password or password_env, not both"))
+        return problems + _tls_port_check(v)
 
 
 # -- updates ------------------------------------------------------------------------------------
@@ -258,6 +333,48 @@ class DriftConfig(Section):
     alarm_audit_rate: Share = 0.25  # audit share of confident frames while in alarm
 
 
+class AdaptiveConfig(Section):
+    """The device's `adaptive:` section: follow the link by moving the camera exit's threshold
+    between the bundle's operating points (tierlite.linkstate, docs/PARTITIONING.md)."""
+    enabled: bool = False
+    target_ms: Positive = 100.0  # escalated frames' answer latency (window median) to stay under
+    relax_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5  # step back only below target x this (hysteresis)
+    window: AtLeastOne = 20  # answers per decision
+    min_dwell_s: Annotated[float, Field(ge=0)] = 2.0  # at least this long between two switches
+    backlog_high: AtLeastOne = 32  # escalations in flight beyond this: step toward local
+
+
+class HomeAssistantConfig(Section):
+    """The device's `home_assistant:` section: MQTT discovery, a device per node with per-class
+    entities (tierlite.homeassistant, docs/RUNTIME.md). `true` / `false` = on with these defaults / off."""
+
+    enabled: bool = True
+    discovery_prefix: Prefix = "homeassistant"  # Home Assistant's MQTT integration setting
+    classes: list[Text] | None = None  # per-class "seen" and count entities for these labels; null = every label
+    min_interval: Annotated[float, Field(ge=0)] = 1.0  # seconds between two state messages, however fast it flips
+    heartbeat: Positive = 10.0  # a state message at least this often; entities expire after 2 missed
+    off_delay: Positive = 15.0  # a "<class> seen" sensor turns off this long after the node goes silent
+
+    @classmethod
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        beat, off, low = _number(v["heartbeat"]), _number(v["off_delay"]), _number(v["min_interval"])
+        problems: list[tuple[str | None, str]] = []
+        if beat is not None and off is not None and off <= beat:
+            problems.append(("off_delay", f"must exceed heartbeat ({beat:g} s), or a class still in view "
+                                          f"blinks off between two state messages; got {off:g}"))
+        if beat is not None and low is not None and low > beat:
+            problems.append(("min_interval", f"must not exceed heartbeat ({beat:g} s), got {low:g}"))
+        return problems
+
+
+def _on_off_or_options(value: Any) -> Any:
+    if isinstance(value, bool):
+        return {"enabled": value}
+    if not isinstance(value, (dict, HomeAssistantConfig)):
+        raise _problem(f"expected true or false, or a mapping of options, got {value!r}")
+    return value
+
+
 class DeviceConfig(Section):
     model_config = ConfigDict(frozen=False)
 
@@ -274,12 +391,18 @@ class DeviceConfig(Section):
     wait_for_broker: Annotated[float, Field(ge=0)] = 2.0
     max_pending: AtLeastOne = 256  # escalations in flight; beyond this a frame falls back at once
     results_file: RelPath | None = None  # also append every result event as one JSON line here
-    home_assistant: bool = False  # publish a retained Home Assistant MQTT discovery config
+    # Home Assistant MQTT discovery: true, or a mapping of HomeAssistantConfig options
+    home_assistant: Annotated[HomeAssistantConfig, BeforeValidator(_on_off_or_options)] = \
+        Field(default_factory=lambda: HomeAssistantConfig(enabled=False))
+    metrics_port: PortOrZero | None = None  # Prometheus /metrics of this node; null = off; 0 = any free port
+    metrics_bind: Text = "127.0.0.1"
+    board: Text | None = None  # board profile (tierlite.boards: pi4, pi5, coral-usb, ...); --board overrides
     update: UpdateConfig | None = None  # accept signed model updates (docs/UPDATES.md)
     # Audit sampling: this share of the frames the end exit is sure of also goes up the chain,
     # marked as audits (answered locally as usual); the cloud scores the node's agreement with it.
     audit_rate: Share = 0.02
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
 
 
 # -- edge ---------------------------------------------------------------------------------------
@@ -318,19 +441,29 @@ class BridgeConfig(Section):
     password: Text | None = None
     tls: TLSConfig | None = None
     keepalive: int = 30
+    reconnect_max: AtLeastOne = 30  # seconds: the bridge's reconnect backoff starts at 1 s, doubles up to this
     client_id: Text | None = None
     qos: QoS = 0
+    # Several sites into one cloud broker (docs/SCALING.md, "Several sites"): this site's id. Its
+    # escalations go up as <cloud_prefix>/<site>/<node>/escalate and only its own answers come back,
+    # so node ids need only be unique per site and one pool of cloud workers serves every site.
+    site: NodeId | None = None
+    cloud_prefix: Prefix | None = None  # the cloud broker's topic prefix; default the gateway's own
+
+    @classmethod
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        return _tls_port_check(v)
 
 
 class CloudLinkConfig(Section):
     mode: Literal["local", "bridge"] = "local"  # local: the cloud worker uses the edge broker
     bridge: BridgeConfig | None = None
 
-    @model_validator(mode="after")
-    def _bridge_given(self) -> CloudLinkConfig:
-        if self.mode == "bridge" and self.bridge is None:
-            raise _problem("mode 'bridge' needs a 'bridge' section (host, port, ...)")
-        return self
+    @classmethod
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        if v["mode"] == "bridge" and v["bridge"] is None:
+            return [(None, "mode 'bridge' needs a 'bridge' section (host, port, ...)")]
+        return []
 
 
 class DiscoveryConfig(Section):
@@ -362,6 +495,13 @@ class MetricsLabelsConfig(Section):
     max_nodes: Annotated[int, Field(ge=0)] = 256
 
 
+class BatchConfig(Section):
+    """A worker's `batch:` section: dynamic batching (tierlite.tierworker.MessageBatcher, docs/SCALING.md).
+    Messages already waiting on the socket run as one batch; a lone message runs at once."""
+    max_size: Annotated[int, Field(ge=1, le=256)] = 32  # 1 = off: one message at a time
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0  # oldest message's wait while input keeps coming
+
+
 class EdgeConfig(Section):
     model_config = ConfigDict(frozen=False)  # `tierlite edge --workers` overrides workers
 
@@ -383,14 +523,14 @@ class EdgeConfig(Section):
     metrics_labels: MetricsLabelsConfig = Field(default_factory=MetricsLabelsConfig)
     node_budget: NodeBudgetConfig = Field(default_factory=NodeBudgetConfig)
     update: UpdateConfig | None = None  # accept signed edge-segment updates (docs/UPDATES.md)
+    batch: BatchConfig = Field(default_factory=BatchConfig)  # dynamic batching (issue 15)
 
-    @field_validator("workers")
     @classmethod
-    def _shared_subscriptions(cls, workers: int, info: ValidationInfo) -> int:
-        broker = info.data.get("broker")
-        if workers > 1 and broker is not None and broker.protocol != "5":
-            raise _problem("several workers need MQTT 5 shared subscriptions (broker.protocol: '5')")
-        return workers
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        workers, protocol = _number(v["workers"]), _get(v["broker"], "protocol")
+        if workers is not None and workers > 1 and protocol is not None and str(protocol) != "5":
+            return [("workers", "several workers need MQTT 5 shared subscriptions (broker.protocol: '5')")]
+        return []
 
 
 # -- cloud --------------------------------------------------------------------------------------
@@ -421,6 +561,7 @@ class CloudConfig(Section):
     runtime: Runtime = "litert"
     threads: AtLeastOne = 1
     store: StoreConfig = Field(default_factory=StoreConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)  # dynamic batching (issue 15)
     metrics_port: PortOrZero | None = 9465
     metrics_bind: Text = "127.0.0.1"
     metrics_labels: MetricsLabelsConfig = Field(default_factory=MetricsLabelsConfig)
@@ -431,13 +572,11 @@ class CloudConfig(Section):
     audit_min_agreement: Share = 0.8
     audit_min_frames: AtLeastOne = 30  # audits in the window before the agreement can ask for a run
 
-    @field_validator("retrain")
     @classmethod
-    def _needs_store(cls, retrain: RetrainTriggerConfig | None, info: ValidationInfo) -> RetrainTriggerConfig | None:
-        store = info.data.get("store")
-        if retrain is not None and store is not None and not store.enabled:
-            raise _problem("needs the hard-example store (store.enabled: true)")
-        return retrain
+    def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
+        if v["retrain"] is not None and _get(v["store"], "enabled") is False:
+            return [("retrain", "needs the hard-example store (store.enabled: true)")]
+        return []
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -17,6 +17,12 @@ largest score of `bootstrap` rounds, each a window of W clean frames scored agai
 both resampled from the reference frames (so clean data from the reference distribution does not
 alarm; measured on held-out clean streams in docs/DRIFT.md). A bundle without `drift_reference` simply has no drift monitor.
 
+Condition variants (tierlite.conditions) may carry their own reference in their manifest `files`
+entry (`drift_reference`, recorded by the retraining job on the frames the variant was made for):
+`DriftMonitor.from_bundle` then gives a `ConditionDriftMonitor`, which scores each frame against
+the reference of the model that ran it, so a node whose fog variant has landed stops alarming on
+fog (and still alarms when the fog thickens past what the variant saw, or a new drift starts).
+
 `AgreementWindow` is the cloud's per-node audit estimate: the share of audited frames on which the
 node's end exit agreed with the cloud exit, over the last `window` audits, with a Wilson interval.
 """
@@ -29,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AgreementWindow", "DriftMonitor", "DriftState", "REFERENCE_KEY", "entropy_of", "frame_stats",
+__all__ = ["AgreementWindow", "ConditionDriftMonitor", "DriftMonitor", "DriftState", "REFERENCE_KEY", "entropy_of", "frame_stats",
            "psi", "reference_stats", "window_scores", "wilson"]
 
 REFERENCE_KEY = "drift_reference"
@@ -174,10 +180,12 @@ class DriftState:
     since_frame: int | None = None  # frame count when the current alarm was raised
     scores: dict[str, float] | None = None
     triggered: tuple[str, ...] = ()
+    reference: str = "bundle"  # which reference the scores are against: the bundle's, or a variant's file
 
     def to_json(self) -> dict[str, Any]:
         return {"alarm": self.alarm, "checks": self.checks, "alarms": self.alarms, "since_frame": self.since_frame,
-                "scores": {k: round(v, 5) for k, v in (self.scores or {}).items()}, "triggered": list(self.triggered)}
+                "scores": {k: round(v, 5) for k, v in (self.scores or {}).items()}, "triggered": list(self.triggered),
+                "reference": self.reference}
 
 
 class DriftMonitor:
@@ -207,12 +215,23 @@ class DriftMonitor:
         self.state = DriftState()
 
     @classmethod
-    def from_bundle(cls, manifest: dict[str, Any], **kw) -> "DriftMonitor | None":
-        ref = manifest.get(REFERENCE_KEY)
-        return cls(ref, **kw) if isinstance(ref, dict) else None
+    def from_bundle(cls, manifest: dict[str, Any], **kw) -> "DriftMonitor | ConditionDriftMonitor | None":
+        """The bundle's monitor; a ConditionDriftMonitor when a condition variant has its own reference."""
+        from tierlite.conditions import ROLE, end_variants
 
-    def update(self, feature: np.ndarray, logits: np.ndarray) -> bool | None:
-        """Add one frame. Returns True when an alarm is raised, False when it clears, else None."""
+        ref = manifest.get(REFERENCE_KEY)
+        if not isinstance(ref, dict):
+            return None
+        entries = {e.get("file"): e for e in manifest.get("files", []) if e.get("role") == ROLE}
+        variants = [(file, sel, entries.get(file, {}).get(REFERENCE_KEY)) for file, sel in end_variants(manifest)]
+        if not any(isinstance(r, dict) for _, _, r in variants):
+            return cls(ref, **kw)
+        return ConditionDriftMonitor(cls(ref, **kw), [(file, sel, cls(r, **kw) if isinstance(r, dict) else None)
+                                                      for file, sel, r in variants])
+
+    def update(self, feature: np.ndarray, logits: np.ndarray, image: np.ndarray | None = None) -> bool | None:
+        """Add one frame (`image`: unused here, see ConditionDriftMonitor). Returns True when an
+        alarm is raised, False when it clears, else None."""
         f = np.asarray(feature, np.float32)
         i = self._n % self.window
         self._cm[i] = f.reshape(-1, f.shape[-1]).mean(0)
@@ -244,3 +263,58 @@ class DriftMonitor:
     @property
     def frames(self) -> int:
         return self._n
+
+
+class ConditionDriftMonitor:
+    """DriftMonitor's interface for a bundle with condition variants that carry their own reference:
+    one monitor per reference, each frame scored by the one of the model that ran it (the first
+    variant whose selector picks the frame, as Segment runs them; a variant without a reference
+    counts as the base end). The node is in alarm while any monitor that saw a frame in the last
+    `window` frames is: a reference the frames have left (fog lifted) stops counting."""
+
+    def __init__(self, base: DriftMonitor, variants: list[tuple[str, Any, DriftMonitor | None]]):
+        self.base, self.variants = base, variants
+        self.window, self.step = base.window, base.step
+        self._monitors = [("bundle", base)] + [(file, m) for file, _, m in variants if m is not None]
+        self._last_seen = {name: -1 for name, _ in self._monitors}
+        self._current = "bundle"
+        self._n = 0
+        self.state = DriftState()
+
+    def _pick(self, image: np.ndarray | None) -> tuple[str, DriftMonitor]:
+        if image is not None:
+            x = image[None] if image.ndim == 3 else image
+            for file, sel, mon in self.variants:
+                if sel.picks(x)[0]:
+                    return (file, mon) if mon is not None else ("bundle", self.base)
+        return "bundle", self.base
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self._monitors)[self._current].thresholds
+
+    @property
+    def frames(self) -> int:
+        return self._n
+
+    def update(self, feature: np.ndarray, logits: np.ndarray, image: np.ndarray | None = None) -> bool | None:
+        """Add one frame (`image`: what the variants' selectors read; without it, the base
+        reference). Returns True when the node's alarm is raised, False when it clears, else None."""
+        name, mon = self._pick(image)
+        self._n += 1
+        self._last_seen[name] = self._n
+        mon.update(feature, logits)
+        active = [(n, m) for n, m in self._monitors if self._n - self._last_seen[n] < self.window]
+        alarmed = [(n, m) for n, m in active if m.state.alarm]
+        shown_name, shown = alarmed[0] if alarmed else (name, mon)
+        s = self.state
+        s.checks = sum(m.state.checks for _, m in self._monitors)
+        s.scores, s.triggered, s.reference = shown.state.scores, shown.state.triggered, shown_name
+        self._current = shown_name
+        if alarmed and not s.alarm:
+            s.alarm, s.alarms, s.since_frame = True, s.alarms + 1, self._n
+            return True
+        if not alarmed and s.alarm:
+            s.alarm, s.since_frame, s.triggered = False, None, ()
+            return False
+        return None

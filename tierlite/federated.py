@@ -10,7 +10,9 @@ orchestration apart from `aggregate.py`:
 - `check_arrays`: the federation's model against a site's, refused with one clear line;
 - `weighted_average`: FedAvg's example-weighted mean (float64 accumulation);
 - `proximal_term`: FedProx's mu/2 ||w - w_global||^2 (reference; the training loop has its own);
-- (de)serialisation of a named model to .npz bytes, and payload sizes.
+- (de)serialisation of a named model to .npz bytes, and payload sizes;
+- the Flower processes both sides run: a longer task-claim window (`run_flower`) and finding the
+  ClientApp/ServerApp processes Flower launched (`flower_processes`, from /proc), for supervision.
 """
 from __future__ import annotations
 
@@ -94,6 +96,36 @@ def weighted_average(models: Sequence[Mapping[str, np.ndarray]], weights: Sequen
     return out
 
 
+# BatchNorm running statistics are estimates of the data, not parameters a gradient moved: the
+# server takes their plain average and never extrapolates them with momentum.
+STATISTIC_SUFFIXES = ("moving_mean", "moving_variance")
+
+
+def is_statistic(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(STATISTIC_SUFFIXES)
+
+
+def server_step(current: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
+                velocity: Mapping[str, np.ndarray] | None, lr: float = 1.0, momentum: float = 0.0
+                ) -> tuple[Named, Named | None]:
+    """The cloud's update from the sites' average (FedAvgM, Hsu et al. 2019):
+    v <- momentum * v + (average - current); new = current + lr * v. lr 1, momentum 0 is FedAvg
+    (new = average). BatchNorm statistics always take the average. Returns (new model, velocity)."""
+    if lr == 1.0 and momentum == 0.0:
+        return {k: np.asarray(v, np.float32) for k, v in average.items()}, None
+    new: Named = {}
+    vel: Named = {}
+    for k, avg in average.items():
+        if is_statistic(k):
+            new[k] = np.asarray(avg, np.float32)
+            continue
+        delta = np.asarray(avg, np.float64) - np.asarray(current[k], np.float64)
+        v = momentum * np.asarray(velocity[k], np.float64) + delta if velocity is not None and k in velocity else delta
+        vel[k] = v.astype(np.float32)
+        new[k] = (np.asarray(current[k], np.float64) + lr * v).astype(np.float32)
+    return new, vel
+
+
 def proximal_term(weights: Mapping[str, np.ndarray], anchor: Mapping[str, np.ndarray], mu: float) -> float:
     """FedProx: mu/2 * sum ||w - w_global||^2 over the names both hold."""
     total = sum(float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(anchor[k], np.float64)) ** 2))
@@ -118,3 +150,55 @@ def loads(data: bytes) -> Named:
     z = np.load(io.BytesIO(data), allow_pickle=False)
     names = [str(n) for n in z["__order__"]]
     return {n: z[f"a{i}"] for i, n in enumerate(names)}
+
+
+# -- Flower processes (the cloud's SuperLink, the sites' SuperNodes) ---------------------------
+# A ServerApp/ClientApp process Flower launches must claim its task within this many seconds or
+# Flower hands the task to a new process (flwr 1.42: HEARTBEAT_DEFAULT_INTERVAL, 30 s). On a
+# CPU-starved machine a Python start takes longer, every launch is superseded and they pile up.
+# The SuperLink and SuperNodes run with this window (it also lengthens the silence after which a
+# running app counts as crashed, to twice this).
+FLOWER_CLAIM_SECONDS = 120
+
+
+def run_flower(entry: str, argv0: str) -> None:
+    """Run a Flower command-line entry point ("module:function") in this process with the longer
+    claim window. Used as `python -c "...run_flower(...)" ARGS` in place of the Flower script."""
+    import importlib
+    import sys
+
+    from flwr.supercore.corestate import in_memory_corestate
+
+    if hasattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL"):
+        in_memory_corestate.HEARTBEAT_DEFAULT_INTERVAL = FLOWER_CLAIM_SECONDS
+    module, func = entry.split(":")
+    sys.argv[0] = argv0
+    getattr(importlib.import_module(module), func)()
+
+
+def flower_command(entry: str, argv0: str) -> list[str]:
+    """The argv prefix that runs `entry` through run_flower (append the Flower arguments)."""
+    import sys
+
+    return [sys.executable, "-c", f"from tierlite.federated import run_flower; run_flower({entry!r}, {argv0!r})"]
+
+
+def flower_processes(marker: bytes, pgid: int | None = None) -> list[tuple[int, int]]:
+    """(start tick, pid) of live processes whose command line holds `marker` (and, if given, in
+    process group `pgid`), oldest first; read from /proc (Linux)."""
+    from pathlib import Path
+
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+            if fields[0] == "Z" or (pgid is not None and int(fields[2]) != pgid):
+                continue
+            if marker in (d / "cmdline").read_bytes():
+                found.append((int(fields[19]), int(d.name)))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return sorted(found)

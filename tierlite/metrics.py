@@ -17,13 +17,23 @@ other node is counted under "other" (configure_labels).
   tierlite_drift_alarm{node}                   cloud: 1 while the node's retained drift event says alarm
 Per-node exit rate at the edge: rate(frames_total{outcome="answered"}) / rate(frames_total).
 
+A camera node's own endpoint (DeviceConfig.metrics_port, NodeMetrics), one node per process:
+  tierlite_node_frames_total{node,tier}        results, by the tier that decided (exit share per tier)
+  tierlite_node_escalations_total{node}        frames sent up (their feature left the node)
+  tierlite_node_fallbacks_total{node,reason}   sent up, answered locally: deadline | offline | rejected | ...
+  tierlite_node_decision_seconds{node}         end segment + exit decision per frame
+  tierlite_node_latency_seconds{node,tier}     frame to result
+  tierlite_node_model_version{node,model}      the version running now
+  tierlite_node_broker_connected{node}         1 while connected to the broker
+  tierlite_node_update_events_total{node,event} applied | confirmed | rolled_back | refused | ...
+
 Several edge worker processes share one endpoint through prometheus-client's multiprocess mode:
 the gateway sets PROMETHEUS_MULTIPROC_DIR for its workers and serves `serve_multiprocess(dir)`.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("tierlite.metrics")
 
@@ -150,6 +160,101 @@ class TierMetrics:
         server, _ = start_http_server(port, addr=bind, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", bind, server.server_port)
         return server.server_port
+
+
+class NodeMetrics:
+    """A camera node's metrics, fed by its result events (DeviceDaemon.add_result_listener).
+    Without prometheus-client every call is a no-op."""
+
+    def __init__(self, node: str, connected: Callable[[], bool] | None = None,
+                 update_counters: Callable[[], dict[str, int]] | None = None):
+        self.node = node
+        self._model: tuple[str, int] | None = None
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:
+            log.warning("prometheus-client is not installed: node metrics are off (pip install prometheus-client)")
+            self.enabled = False
+            return
+        self.enabled = True
+        self.registry = r = CollectorRegistry()
+        self.frames = Counter("tierlite_node_frames", "Results, by the tier that decided", ["node", "tier"], registry=r)
+        self.escalations = Counter("tierlite_node_escalations", "Frames whose feature was sent up",
+                                   ["node"], registry=r).labels(node)
+        self.fallbacks = Counter("tierlite_node_fallbacks", "Frames sent up but answered locally, by reason",
+                                 ["node", "reason"], registry=r)
+        self.decision = Histogram("tierlite_node_decision_seconds", "End segment + exit decision per frame",
+                                  ["node"], buckets=LATENCY_BUCKETS, registry=r).labels(node)
+        self.latency = Histogram("tierlite_node_latency_seconds", "Frame to result, by the tier that decided",
+                                 ["node", "tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.model_version = Gauge("tierlite_node_model_version", "Model version running now",
+                                   ["node", "model"], registry=r)
+        self.connected = Gauge("tierlite_node_broker_connected", "1 while connected to the broker", ["node"], registry=r)
+        if connected is not None:
+            self.connected.labels(node).set_function(lambda: 1.0 if connected() else 0.0)
+        self._children: dict[tuple[str, str], Any] = {}
+        if update_counters is not None:
+            r.register(_UpdateEvents(node, update_counters))
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (family._name, *labels)
+        child = self._children.get(key)
+        if child is None:  # labels() costs a few microseconds: cache per label set
+            child = self._children[key] = family.labels(self.node, *labels)
+        return child
+
+    def on_result(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        tier = str(event.get("tier"))
+        self._child(self.frames, tier).inc()
+        self._child(self.latency, tier).observe(float(event.get("latency_ms") or 0.0) / 1000.0)
+        self.decision.observe(float(event.get("decision_ms") or 0.0) / 1000.0)
+        if event.get("bytes_up"):
+            self.escalations.inc()
+        if event.get("reason"):
+            self._child(self.fallbacks, str(event["reason"])).inc()
+        model = (str(event.get("model")), int(event.get("model_version") or 0))
+        if model != self._model:
+            if self._model is not None:
+                self.model_version.remove(self.node, self._model[0])
+            self.model_version.labels(self.node, model[0]).set(model[1])
+            self._model = model
+
+    serve = TierMetrics.serve  # /metrics of self.registry on bind:port (0 = any free port)
+
+
+class _UpdateEvents:
+    """tierlite_node_update_events_total, read from the update manager's counters at scrape time."""
+
+    def __init__(self, node: str, counters: Callable[[], dict[str, int]]):
+        self.node, self.counters = node, counters
+
+    def describe(self):  # registration without a first collect() call
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily("tierlite_node_update_events", "Model update events on this node",
+                                    labels=["node", "event"])]
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("tierlite_node_update_events", "Model update events on this node",
+                                     labels=["node", "event"])
+        for event, n in sorted(self.counters().items()):
+            family.add_metric([self.node, event], n)
+        yield family
+
+
+def metric_names(registry: Any) -> set[str]:
+    """Every sample name a registry can expose (families with their _total/_bucket/... suffixes)."""
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
+        names.update(family.name + sfx for sfx in suffixes.get(family.type, ()))
+    return names
 
 
 def serve_multiprocess(directory: str, port: int, bind: str = "127.0.0.1") -> int | None:

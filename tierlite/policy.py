@@ -5,6 +5,8 @@ A tier decides alone when H_norm <= its threshold; otherwise it escalates.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -26,11 +28,29 @@ def decide(logits: np.ndarray, threshold: float | None) -> tuple[bool, int, floa
 
     threshold None means "last tier": always confident.
     """
-    probs = softmax(np.asarray(logits).reshape(-1))
-    entropy = float(normalized_entropy(probs))
-    label = int(probs.argmax())
+    # The camera's hot path (issue 15): a handful of classes in plain floats costs a third of the numpy
+    # ufunc chain. Same quantities: with z = logits - max, s = sum(exp z), p = exp(z) / s,
+    # H = -sum(p log p) = log s - sum(p z); confidence p[label] = 1 / s (exp 0 at the max).
+    vals = np.asarray(logits, dtype=np.float64).reshape(-1).tolist()
+    top = max(vals)
+    label = vals.index(top)  # the first maximum, as argmax
+    e = [math.exp(v - top) for v in vals]
+    s = math.fsum(e)
+    entropy = (math.log(s) - math.fsum([x * (v - top) for x, v in zip(e, vals)]) / s) / math.log(len(vals))
+    entropy = min(max(entropy, 0.0), 1.0)
     confident = threshold is None or entropy <= threshold
-    return confident, label, float(probs[label]), entropy
+    return confident, label, 1.0 / s, entropy
+
+
+def decide_batch(logits: np.ndarray, threshold: float | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`decide` for N frames at once (logits (N, C)): arrays (confident, label, confidence,
+    normalized entropy), each row equal to what `decide` gives for that frame."""
+    probs = softmax(np.asarray(logits).reshape(len(logits), -1))
+    entropy = np.clip(normalized_entropy(probs), 0.0, 1.0)  # as `decide`: rounding never passes 1
+    label = probs.argmax(axis=1)
+    confident = np.ones(len(label), dtype=bool) if threshold is None else entropy <= threshold
+    return confident, label, probs[np.arange(len(label)), label], entropy
 
 
 def chain_decisions(exit_logits: list[np.ndarray], thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from tierlite.conditions import end_variants
 from tierlite.errors import BundleError, RuntimeUnavailable, WireError
 from tierlite.runtimes import open_runtime
 
-__all__ = ["Segment", "SegmentOutput", "TierModel", "dequantize"]
+__all__ = ["BatchOutput", "Segment", "SegmentOutput", "TierModel", "dequantize"]
 
 log = logging.getLogger("tierlite.segment")
 
@@ -21,6 +21,13 @@ log = logging.getLogger("tierlite.segment")
 class SegmentOutput:
     feature: np.ndarray | None  # quantized boundary tensor as the model gives it (None for cloud)
     logits: np.ndarray  # dequantized float32, shape (classes,)
+
+
+@dataclass
+class BatchOutput:
+    """`Segment.run_batch`: one row per frame, in the order given."""
+    feature: np.ndarray | None  # (N, ...) quantized boundary tensors (None for cloud)
+    logits: np.ndarray  # (N, classes) dequantized float32
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -47,6 +54,8 @@ class Segment:
                 self.variants.append((selector, rt))
         self._feature = self.info.output("feature")
         self._logits = self.info.output("logits")
+        self._runtime_key, self._options = runtime, options
+        self._batched: dict[int, object] = {}  # batch size -> runtime with that batch dimension, or None
         if self._logits is None:
             raise BundleError(f"{tier} segment has no output with role 'logits'")
 
@@ -92,6 +101,69 @@ class Segment:
         logits = dequantize(outs[lo.index], lo.scale, lo.zero_point).reshape(-1)
         feature = outs[self._feature.index] if self._feature is not None else None
         return SegmentOutput(feature, logits)
+
+    def run_batch(self, x: np.ndarray) -> BatchOutput:
+        """Frames stacked on axis 0 (N, *input shape without its batch of 1), run in as few
+        interpreter calls as the model allows: chunks of power-of-two sizes (13 = 8 + 4 + 1), each
+        on an interpreter resized to that batch once and kept, so no frame is padded and no tensor
+        reallocated per call. Per frame the int8 arithmetic is the batch-1 arithmetic (tested).
+        A model that cannot take a batch dimension (or condition variants, picked per frame) runs
+        frame by frame."""
+        spec = self.input_info
+        n = int(x.shape[0])
+        if x.dtype.name != spec.dtype:
+            raise WireError(f"{self.tier} segment expects {spec.dtype}, got {x.dtype.name}")
+        if x.shape[1:] != tuple(spec.shape[1:]):
+            raise WireError(f"{self.tier} segment expects frames of shape {spec.shape[1:]}, got {x.shape[1:]}")
+        lo, fe = self._logits, self._feature
+        logits_q, features = [], []
+        start = 0
+        while start < n:
+            size = 1 << ((n - start).bit_length() - 1)  # the largest power of two that fits
+            rt = self._runtime_of_batch(size) if size > 1 else None
+            if rt is None:
+                for i in range(start, start + size):
+                    outs = self._runtime_for(x[i:i + 1]).run([x[i:i + 1]])
+                    logits_q.append(outs[lo.index].reshape(1, -1))
+                    if fe is not None:
+                        features.append(outs[fe.index])
+            else:
+                outs = rt.run([x[start:start + size]])
+                logits_q.append(outs[lo.index].reshape(size, -1))
+                if fe is not None:
+                    features.append(outs[fe.index])
+            start += size
+        q = logits_q[0] if len(logits_q) == 1 else np.concatenate(logits_q)
+        feature = None if fe is None else (features[0] if len(features) == 1 else np.concatenate(features))
+        return BatchOutput(feature, dequantize(q, lo.scale, lo.zero_point))
+
+    def prepare_batches(self, max_size: int) -> list[int]:
+        """Open and warm (one call on zeros) the interpreters `run_batch` uses up to `max_size`, so no
+        batch waits for an interpreter to be built or its weights packed: a worker calls this when
+        it loads a model, before the model takes traffic. Returns the batch sizes ready."""
+        spec = self.input_info
+        self.runtime.run([np.zeros(spec.shape, dtype=spec.dtype)])  # batch 1 too: the first call packs weights
+        ready = []
+        size = 2
+        while size <= max_size:
+            rt = self._runtime_of_batch(size)
+            if rt is None:
+                break
+            rt.run([np.zeros((size, *spec.shape[1:]), dtype=spec.dtype)])
+            ready.append(size)
+            size *= 2
+        return ready
+
+    def _runtime_of_batch(self, size: int):
+        if self.variants:
+            return None
+        if size not in self._batched:
+            rt = self.runtime.batched(size)
+            if rt is None:
+                log.info("%s segment: no batch dimension with runtime %s; frames run one by one",
+                         self.tier, self._runtime_key)
+            self._batched[size] = rt
+        return self._batched[size]
 
     def _runtime_for(self, x: np.ndarray):
         for selector, runtime in self.variants:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import re
 
+from typing import NamedTuple
+
 from tierlite.errors import WireError
 
 __all__ = [
-    "ANSWER", "DRIFT", "ESCALATE", "FEATURE", "NODE_SUFFIXES", "RESERVED_NODE_IDS", "RESULT", "STATUS",
-    "Filter", "Topic",
+    "ANSWER", "DRIFT", "ESCALATE", "FEATURE", "HA_STATE", "NODE_SUFFIXES", "RESERVED_NODE_IDS", "RESULT", "STATUS",
+    "Filter", "Sender", "Topic",
     "bridge_notifications", "cloud_status", "cloud_statuses", "frame_upload", "frame_upload_source", "frame_uploads",
     "gateway_status", "gateway_worker", "gateway_workers", "home_assistant_config", "node_filter",
-    "node_of", "node_topic", "update_announcement", "update_chunk", "update_chunks", "update_report",
+    "node_of", "node_topic", "sender_of", "site_node_filter", "site_prefix", "update_announcement", "update_chunk",
+    "update_chunks", "update_report",
     "update_reports", "updates", "valid_node_id",
 ]
 
@@ -23,6 +26,7 @@ MAX_TOPIC_LENGTH = 65535
 # <prefix>/<node>/<suffix>
 FEATURE, ESCALATE, ANSWER, RESULT, STATUS = "feature", "escalate", "answer", "result", "status"
 DRIFT = "drift"  # <prefix>/<node>/drift: the node's drift alarm (retained JSON event, issue 13)
+HA_STATE = "ha_state"  # <prefix>/<node>/ha_state: throttled decision summary for Home Assistant
 NODE_SUFFIXES = (FEATURE, ESCALATE, ANSWER, RESULT, STATUS, DRIFT)
 UPDATE = "update"  # <prefix>/update/<model>/...: model updates
 GATEWAY = "_gateway"  # <prefix>/_gateway/<gateway_id>/...: edge gateway and its workers
@@ -101,9 +105,48 @@ def node_of(topic: str, prefix: str) -> str:
     return parts[-2]
 
 
-def home_assistant_config(unique_id: str) -> Topic:
-    """Home Assistant's MQTT discovery topic for one node's sensor."""
-    return Topic(_join("homeassistant", "sensor", unique_id, "config"))
+# -- sites: several site brokers bridged into one cloud broker (docs/SCALING.md, "Several sites") --
+def site_prefix(prefix: str, site: str) -> str:
+    """<prefix>/<site>: where a site bridge puts that site's node topics on the cloud broker."""
+    return _join(prefix, site)
+
+
+def site_node_filter(prefix: str, suffix: str) -> Filter:
+    """<prefix>/+/+/<suffix>: that suffix of every node of every site (the cloud side of site bridges)."""
+    return Filter(_join(prefix, "+", "+", suffix))
+
+
+class Sender(NamedTuple):
+    """Who sent a node message: its node id, and its site when it came up through a site bridge."""
+
+    site: str | None
+    node: str
+
+    @property
+    def key(self) -> str:
+        """The node's fleet-wide name (node ids are unique per site only): <site>/<node>, or <node>."""
+        return self.node if self.site is None else _join(self.site, self.node)
+
+    def topic(self, prefix: str, suffix: str) -> Topic:
+        """The sender's own topic: a reply goes back to its site only."""
+        return node_topic(prefix if self.site is None else site_prefix(prefix, self.site), self.node, suffix)
+
+
+def sender_of(topic: str, prefix: str) -> Sender:
+    """The sender of <prefix>/<node>/<suffix> or <prefix>/<site>/<node>/<suffix>; WireError (reason
+    "topic") for anything else."""
+    parts = topic.split("/")
+    head = prefix.split("/")
+    extra = len(parts) - len(head)
+    if extra == 3 and parts[: len(head)] == head and valid_node_id(parts[-3]):
+        return Sender(parts[-3], node_of(topic, site_prefix(prefix, parts[-3])))
+    return Sender(None, node_of(topic, prefix))
+
+
+def home_assistant_config(discovery_prefix: str, component: str, device_id: str, object_id: str) -> Topic:
+    """Home Assistant's MQTT discovery topic for one entity (tierlite.homeassistant):
+    <discovery_prefix>/<component>/<device_id>/<object_id>/config."""
+    return Topic(_join(discovery_prefix, component, device_id, object_id, "config"))
 
 
 # -- gateway and cloud workers ------------------------------------------------------------------

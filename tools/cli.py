@@ -20,6 +20,8 @@ COMMANDS = {
     "export": ("tierlite.converters.cli", "export a trained checkpoint as int8/binarized TFLite segments and a bundle"),
     "calibrate": ("tierlite.converters.cli", "choose exit thresholds on validation data; JSON report and PNG plot"),
     "inspect": ("tierlite.converters.cli", "print a bundle's or any .tflite file's segments, ops, quantization, sizes"),
+    "profile": ("tierlite.converters.partition", "per-block latency, int8 cut sizes and exit statistics of a checkpoint (JSON)"),
+    "plan": ("tierlite.converters.partition", "choose the cut and the exit operating point for a link from a profile"),
     "firmware": ("tierlite.converters.firmware", "emit TFLite Micro sources for a microcontroller board, checking it fits"),
     "device": ("tierlite.device.cli", "run the camera-node daemon"),
     "edge": ("tierlite.edge.cli", "run the edge gateway (broker, discovery, edge workers)"),
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ INFO/WARNING lines (SavedModel loader, MLIR passes, oneDNN...) would fill
+    # train.log and the terminal; TF reads this once, when imported, so set it before any command.
+    # (An explicit TF_CPP_MIN_LOG_LEVEL=0 still shows them.)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -11,7 +11,6 @@ with tierlite's ClientApp (edge gateway) that trains on DATA_DIR. Only weights t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,11 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default="small")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model/training override (all sites)")
     s.add_argument("--local-epochs", type=int, default=1)
-    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--lr", type=float, help="the sites' peak learning rate (default: the preset's)")
+    s.add_argument("--lr-schedule", choices=("cycle", "const"), default="cycle",
+                   help="cycle: one warm-up + cosine schedule across all rounds (default); const: --lr throughout")
+    s.add_argument("--server-lr", type=float, default=1.0, help="the cloud's step on the sites' average (FedAvgM)")
+    s.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (0: FedAvg)")
     s.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal term (0: FedAvg)")
     s.add_argument("--personal", default="", help="exit heads each site keeps, e.g. 'end,edge' (FedPer-style)")
     s.add_argument("--no-evaluate", action="store_true", help="skip the sites' evaluation after each round")
@@ -89,6 +92,8 @@ def run_federate(args) -> int:
         raise ConfigError("the SuperLink needs --certfile/--keyfile (TLS) or --insecure (loopback tests)")
     report = run_federation(args.out, classes=classes, sites=args.sites, rounds=args.rounds, preset=args.preset,
                             overrides=parse_sets(args.set), local_epochs=args.local_epochs, lr=args.lr,
+                            lr_schedule=args.lr_schedule, server_lr=args.server_lr,
+                            server_momentum=args.server_momentum,
                             proximal_mu=args.proximal_mu, personal=args.personal, seed=args.seed,
                             min_sites=args.min_sites, round_timeout=args.round_timeout,
                             evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,

@@ -19,7 +19,8 @@ from tierlite.federated import dumps, loads, spec_of
 app = ServerApp()
 
 # What the ServerApp passes on to every site each round (the rest of the run config stays here).
-SITE_KEYS = ("preset", "arch-set", "classes", "local-epochs", "lr", "proximal-mu", "personal", "seed")
+SITE_KEYS = ("preset", "arch-set", "classes", "local-epochs", "lr", "lr-schedule", "proximal-mu", "personal", "seed",
+             "num-server-rounds")
 
 
 def _say(line: str) -> None:
@@ -54,7 +55,9 @@ def main(grid: Grid, context: Context) -> None:
     n = _wait_for_sites(grid, wait, float(cfg.get("wait-timeout", 600)))
     _say(f"{n} site(s) connected (waited for {wait}); {int(cfg['num-server-rounds'])} round(s)")
     strategy = TierliteFedAvg(spec, report=write, min_sites=int(cfg.get("min-sites", 1)),
-                              evaluate=bool(cfg.get("evaluate", True)), say=_say)
+                              evaluate=bool(cfg.get("evaluate", True)), say=_say,
+                              server_lr=float(cfg.get("server-lr", 1.0)),
+                              server_momentum=float(cfg.get("server-momentum", 0.0)))
     site_cfg = ConfigRecord({k: cfg[k] for k in SITE_KEYS if k in cfg})
     t0 = time.monotonic()
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=int(cfg["num-server-rounds"]),

@@ -75,7 +75,7 @@ def initial_weights(out: Path, preset: str, classes: list[str], seed: int, overr
     from tierlite.converters import build_federated_model, load_checkpoint, model_weights, set_model_weights
     from tierlite.federated import dumps
 
-    model, arch, _ = build_federated_model(preset, len(classes), seed, **overrides)
+    model, arch, tc = build_federated_model(preset, len(classes), seed, **overrides)
     if init_from:  # a shared pretrained body (same architecture), e.g. `tierlite train` on public data
         src, meta = load_checkpoint(init_from)
         if meta.get("classes") != classes:
@@ -85,7 +85,7 @@ def initial_weights(out: Path, preset: str, classes: list[str], seed: int, overr
     out.mkdir(parents=True, exist_ok=True)
     (out / "initial.npz").write_bytes(dumps(weights))
     (out / "model.json").write_text(json.dumps({"preset": preset, "arch": arch.to_json(), "classes": classes,
-                                                "seed": seed, "overrides": overrides}, indent=2) + "\n")
+                                                "seed": seed, "overrides": overrides, "preset_lr": tc.lr}, indent=2) + "\n")
     return weights
 
 
@@ -104,7 +104,11 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> 
 def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str | None = None,
                     keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1"):
     """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log."""
-    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    from tierlite.federated import flower_command
+
+    # flower-superlink, run with tierlite's longer ServerApp claim window (tierlite.federated.run_flower)
+    cmd = flower_command("flwr.superlink.cli:flower_superlink", "flower-superlink") + [
+        "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -119,8 +123,29 @@ def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str |
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_HOME": str(home)},
                             start_new_session=True)
-    _wait_port(port, 60, proc, "flower-superlink")
+    _wait_port(port, 180, proc, "flower-superlink")  # slow to start on a loaded machine
     return proc
+
+
+def stop_superlink(proc: subprocess.Popen, port: int) -> None:
+    """Stop the SuperLink and what it launched: its SuperExec and ServerApp run detached (their
+    own sessions) and, starved of CPU, outlive it for minutes; they are found by the SuperLink's
+    address on their command line."""
+    import signal
+
+    from tierlite.federated import flower_processes
+
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    for _, pid in flower_processes(f"--runtime-api-address\x00127.0.0.1:{port}\x00".encode()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) -> int:
@@ -144,20 +169,32 @@ def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
 
 def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, rounds: int = 2,
                    preset: str = "small", overrides: dict | None = None, local_epochs: int = 1,
-                   lr: float = 0.05, proximal_mu: float = 0.0, personal: str = "", seed: int = 0,
+                   lr: float | None = None, lr_schedule: str = "cycle", server_lr: float = 1.0,
+                   server_momentum: float = 0.0, proximal_mu: float = 0.0, personal: str = "", seed: int = 0,
                    min_sites: int | None = None, round_timeout: float = 600.0, evaluate: bool = True,
                    port: int = 9092, superlink: str | None = None, insecure: bool = True,
                    certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
                    init_from: str | Path | None = None, timeout: float | None = None) -> dict:
-    """Start (or join) a SuperLink, run the federation to the end; returns the report dict."""
+    """Start (or join) a SuperLink, run the federation to the end; returns the report dict.
+
+    lr: the sites' peak rate (default: the preset's); lr_schedule "cycle": the converters'
+    one-cycle schedule laid across all rounds (each site places its local steps in it), "const":
+    `lr` throughout. server_lr/server_momentum: the cloud's FedAvgM step (1/0: plain FedAvg)."""
+    if lr_schedule not in ("cycle", "const"):
+        raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
+    if server_lr <= 0 or not 0 <= server_momentum < 1:
+        raise ConfigError(f"server lr must be > 0 and server momentum in [0, 1), got {server_lr}, {server_momentum}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("report.json", "global.npz"):
         (out / stale).unlink(missing_ok=True)
     overrides = dict(overrides or {})
     initial_weights(out, preset, classes, seed, overrides, init_from)
+    if lr is None:  # the preset's peak rate
+        lr = json.loads((out / "model.json").read_text())["preset_lr"]
     run_config = {"num-server-rounds": int(rounds), "preset": preset, "arch-set": json.dumps(overrides),
                   "classes": json.dumps(classes), "local-epochs": int(local_epochs), "lr": float(lr),
+                  "lr-schedule": lr_schedule, "server-lr": float(server_lr), "server-momentum": float(server_momentum),
                   "proximal-mu": float(proximal_mu), "personal": personal, "seed": int(seed),
                   "out-dir": str(out), "wait-sites": int(sites), "min-sites": int(min_sites or 1),
                   "round-timeout": float(round_timeout), "evaluate": bool(evaluate), "wait-timeout": 600.0}
@@ -173,11 +210,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
         rc = _flwr_run([_exe("flwr"), "run", str(app), "tierlite", "--stream"], env, out / "flwr-run.log", timeout)
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_superlink(proc, port)
     report_file = out / "report.json"
     if rc != 0 or not (out / "global.npz").is_file():
         tail = (out / "flwr-run.log").read_text(errors="replace").strip().splitlines()[-5:]

@@ -5,8 +5,10 @@ receive, per round) with tierlite's checks and math (`tierlite.federated`) and a
   differs is refused with one line and the round goes on without it;
 - a site that fails or does not answer in time is a failure of that round, not of the run
   (accept_failures): the round aggregates whoever answered, if at least one did;
-- aggregation: example-weighted average (FedAvg) of every named array; FedProx only changes the
-  sites' local loss (the `proximal-mu` sent in the round's config);
+- aggregation: example-weighted average (FedAvg) of every named array, then the cloud's step
+  (`server_step`: with server_lr 1 and server_momentum 0 the average itself; otherwise FedAvgM,
+  BatchNorm statistics still averaged); FedProx only changes the sites' local loss (the
+  `proximal-mu` sent in the round's config);
 - personalised exit heads: the sites keep theirs (`personal` in the config); the average of the
   heads is kept as the global model's, for new sites and for the global bundle;
 - bytes: the serialised weights each way, per site and round (what Flower's ArrayRecord carries).
@@ -23,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from tierlite.federated import ModelMismatch, check_arrays, weighted_average
+from tierlite.federated import ModelMismatch, check_arrays, server_step, weighted_average
 
 log = logging.getLogger("tierlite.cloud.federated")
 EXITS = ("end", "edge", "cloud")
@@ -53,7 +55,8 @@ class TierliteFedAvg(FedAvg):
     """FedAvg with model checks, refusals in one line, and a JSON report per round."""
 
     def __init__(self, spec: dict[str, tuple[int, ...]], report: Callable[[dict], None] | None = None,
-                 min_sites: int = 1, evaluate: bool = True, say: Callable[[str], None] = print) -> None:
+                 min_sites: int = 1, evaluate: bool = True, say: Callable[[str], None] = print,
+                 server_lr: float = 1.0, server_momentum: float = 0.0) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0,
                          min_train_nodes=min_sites, min_evaluate_nodes=min_sites if evaluate else 0,
                          min_available_nodes=min_sites)
@@ -63,11 +66,15 @@ class TierliteFedAvg(FedAvg):
         self.say = say
         self._down_bytes = 0
         self._t_round = time.monotonic()
+        self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
+        self._current: dict[str, np.ndarray] | None = None  # the model this round started from
+        self._velocity: dict[str, np.ndarray] | None = None  # FedAvgM's server momentum
 
     # -- orchestration hooks (Flower calls these from Strategy.start) --------------------------
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         self._t_round = time.monotonic()
         self._down_bytes = record_bytes(arrays)
+        self._current = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -112,6 +119,8 @@ class TierliteFedAvg(FedAvg):
             self._emit()
             return None, None
         agg = weighted_average(models, weights)
+        if self._current is not None:
+            agg, self._velocity = server_step(self._current, agg, self._velocity, self.server_lr, self.server_momentum)
         total = float(sum(weights))
         summary = {"clients": len(models), "examples": int(total)}
         for key in ("loss", *(f"val-acc-{t}" for t in EXITS)):

@@ -14,10 +14,11 @@ from tierlite.errors import ConfigError, DataError
 
 
 def load_hard_examples(opts: RetrainOptions, bundle: Bundle) -> dict[str, Any]:
-    """Stored end features + teacher logits of every hard example, and the frames of opted-in nodes."""
+    """Stored end features + teacher logits of every hard example (and which are audits), and the
+    frames of opted-in nodes."""
     from tierlite.cloud.store import HardExampleStore
 
-    feats, teacher, nodes = [], [], []
+    feats, teacher, nodes, audits = [], [], [], []
     with HardExampleStore.open_readonly(opts.store) as store:
         for ex in store.iter_examples(bundle_name=bundle.name):
             if opts.since is not None and ex.ts < opts.since:
@@ -28,8 +29,9 @@ def load_hard_examples(opts: RetrainOptions, bundle: Bundle) -> dict[str, Any]:
             feats.append(f.reshape(bundle.segment("edge").inputs[0].shape[1:]))
             teacher.append(ex.logits["cloud"])
             nodes.append(ex.node)
+            audits.append(ex.audit)
     out = {"end_features": np.stack(feats) if feats else np.zeros((0,)), "teacher": np.stack(teacher) if teacher else None,
-           "nodes": nodes, "frames": np.zeros((0, *bundle.input_shape[1:]), np.uint8), "frame_nodes": [],
+           "nodes": nodes, "audits": np.array(audits, bool), "frames": np.zeros((0, *bundle.input_shape[1:]), np.uint8), "frame_nodes": [],
            "refused_frames": 0}
     if opts.frames is not None and opts.frames.is_file():
         from tierlite.cloud.frames import FrameStore

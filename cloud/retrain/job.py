@@ -19,8 +19,8 @@ from tierlite.cloud.retrain.chain import Chain
 from tierlite.cloud.retrain.data import load_hard_examples, replay_and_val, workdir
 from tierlite.cloud.retrain.distill import fit_head
 from tierlite.cloud.retrain.end_segment import build_end_profile, retrain_end_segment
-from tierlite.cloud.retrain.judge import (agreement, check_boundary_identical, clean_figures, escalation,
-                                          gap_middle, verdict)
+from tierlite.cloud.retrain.judge import (JUDGE_STATS, agreement, check_boundary_identical, clean_figures,
+                                          escalation, gap_middle, teacher_drift, teacher_reference, verdict)
 from tierlite.cloud.retrain.options import RetrainOptions, RetrainReport
 from tierlite.errors import ConfigError, DataError
 
@@ -40,6 +40,7 @@ class HardSet:
     edge_parent: np.ndarray  # the parent's edge logits
     hold_edge: np.ndarray
     hold_end: np.ndarray
+    teacher: dict[str, Any] = field(default_factory=dict)  # its drift check on the audits (judge.py)
 
     @property
     def n_feat(self) -> int:
@@ -77,24 +78,28 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     rx, ry, vx, vy = replay_and_val(opts, parent)
     replay = chain.from_frames(rx)
     val = chain.from_frames(vx)
+    teacher_ref = teacher_reference(val, parent.thresholds["end"])
+    ex.teacher = _check_teacher(ex, teacher_ref, opts.seed)
     refit = _refit(opts, parent, chain, ex, replay, rx, ry)
 
     out, tmp, manifest = _stage_candidate(opts, parent, chain, refit)
     candidate = Chain(Bundle(tmp, manifest, parent.segments))  # same tensors: only weights differ
+    if refit.profile is not None:
+        _variant_reference(manifest, candidate, ex.hard["frames"][~ex.hold_end], refit)
     cand_val = candidate.from_frames(vx)
     _compare_boundary(val, cand_val, refit)
     parent_exits, cand_exits = _exits(val), _exits(cand_val)
     chosen, new_thr, fbytes = _calibrate(parent, cand_exits, vy)
-    holdout = _holdout(parent, candidate, ex, new_thr)
+    holdout = _holdout(parent, candidate, ex, new_thr, teacher_ref, opts.seed)
     clean = {"frames": int(len(vy)),
              "parent": clean_figures(parent_exits, vy, parent.thresholds, fbytes),
              "candidate": clean_figures(cand_exits, vy, new_thr, fbytes)}
-    better, reason = verdict(holdout, clean, opts)
+    better, reason = verdict(holdout, clean, opts, ex.teacher)
     end_scope = opts.end_scope if "end" in refit.heads else "head"
     _finish_manifest(manifest, parent, new_thr, chosen, cand_exits, vy, retrained={
         "parent_version": parent.version, "heads": sorted(refit.heads), "teacher": "cloud exit",
         "end_scope": end_scope, "temperature": opts.temperature, "hard_examples": n_feat, "frames": n_frames,
-        "holdout": holdout, "better": better, "verdict": reason,
+        "holdout": holdout, "teacher_check": ex.teacher, "better": better, "verdict": reason,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_manifest(tmp, manifest)
     Bundle.load(tmp)
@@ -109,9 +114,33 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
               "frames_not_allowed": hard["refused_frames"], "holdout": int(ex.hold_edge.sum()),
               "replay": int(len(ry)), "val": int(len(vy))},
         heads=refit.heads, holdout=holdout, clean=clean, better=better, reason=reason, bundle_dir=str(out),
+        teacher=ex.teacher,
         seconds=round(time.monotonic() - t0, 1))
     (out.parent / f"{out.name}.retrain.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
     return report
+
+
+def judge_candidate(opts: RetrainOptions, candidate_dir: Path) -> dict[str, Any]:
+    """Judge an existing candidate bundle against the parent (opts.bundle) exactly as retrain()
+    does, on the same store and held-out draw (same --seed), with the candidate's own thresholds:
+    for a candidate changed after its run, or judged again on a newer store. Returns
+    {better, reason, holdout, clean, teacher}."""
+    parent = _load_parent(opts)
+    chain = Chain(parent)
+    ex = _through_parent(opts, chain, load_hard_examples(opts, parent))
+    _, _, vx, vy = replay_and_val(opts, parent)
+    val = chain.from_frames(vx)
+    teacher_ref = teacher_reference(val, parent.thresholds["end"])
+    ex.teacher = _check_teacher(ex, teacher_ref, opts.seed)
+    cand_bundle = Bundle.load(candidate_dir)
+    candidate = Chain(cand_bundle)
+    fbytes = _feature_bytes(parent)
+    holdout = _holdout(parent, candidate, ex, cand_bundle.thresholds, teacher_ref, opts.seed)
+    clean = {"frames": int(len(vy)),
+             "parent": clean_figures(_exits(val), vy, parent.thresholds, fbytes),
+             "candidate": clean_figures(_exits(candidate.from_frames(vx)), vy, cand_bundle.thresholds, fbytes)}
+    better, reason = verdict(holdout, clean, opts, ex.teacher)
+    return {"better": better, "reason": reason, "holdout": holdout, "clean": clean, "teacher": ex.teacher}
 
 
 def _load_parent(opts: RetrainOptions) -> Bundle:
@@ -146,11 +175,27 @@ def _through_parent(opts: RetrainOptions, chain: Chain, hard: dict[str, Any]) ->
     return HardSet(hard, f_out, r_out, edge_x, edge_t, edge_parent, hold_edge, hold_end)
 
 
+def _check_teacher(ex: HardSet, reference: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """The teacher's drift check on every stored audit (stored features and the cloud's logits as
+    it answered them); audits, not escalations, because they are a random share of the frames the
+    camera was sure of, like the reference. Logged: a drifted teacher changes what the run does."""
+    audits = ex.hard["audits"]
+    check = (teacher_drift(ex.hard["end_features"][audits], ex.hard["teacher"][audits], reference, seed)
+             if audits.any() else None)
+    out = {"audits": int(audits.sum()), "check": check}
+    if check is not None and check["drifted"]:
+        log.warning("retrain: the teacher is drifted on %d audited frames (%s over its clean thresholds): its "
+                    "labels are not used; heads keep their weights", check["frames"], ", ".join(check["triggered"]))
+    return out
+
+
 def _refit(opts: RetrainOptions, parent: Bundle, chain: Chain, ex: HardSet, replay: dict[str, np.ndarray],
            rx: np.ndarray, ry: np.ndarray) -> Refit:
     """The edge head always; the end as --end-scope says when opted-in frames are left to train on:
-    its head (distilled like the edge's), a retrained end segment, or a condition profile."""
+    its head (distilled like the edge's), a retrained end segment, or a condition profile. A drifted
+    teacher (ex.teacher) distils nothing: the heads keep the parent's weights."""
     refit = Refit()
+    distil = not ((ex.teacher.get("check") or {}).get("drifted"))
     keep_edge, keep_end = ~ex.hold_edge, ~ex.hold_end
     plans = [("edge", ex.edge_x[keep_edge], ex.edge_t[keep_edge], replay["edge_pooled"])]
     if ex.n_frames and keep_end.sum():
@@ -163,7 +208,7 @@ def _refit(opts: RetrainOptions, parent: Bundle, chain: Chain, ex: HardSet, repl
                                                                     branch_only=opts.end_scope == "branch")
         else:
             plans.insert(0, ("end", ex.r_out["end_pooled"][keep_end], teacher, replay["end_pooled"]))
-    for tier, x_kd, t_kd, x_ce in plans:
+    for tier, x_kd, t_kd, x_ce in plans if distil else []:
         h = chain.heads[tier]
         W, b = fit_head(h.W, h.b, x_kd, t_kd, x_ce, ry, opts.temperature, opts.steps, opts.lr, opts.l2, opts.hard_weight)
         refit.weights[tier] = (W, b)
@@ -200,6 +245,28 @@ def _stage_candidate(opts: RetrainOptions, parent: Bundle, chain: Chain,
     return out, tmp, manifest
 
 
+VARIANT_REFERENCE_MIN_FRAMES = 20  # fewer frames for the variant: no reference of its own (node uses the bundle's)
+
+
+def _variant_reference(manifest: dict[str, Any], candidate: Chain, frames: np.ndarray, refit: Refit) -> None:
+    """The new condition variant's own drift reference (tierlite.drift), from the frames it was
+    made from as it runs them, in its manifest entry: a node running it compares those frames with
+    what the variant expects, not with the clean training set (which would keep the alarm up for as
+    long as the condition lasts)."""
+    from tierlite.drift import REFERENCE_KEY, reference_stats
+
+    sel = refit.profile[1]
+    picked = sel.picks(frames) if len(frames) else np.zeros(0, bool)
+    entry = next(e for e in manifest["files"] if e.get("role") == ROLE)
+    if picked.sum() < VARIANT_REFERENCE_MIN_FRAMES:
+        log.info("retrain: only %d frames for the variant's drift reference (%d needed); nodes compare its "
+                 "frames with the bundle's", int(picked.sum()), VARIANT_REFERENCE_MIN_FRAMES)
+        return
+    out = candidate.from_frames(frames[picked])
+    entry[REFERENCE_KEY] = reference_stats(out["end_features"], out["end_logits"])
+    refit.heads["end"]["drift_reference_frames"] = int(picked.sum())
+
+
 def _compare_boundary(val: dict[str, np.ndarray], cand_val: dict[str, np.ndarray], refit: Refit) -> None:
     """Refitted heads must leave the boundary bit-identical; a re-exported end keeps it close
     (frozen or hinted), so there it is measured into the end's report."""
@@ -219,18 +286,27 @@ def _calibrate(parent: Bundle, exits: list[np.ndarray], labels: np.ndarray):
     """The candidate's thresholds on the validation split, at the parent's max drop: (the chosen
     operating point, thresholds moved to the middle of their gap, the boundary bytes per frame)."""
     from tierlite.converters import search_thresholds
-    from tierlite.wire import encoded_size
 
-    fbytes = (encoded_size(parent.segment("end").output("feature").shape, parent.feature_encoding),
-              encoded_size(parent.segment("edge").output("feature").shape, FeatureEncoding.INT8))
+    fbytes = _feature_bytes(parent)
     max_drop = float(parent.manifest.get("calibration", {}).get("max_drop", 0.005))
     chosen = search_thresholds(exits, labels, fbytes, max_drop)
     return chosen, gap_middle(chosen.thresholds, exits), fbytes
 
 
-def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, float]) -> dict[str, Any]:
+def _feature_bytes(parent: Bundle) -> tuple[int, int]:
+    """Boundary bytes per escalated frame: end -> edge, edge -> cloud."""
+    from tierlite.wire import encoded_size
+
+    return (encoded_size(parent.segment("end").output("feature").shape, parent.feature_encoding),
+            encoded_size(parent.segment("edge").output("feature").shape, FeatureEncoding.INT8))
+
+
+def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, float],
+             teacher_ref: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
     """Held-out hard examples through the candidate's int8 chain: agreement with the teacher and
-    how many it would still escalate, parent vs candidate, per retrained exit."""
+    how many it would still escalate, parent vs candidate, per retrained exit. For held-out frames,
+    also the teacher as it answers through the candidate's end (`through_candidate`): agreement of
+    both end exits with it, and its drift check, beside the same check through the parent's end."""
     holdout: dict[str, Any] = {}
     hold_edge, hold_end, hard = ex.hold_edge, ex.hold_end, ex.hard
     feat_hold = hold_edge[:ex.n_feat]
@@ -244,6 +320,13 @@ def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, f
     if cand_r is not None:
         pl, pt = ex.r_out["end_logits"][hold_end], ex.r_out["cloud_logits"][hold_end]
         holdout["end"] = _agreement_figures(pl, cand_r["end_logits"], pt, parent.thresholds["end"], new_thr["end"])
+        ct = cand_r["cloud_logits"]
+        holdout["end"]["teacher_drift"] = teacher_drift(ex.r_out["end_features"][hold_end], pt, teacher_ref, seed,
+                                                        stats=JUDGE_STATS)
+        holdout["end"]["through_candidate"] = {
+            "frames": int(len(ct)), "parent_agreement": agreement(pl, ct),
+            "candidate_agreement": agreement(cand_r["end_logits"], ct),
+            "teacher_drift": teacher_drift(cand_r["end_features"], ct, teacher_ref, seed, stats=JUDGE_STATS)}
     return holdout
 
 

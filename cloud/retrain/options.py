@@ -117,6 +117,7 @@ class RetrainReport:
     reason: str
     bundle_dir: str
     seconds: float
+    teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's drift check on the audits
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -143,6 +144,19 @@ class RetrainReport:
         if "selector_picks_uploaded" in end:
             lines.append(f"  profile selector: picks {end['selector_picks_uploaded'] * 100:.1f} % of the uploaded frames, "
                          f"{end['selector_picks_replay'] * 100:.1f} % of the replay (training) frames")
+        check = (self.teacher or {}).get("check")
+        if check is not None:
+            lines.append(f"  teacher on {check['frames']} audited frames: "
+                         + ", ".join(f"{k} {check['scores'][k]:.2f} (clean threshold {check['thresholds'][k]:.2f})"
+                                     for k in ("classes", "entropy", "feature"))
+                         + (" -> DRIFTED: its labels not used, heads not distilled" if check["drifted"] else ""))
+        through = (self.holdout.get("end") or {}).get("through_candidate")
+        if through is not None:
+            d, dp = through["teacher_drift"], self.holdout["end"].get("teacher_drift")
+            psi = " ".join(f"{w} {x['scores']['classes']:.2f}" for w, x in (("parent", dp), ("candidate", d)) if x)
+            lines.append(f"  held-out end exit vs the teacher through the candidate's end: agreement "
+                         f"{through['parent_agreement'] * 100:.1f} -> {through['candidate_agreement'] * 100:.1f} % "
+                         f"({through['frames']} frames; teacher classes PSI through the {psi or '-'})")
         lines.append(f"  thresholds {self.parent['thresholds']} -> {self.candidate['thresholds']}")
         lines.append(f"  verdict: {'BETTER' if self.better else 'not better'} ({self.reason})")
         return "\n".join(lines)

@@ -39,6 +39,11 @@ class Runtime(ABC):
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Invoke once; returns copies of every output (safe to keep across calls)."""
 
+    def batched(self, n: int) -> "Runtime | None":
+        """The same model with a leading batch dimension of `n` (a separate interpreter), or None
+        where this backend or model cannot take one (callers then run the frames one by one)."""
+        return None
+
 
 def detail_from_interpreter(d: dict) -> TensorDetail:
     """Both LiteRT-style and TFLM-style detail dicts carry 'quantization_parameters'."""

@@ -18,8 +18,10 @@ class LiteRTConfig:
 class InterpreterRuntime(Runtime):
     """Shared by every plugin whose library exposes the tf.lite.Interpreter API."""
 
-    def __init__(self, model_path: str | Path, interpreter):
+    def __init__(self, model_path: str | Path, interpreter, reopen=None):
+        """reopen: makes a fresh interpreter of the same model and settings (for `batched`)."""
         super().__init__(model_path)
+        self._reopen = reopen
         self._interp = interpreter
         self._interp.allocate_tensors()
         self._in = self._interp.get_input_details()
@@ -39,6 +41,20 @@ class InterpreterRuntime(Runtime):
         self._interp.invoke()
         return [self._interp.get_tensor(d["index"]) for d in self._out]
 
+    def batched(self, n: int) -> "InterpreterRuntime | None":
+        if self._reopen is None or any(len(d["shape"]) == 0 for d in self._in):
+            return None
+        interp = self._reopen()
+        try:
+            for d in interp.get_input_details():
+                interp.resize_tensor_input(d["index"], [n, *d["shape"][1:]])
+            twin = InterpreterRuntime(self.model_path, interp)
+        except (ValueError, RuntimeError):  # a reshape with a hard-coded batch of 1, a delegate that refuses
+            return None
+        if any(o.shape[:1] != (n,) for o in twin.outputs):
+            return None
+        return twin
+
     def op_names(self) -> list[str]:
         return [op["op_name"] for op in self._interp._get_ops_details()]
 
@@ -52,8 +68,11 @@ class LiteRTRuntime(InterpreterRuntime):
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as e:
             raise RuntimeUnavailable(f"ai-edge-litert is not installed ({e}); pip install 'tierlite[device]'") from None
+        def reopen():
+            return Interpreter(model_path=str(model_path), num_threads=config.threads)
+
         try:
-            interp = Interpreter(model_path=str(model_path), num_threads=config.threads)
+            interp = reopen()
         except (ValueError, RuntimeError) as e:
             raise RuntimeUnavailable(f"LiteRT cannot load {model_path}: {e}") from None
-        super().__init__(model_path, interp)
+        super().__init__(model_path, interp, reopen)

@@ -22,9 +22,12 @@ class TFLiteRuntime(InterpreterRuntime):
             from tflite_runtime.interpreter import Interpreter
         except ImportError as e:
             raise RuntimeUnavailable(f"tflite-runtime is not installed ({e})") from None
+        def reopen():
+            return Interpreter(model_path=str(model_path), num_threads=config.threads)
+
         try:
-            interp = Interpreter(model_path=str(model_path), num_threads=config.threads)
+            interp = reopen()
         except (ValueError, RuntimeError, SystemError) as e:
             # SystemError: tflite-runtime 2.14 under numpy 2 fails in CreateWrapperFromFile.
             raise RuntimeUnavailable(f"tflite-runtime cannot load {model_path}: {e}") from None
-        super().__init__(model_path, interp)
+        super().__init__(model_path, interp, reopen)

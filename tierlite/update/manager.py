@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from tierlite.bundle import Bundle
 from tierlite.config import UpdateConfig
 from tierlite.errors import TierliteError, UpdateError
 from tierlite.policy import decide
+from tierlite.ratelimit import LogThrottle
 from tierlite.segment import Segment
 from tierlite.update.artifacts import check_boundary, vet_artifact
 from tierlite.update.delivery import ChunkAssembler, ReassemblyError, in_rollout, parse_announcement
@@ -31,6 +33,7 @@ from tierlite.update.versions import VersionStore
 __all__ = ["MAX_UNCONFIRMED_STARTS", "SegmentFactory", "SwapFn", "UpdateManager"]
 
 log = logging.getLogger("tierlite.update")
+NETWORK_REFUSAL_INTERVAL_S = 10.0  # refusals straight off the wire: one log line and report per kind per interval
 
 MAX_UNCONFIRMED_STARTS = 1  # restarts tolerated while a new version is on probation
 SegmentFactory = Callable[[Bundle, str], Any]  # (bundle, tier) -> object with .run(x) -> SegmentOutput
@@ -88,6 +91,9 @@ class UpdateManager:
         self._refused: set[str] = set()  # artifact sha256s already refused by this process
         self.counters = {"refused": 0, "applied": 0, "rolled_back": 0, "confirmed": 0, "dropped_messages": 0}
         self.last_event: dict[str, Any] = {}
+        # Anyone who can publish on the update topic can send garbage: such refusals are counted
+        # each, but logged and reported (retained) at most once per interval per kind.
+        self._network_throttle = LogThrottle(NETWORK_REFUSAL_INTERVAL_S)
 
     # -- start-up ----------------------------------------------------------------------------
     def startup(self, configured: Bundle) -> Bundle:
@@ -176,10 +182,12 @@ class UpdateManager:
             elif topic.startswith(self.topic + "/v"):
                 self._on_chunk(topic, payload)
         except UpdateError as e:
-            self._refuse(str(e))
-        except Exception:  # noqa: BLE001 - a daemon must not die on a bad message
+            self._refuse(str(e), network=True)
+        except Exception as e:  # noqa: BLE001 - a daemon must not die on a bad message
             self.counters["dropped_messages"] += 1
-            log.exception("update: dropped a message on %s", topic)
+            if self._network_throttle.log(log, logging.ERROR, "dropped", "update: dropped a message on %s: %r (%d "
+                                          "dropped so far)", topic, e, self.counters["dropped_messages"]):
+                log.debug("update: dropped message traceback", exc_info=True)
 
     def _on_announcement(self, payload: bytes) -> None:
         if not payload:
@@ -239,7 +247,8 @@ class UpdateManager:
                 # A garbage chunk costs only itself: the good ones keep arriving, and the chunk
                 # timeout re-requests the set (_retry_chunks) if the artifact never completes.
                 self.counters["dropped_messages"] += 1
-                log.warning("update: ignored a bad chunk of v%s on %s: %s", doc["version"], topic, e)
+                self._network_throttle.log(log, logging.WARNING, "chunk", "update: ignored a bad chunk of v%s on %s: %s",
+                                           doc["version"], topic, e)
                 return
             if data is None:
                 return
@@ -494,17 +503,26 @@ class UpdateManager:
             st["current"] = st["previous"]
         self.store.save()
 
-    def _refuse(self, reason: str, data: bytes | None = None, version: int | None = None) -> None:
+    def _refuse(self, reason: str, data: bytes | None = None, version: int | None = None,
+                network: bool = False) -> None:
+        """network: refused straight off the wire (announcement): throttled, see __init__."""
         if data:  # do not fetch the same bad artifact again when its announcement is re-sent
             self._refused.add(hashlib.sha256(data).hexdigest())
         self.counters["refused"] += 1
-        self._event("refused", version, reason, logging.WARNING)
+        # Throttled per kind of refusal (numbers masked), so a flood of one kind stays one line while
+        # a different refusal (unsigned, then an untrusted key) is still reported at once.
+        kind = "announcement: " + re.sub(r"\d+", "#", reason)[:120] if network else None
+        self._event("refused", version, reason, logging.WARNING, throttle=kind)
 
-    def _event(self, state: str, version: int | None, detail: str, level: int = logging.INFO) -> None:
+    def _event(self, state: str, version: int | None, detail: str, level: int = logging.INFO,
+               throttle: str | None = None) -> None:
         named = version is not None and state != "refused"  # a refusal's reason names the version
         line = f"update {state}" + (f" v{version}" if named else "") + f": {detail}"
-        log.log(level, "%s", line)
         self.last_event = {"state": state, "version": version, "detail": detail, "ts": round(time.time(), 3)}
+        if throttle is None:
+            log.log(level, "%s", line)
+        elif not self._network_throttle.log(log, level, throttle, "%s", line):
+            return  # held back: counted, in last_event, in the next report that goes out
         if self._client is not None and self.bundle is not None:
             try:
                 self._client.publish(topics.update_report(self.prefix, self._model, self.node_id),

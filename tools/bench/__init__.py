@@ -11,10 +11,12 @@ import importlib
 
 SUBCOMMANDS = {
     # name: (module, one-line help)
-    "runtime": ("tierlite.tools.bench.runtime", "runtime latency and throughput: camera decision, escalation round trip, "
-                                          "escalations/s per edge worker (real Mosquitto on loopback)"),
+    "runtime": ("tierlite.tools.bench.runtime", "camera decision, node daemon round trip, then the fleet's open-loop "
+                                          "rate steps (batching off/on; real Mosquitto on loopback)"),
     "accuracy": ("tierlite.tools.bench.accuracy", "accuracy, uplink bytes and latency of every configuration on the same frames"),
     "fleet": ("tierlite.tools.bench.fleet", "fleet load test: simulated nodes against one and two edge workers"),
+    "offload": ("tierlite.tools.bench.offload", "a real model server (Ray Serve, [bench] extra) beside tierlite on the "
+                                          "same frames: latency, bytes per frame, frames/s per core"),
     "drift": ("tierlite.tools.bench.drift", "co-updating under drift: fleet escalates low-light frames, retrain, "
                                       "signed update rolled out; accuracy and escalation before/after"),
 }

@@ -243,7 +243,8 @@ def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store
                       logits={"end": r["end_logits"][i], "edge": r["edge_logits"][i], "cloud": r["cloud_logits"][i]},
                       label=int(r["cloud_logits"][i].argmax()), confidence=0.0, entropy=0.0,
                       end_feature=encode_feature(r["end_features"][i], enc), end_feature_shape=info.shape,
-                      end_feature_encoding=enc, end_feature_scale=info.scale, end_feature_zero_point=info.zero_point)
+                      end_feature_encoding=enc, end_feature_scale=info.scale, end_feature_zero_point=info.zero_point,
+                      audit=bool(audited[i]))
     store.close()
     fstore.close()
     return {"frames": int(len(frames)), "escalated_by_end": 100 * float(end_esc.mean()),

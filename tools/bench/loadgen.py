@@ -8,7 +8,8 @@ into the header. Sending is open-loop at an offered rate (a scheduler thread
 that never waits for answers, so a slow system cannot slow the offered load and hide its own
 latency), round-robin over the nodes. Latency = answer received - message sent, same clock.
 
-Used by `tierlite bench fleet` (rate steps, knee) and available to `tierlite bench runtime`.
+The one load generator of the benchmarks: `tierlite bench fleet` and `tierlite bench runtime` both
+drive it (tools/bench/fleet.py `measure_fleet`: rate steps, knee, batching on vs off).
 """
 from __future__ import annotations
 
