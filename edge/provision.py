@@ -250,15 +250,19 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-Type=simple
+# READY=1 once the model is loaded; WATCHDOG=1 only while frames keep being decided (tierlite.systemd).
+Type=notify
+NotifyAccess=main
+WatchdogSec=60
 User=tierlite
 Group=tierlite
 SupplementaryGroups=video
 Environment=TIERLITE_LOG_FORMAT=json
-ExecStart=/opt/tierlite/bin/tierlite device --config /etc/tierlite/node.yaml --board {board}
+# the board profile is `board:` in node.yaml, so the unit is the same on every board
+ExecStart=/opt/tierlite/bin/tierlite device --config /etc/tierlite/node.yaml
 KillSignal=SIGTERM
 TimeoutStopSec=15
-Restart=always
+Restart=on-failure
 RestartSec=5
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -444,13 +448,13 @@ class Fleet:
         self._identity(node, folder, "node", host)
         broker = yaml.safe_load((folder / "node-security.yaml").read_text())["broker"]
         broker["tls"] = {k: f"/etc/tierlite/{v}" for k, v in broker["tls"].items()}
-        node_yaml = {"node_id": node, "prefix": self.state["prefix"], "bundle": bundle,
+        node_yaml = {"node_id": node, "prefix": self.state["prefix"], "bundle": bundle, "board": board,
                      "source": {"uri": source}, "broker": broker,
                      "results_file": "/var/lib/tierlite/results.jsonl"}
         _write(folder / "node.yaml", "# written by `tierlite provision` (docs/PI_NODE.md); holds the node's "
                "password: 0600\n" + yaml.safe_dump(node_yaml, sort_keys=False), 0o600)
         (folder / "node-security.yaml").unlink()
-        _write(folder / "tierlite-node.service", NODE_UNIT.format(node=node, board=board))
+        _write(folder / "tierlite-node.service", NODE_UNIT.format(node=node))
         _write(folder / "install.sh", INSTALL_SH.format(node=node), 0o755)
         _write(folder / "tierlite-firstboot.service", FIRSTBOOT_UNIT.format(node=node))
         if node not in self.state["nodes"]:
@@ -617,7 +621,7 @@ def configure_provision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-broker-host", help="broker host in the nodes' node.yaml: 'auto' (zeroconf; the "
                    "gateway's address must be a --gateway-host) or a name; default the first --gateway-host")
     p.add_argument("--source", default="0", help="camera source in the nodes' node.yaml (default camera 0)")
-    p.add_argument("--board", default="pi4", help="board profile in the nodes' systemd unit")
+    p.add_argument("--board", default="pi4", help="board profile written into the node's node.yaml (`board:`)")
     p.add_argument("--site", action="append", default=[],
                    help="cloud: a site whose gateway bridges to the cloud broker (repeatable; its bridge identity)")
     p.add_argument("--cloud-host", action="append", default=[],

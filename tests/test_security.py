@@ -126,7 +126,9 @@ def test_provision_writes_a_ready_node_folder(fleet):
     assert node["node_id"] == "cam1" and node["broker"]["username"] == "cam1"
     assert node["broker"]["host"] == "gw.example" and node["broker"]["port"] == 8883
     assert node["broker"]["tls"]["ca_file"] == "/etc/tierlite/ca.crt"
-    assert "--config /etc/tierlite/node.yaml" in (folder / "tierlite-node.service").read_text()
+    unit = (folder / "tierlite-node.service").read_text()
+    assert "--config /etc/tierlite/node.yaml" in unit and "--board" not in unit and "Type=notify" in unit
+    assert node["board"] == "pi4"  # the board lives in the node's config, where the daemon reads it
     users = [line.split(":", 1)[0] for line in fleet.passwd_path.read_text().splitlines()]
     assert sorted(users) == sorted(["_cloud-cloud", "_edge-edge", "_monitor", "_publisher", *NODES])
     assert all(line.split(":", 1)[1].startswith("$7$") for line in fleet.passwd_path.read_text().splitlines())
