@@ -32,6 +32,16 @@ def test_frame_stats_and_selector_tell_dark_noisy_frames_apart():
     assert sel.picks(dark[0][None]).shape == (1,)  # one frame, as the node runs it
 
 
+def test_selector_takes_at_most_the_allowed_share_of_trained_frames():
+    # overlapping conditions: a balanced fit would hand many clean frames to the variant
+    clean, dim = _frames(400, 2), _frames(400, 3, gain=0.95, noise=2)
+    assert Selector.fit(dim, clean, max_false_picks=1.0).picks(clean).mean() > 0.1  # the balanced fit
+    for cap in (0.01, 0.05):
+        sel = Selector.fit(dim, clean, max_false_picks=cap)
+        assert sel.picks(clean).mean() <= cap + 1e-9
+        assert sel.picks(dim).mean() > 0.5  # still takes most of the condition's frames
+
+
 def test_manifest_rejects_bad_profile_entries(small_bundle_dir, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(small_bundle_dir, bundle)

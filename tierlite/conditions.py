@@ -42,7 +42,11 @@ class Selector:
 
     @classmethod
     def fit(cls, condition_frames: np.ndarray, trained_frames: np.ndarray, l2: float = 1e-3,
-            steps: int = 500) -> "Selector":
+            steps: int = 500, max_false_picks: float = 0.01) -> "Selector":
+        """max_false_picks: the most of `trained_frames` the variant may take. Every clean frame it
+        takes runs a model tuned for another condition, which is what a profile costs on clean
+        frames (measured on CIFAR-10: 5.2 % picked cost the end exit 0.85 pt), so the decision
+        threshold is raised until at most this share of them is picked."""
         xs = np.concatenate([frame_stats(condition_frames), frame_stats(trained_frames)]).astype(np.float64)
         ys = np.concatenate([np.ones(len(condition_frames)), np.zeros(len(trained_frames))])
         mean, scale = xs.mean(0), xs.std(0) + 1e-6
@@ -60,6 +64,10 @@ class Selector:
             w, b = w - delta[:-1], b - delta[-1]
             if np.abs(delta).max() < 1e-8:
                 break
+        trained_scores = z[ys == 0] @ w + b
+        if len(trained_scores):
+            margin = float(np.quantile(trained_scores, 1.0 - max_false_picks))
+            b -= max(margin, 0.0)  # only ever stricter than the balanced fit
         return cls(mean.tolist(), scale.tolist(), w.tolist(), float(b))
 
     @classmethod
