@@ -20,6 +20,7 @@ from pathlib import Path
 from tierlite import topics
 from tierlite.mqtt import Message, MqttClient, default_client_id
 from tierlite.service import die_with_parent, stop_processes
+from tierlite.systemd import notify
 
 __all__ = ["Gateway", "WORKER_RESTARTS_PER_MINUTE"]
 
@@ -49,6 +50,9 @@ class Gateway:
         for tier in ("end", "edge"):
             self.bundle.segment(tier)
         self.stop_event = threading.Event()
+        # systemd's socket is the gateway's alone: Mosquitto (built with systemd support) and the
+        # workers would otherwise inherit it and say READY before the workers are online.
+        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
         self.workers = [_Worker(i) for i in range(cfg.workers)]
         self.mosquitto = None
         self.advertiser = None
@@ -130,6 +134,7 @@ class Gateway:
                 was, w.online = w.online, doc.get("state") == "online"
                 if w.online and not was and all(x.online for x in self.workers):
                     log.info("gateway ready: %d edge worker(s) online", len(self.workers))
+                    notify("READY=1", self._notify_socket)  # systemd Type=notify: up once every worker answers
         self._publish_status()
 
     def _publish_status(self) -> None:

@@ -3,6 +3,8 @@ with valid features beside normal nodes (per-node escalation budget), a corrupt 
 store at cloud start-up."""
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 
@@ -187,14 +189,26 @@ def test_gateway_children_die_with_it_and_a_restart_works(small_bundle_dir):
         stack.procs["edge"].proc.kill()
         stack.procs["edge"].proc.wait(5)
         wait_until(lambda: all(_gone(p) for p in children), 10, "the gateway's children to exit")
-        # the same config again, at once: same port, comes up
+        # the same config again, at once: same port, comes up, and tells systemd (Type=notify) when
+        # its edge worker is online
+        notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's pid, as systemd sees it
+        notify_sock.bind(str(stack.dir / "notify.sock"))
+        notify_sock.settimeout(60)
         stack.procs["edge"] = TierProcess("edge-again", ["--log-level", "info", "edge", "--config",
-                                                         str(stack.dir / "edge.yaml")], stack.dir)
+                                                         str(stack.dir / "edge.yaml")], stack.dir,
+                                          env={"NOTIFY_SOCKET": str(stack.dir / "notify.sock")})
         w = Watcher(_wait_port(stack), [f"{PREFIX}/_gateway/+/status"])
         wait_until(lambda: any(b'"online": true' in p for p in w.on(lambda t: True)) or not stack.procs["edge"].running(),
                    60, "the restarted gateway's worker online")
         assert stack.procs["edge"].running(), stack.procs["edge"].log()
         assert "already in use" not in stack.procs["edge"].log()
+        # NotifyAccess=main: only the gateway's own READY counts, sent once its worker is online
+        # (Mosquitto, built with systemd support, used to inherit the socket and say READY first)
+        msg, ancillary, _, _ = notify_sock.recvmsg(64, socket.CMSG_SPACE(12))
+        sender = struct.unpack("3i", ancillary[0][2][:12])[0]
+        assert (msg, sender) == (b"READY=1", stack.procs["edge"].pid), stack.pids()
+        notify_sock.close()
         w.stop()
 
 

@@ -14,9 +14,10 @@ __all__ = ["Watchdog", "notify", "watchdog_interval"]
 log = logging.getLogger("tierlite.systemd")
 
 
-def notify(state: str) -> bool:
-    """Send e.g. "READY=1", "WATCHDOG=1", "STOPPING=1"; False when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
+def notify(state: str, address: str | None = None) -> bool:
+    """Send e.g. "READY=1", "WATCHDOG=1", "STOPPING=1" to `address` (default $NOTIFY_SOCKET);
+    False when not run by systemd."""
+    address = address or os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):  # an abstract socket
