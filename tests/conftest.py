@@ -1,8 +1,9 @@
 """Shared fixtures. Data comes from a pip package (scikit-learn's digits as JPEG frames); models
-are trained here on the spot and cached in pytest's cache, keyed by the converters' source."""
+are trained here on the spot and cached in pytest's cache, keyed by the source of the modules the build imports."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,12 +14,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _source_key(*dirs: str) -> str:
+def _sources_hash(files: list[str]) -> str:
     h = hashlib.sha256()
-    for d in dirs:
-        for f in sorted((REPO / d).rglob("*.py")):
-            h.update(f.read_bytes())
+    for name in files:
+        path = REPO / name
+        h.update(name.encode() + (path.read_bytes() if path.exists() else b"<missing>"))
     return h.hexdigest()[:16]
+
+
+def _loaded_sources() -> list[str]:
+    """Repo files of the tierlite modules imported so far (what a bundle build can depend on)."""
+    import sys
+    files = {Path(m.__file__).resolve() for n, m in list(sys.modules.items())
+             if n.startswith("tierlite") and getattr(m, "__file__", None)}
+    return sorted(str(f.relative_to(REPO)) for f in files if f.is_relative_to(REPO))
 
 
 @pytest.fixture(scope="session")
@@ -30,20 +39,35 @@ def digits_dir(tmp_path_factory) -> Path:
 
 
 def _cached_bundle(request, digits_dir: Path, binarized: bool) -> Path:
-    from tierlite.converters.pipeline import build_bundle
+    """Train once, then reuse while the modules the build imported are unchanged. Keyed on those
+    files only (listed in <key>.sources.json beside the bundle), so edits elsewhere in the tree do not retrain it."""
+    from tierlite.converters.pipeline import build_bundle, default_workdir
 
-    key = _source_key("converters", "tierlite")
-    cache = Path(request.config.cache.mkdir(f"bundle-{'bin' if binarized else 'int8'}-{key}"))
-    if not (cache / "manifest.json").exists():
-        # Per-process scratch name: two pytest runs may build the same key at once.
-        work = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        shutil.rmtree(work, ignore_errors=True)
-        build_bundle(digits_dir / "train", work, preset="small", binarized=binarized, seed=0)
-        if not (cache / "manifest.json").exists():
-            shutil.rmtree(cache, ignore_errors=True)
-            work.rename(cache)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    kind = f"bundle-{'bin' if binarized else 'int8'}"
+    root = Path(request.config.cache.mkdir(kind))
+    for record in sorted(root.glob("*.sources.json")):
+        bundle = root / record.name.removesuffix(".sources.json")
+        if (bundle / "manifest.json").exists() and bundle.name == _sources_hash(json.loads(record.read_text())):
+            return bundle
+    # Per-process scratch names: two pytest runs may build at once. The checkpoint ends up in
+    # "<bundle>-work", where default_workdir() looks for it.
+    work, checkpoint = root / f"tmp{os.getpid()}", root / f"tmp{os.getpid()}-ckpt"
+    for scratch in (work, checkpoint):
+        shutil.rmtree(scratch, ignore_errors=True)
+    build_bundle(digits_dir / "train", work, preset="small", binarized=binarized, seed=0, workdir=checkpoint)
+    files = _loaded_sources()
+    cache = root / _sources_hash(files)
+    if (cache / "manifest.json").exists():
+        for scratch in (work, checkpoint):
+            shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        for scratch, final in ((work, cache), (checkpoint, default_workdir(cache))):
+            shutil.rmtree(final, ignore_errors=True)
+            try:
+                scratch.rename(final)
+            except OSError:  # another run renamed the same build in meanwhile
+                shutil.rmtree(scratch, ignore_errors=True)
+    (root / f"{cache.name}.sources.json").write_text(json.dumps(files))
     return cache
 
 
