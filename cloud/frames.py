@@ -174,10 +174,12 @@ class FrameCollector:
         self._budget = KeyedBuckets(per_node_rate, per_node_burst)
         self._throttle = LogThrottle(10.0)
         mqtt.subscribe(topics.frame_uploads(prefix), self.on_upload, qos=0)
+        mqtt.subscribe(topics.site_frame_uploads(prefix), self.on_upload, qos=0)  # site bridges
 
     def on_upload(self, topic: str, payload: bytes) -> None:
         try:
-            model, node = topics.frame_upload_source(topic)
+            model, sender = topics.update_sender(topic, self.prefix, "frames")
+            node = sender.key  # <site>/<node>: node ids are unique per site only
             if not self._budget.allow(node):  # per node: uploads/s with a burst
                 self.limited += 1
                 self._throttle.log(log, logging.WARNING, "limited", "frame uploads over the per-node rate "

@@ -129,6 +129,11 @@ def configure_retrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clean-drop", type=float, default=0.5,
                    help="refuse a candidate whose clean (replay validation) accuracy drops more (points)")
     p.add_argument("--holdout", type=float, default=0.25, help="share of the store held out for evaluation")
+    p.add_argument("--labelled-holdout", metavar="DIR",
+                   help="frames from the drifted site with their true classes (DIR/<class>/*.jpg): the verdict is "
+                        "their accuracy, parent vs candidate, instead of agreement with the teacher")
+    p.add_argument("--significance", type=float, default=0.05,
+                   help="one-sided p-value a gain must reach, paired exact McNemar test (default 0.05)")
     p.add_argument("--since", type=float, default=None, help="only examples stored after this UNIX time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the retraining report here")

@@ -4,7 +4,9 @@
    and sign its manifest (tierlite.cloud.publish).
 2. Publish the chunks and a signed announcement, retained, with rollout share = the canary share
    (or 1.0 without a canary): only nodes whose stable hash falls below the share take it.
-3. Canary: watch the nodes' update reports (<prefix>/update/<model>/report/<node>). When the canary
+3. Canary: watch the nodes' update reports (<prefix>/update/<model>/report/<node>, and at a cloud
+   broker of several sites <prefix>/<site>/update/<model>/report/<node>, keyed <site>/<node>: node
+   ids are unique per site only). When the canary
    nodes that applied it have all confirmed it (their post-swap watch held: error and escalation
    rates within bounds) and none rolled back or refused it, re-announce with share 1.0. If one
    rolls back or refuses it, or none confirms within the hold time, halt: clear the retained
@@ -24,7 +26,7 @@ from typing import Any
 from tierlite import topics
 from tierlite.bundle import Bundle
 from tierlite.cloud.publish import ArtifactReport, build_artifact, clear_chunks, make_announcement, publish_update
-from tierlite.errors import ConfigError, UpdateError
+from tierlite.errors import ConfigError, UpdateError, WireError
 from tierlite.update.delivery import DEFAULT_CHUNK_BYTES, chunk_artifact, in_rollout
 
 __all__ = ["RolloutResult", "connect", "rollout"]
@@ -85,24 +87,27 @@ class _Reports:
         self.retained: dict[str, Any] | None = None
         self.got_retained = threading.Event()
         self.changed = threading.Condition()
+        self.prefix = prefix
         mqtt.subscribe(topics.update_reports(prefix, model), self._on_report, qos=1)
+        mqtt.subscribe(topics.site_update_reports(prefix, model), self._on_report, qos=1)  # site bridges
         mqtt.subscribe(topics.update_announcement(prefix, model), self._on_announcement, qos=1)
 
     def _on_report(self, topic: str, payload: bytes) -> None:
         # The node is who the topic says (.../report/<node>: the broker's ACL lets only that node
-        # write there); a body naming another node is a forgery and counts for nobody.
-        node = topic.rsplit("/", 1)[-1]
+        # write there, and at a cloud broker only its site's bridge under <site>/); a body naming
+        # another node is a forgery and counts for nobody.
         try:
+            _, sender = topics.update_sender(topic, self.prefix, "report")
             doc = json.loads(payload)
             claimed = doc["node"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            log.warning("dropped a malformed update report on %s", topic)
+        except (WireError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            log.warning("dropped a malformed update report on %s", topic[:200])
             return
-        if not topics.valid_node_id(node) or claimed != node:
-            log.warning("dropped an update report on %s that names node %r", topic, str(claimed)[:64])
+        if claimed != sender.node:
+            log.warning("dropped an update report on %s that names node %r", topic[:200], str(claimed)[:64])
             return
         with self.changed:
-            self.reports[node] = doc
+            self.reports[sender.key] = doc
             self.changed.notify_all()
 
     def _on_announcement(self, topic: str, payload: bytes) -> None:
@@ -141,7 +146,9 @@ def rollout(mqtt, bundle_dir: str | Path, private_key, prefix: str = "tierlite",
              f", canary nodes {', '.join(canary_nodes)}" if canary_nodes else "")
     result = RolloutResult(rep, "published")
     if staged:
-        ok, reason = _watch_canary(reports, rep.version, hold_s, lambda n: in_rollout(n, ann["rollout"]))
+        # a node decides by its own id whether it is in the canary (<site>/<node> keys: the node part)
+        ok, reason = _watch_canary(reports, rep.version, hold_s,
+                                   lambda key: in_rollout(key.rsplit("/", 1)[-1], ann["rollout"]))
         result.reports = {n: r for n, r in reports.reports.items()}
         if ok:
             ann = make_announcement(rep, chunks, chunk_bytes, private_key, share=1.0)

@@ -58,8 +58,10 @@ INT64_MAX = (1 << 63) - 1
 U32_MAX = (1 << 32) - 1
 # Counted store events (tierlite_store_events_total{event}): rows evicted by the size/age bounds,
 # rows dropped while writes failed, rows refused by the range checks, sent times out of range
-# (stored as NULL), flushes that failed (kept and retried), corrupt files moved aside.
-STORE_EVENTS = ("evicted", "dropped", "invalid", "clamped", "failed_flush", "recovered")
+# (stored as NULL), flushes that failed (kept and retried), corrupt files moved aside, and the
+# committed rows that went aside with a file found damaged while the store ran.
+STORE_EVENTS = ("evicted", "dropped", "invalid", "clamped", "failed_flush", "recovered", "lost")
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: before the audit marker (every row an escalation)
@@ -258,18 +260,42 @@ class HardExampleStore:
         except sqlite3.Error:
             self._db.close()
             raise
+        st = self.path.stat()
+        self._file_id = (st.st_dev, st.st_ino)
 
-    def _recover(self, err: sqlite3.Error) -> None:
-        """A corrupt file: move it aside (kept for forensics) and start a fresh one, loudly."""
+    def _file_problem(self) -> str | None:
+        """What is wrong with the file under a running store, or None. SQLite (WAL, page cache) would
+        go on committing into a file overwritten, truncated or replaced behind its back and lose every
+        row at the next start: one stat and a 16-byte read per flush find it while the worker runs."""
+        try:
+            st = self.path.stat()
+            with open(self.path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except FileNotFoundError:
+            return "the file is gone"
+        except OSError as e:
+            return f"cannot read it ({e.strerror})"
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return "the file was replaced"
+        if head != SQLITE_MAGIC:
+            return "its header is not SQLite's (overwritten or truncated)"
+        return None
+
+    def _recover(self, err: sqlite3.Error | str, lost: int = 0) -> None:
+        """A corrupt file: move it aside (kept for forensics) and start a fresh one, loudly. `lost`:
+        committed rows that were in it (counted; the buffered ones go to the fresh store)."""
         try:
             self._db.close()
         except sqlite3.Error:
             pass
-        aside = move_aside(self.path)
-        self.moved_aside.append(aside)
+        aside = move_aside(self.path) if self.path.exists() else None
+        if aside is not None:
+            self.moved_aside.append(aside)
         self.events["recovered"] += 1
-        log.error("HARD-EXAMPLE STORE %s IS CORRUPT (%s): moved aside to %s, starting a fresh store",
-                  self.path, err, aside)
+        self.events["lost"] += lost
+        log.error("HARD-EXAMPLE STORE %s IS CORRUPT (%s): %s, starting a fresh store%s", self.path, err,
+                  f"moved aside to {aside}" if aside else "nothing to move aside",
+                  f"; {lost} stored rows lost with it" if lost else "")
         self._open_rw()
         self._db.row_factory = sqlite3.Row
         self._rows = 0
@@ -365,7 +391,7 @@ class HardExampleStore:
                       self.events["dropped"], e)
         if _is_corrupt(e):
             try:
-                self._recover(e)
+                self._recover(e, lost=self._rows)
             except (sqlite3.Error, OSError) as e2:
                 log.error("hard-example store %s: could not start a fresh store: %s", self.path, e2)
 
@@ -417,6 +443,13 @@ class HardExampleStore:
             self._last_flush = time.monotonic()
             if not rows:
                 return 0
+            problem = self._file_problem()
+            if problem is not None:
+                try:
+                    self._recover(problem, lost=self._rows)
+                except (sqlite3.Error, OSError) as e:
+                    self._write_failed(rows, sqlite3.OperationalError(f"{problem}; no fresh store: {e}"))
+                    return 0
             try:
                 n = self._insert(rows)
             except sqlite3.Error as e:

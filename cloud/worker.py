@@ -147,7 +147,7 @@ class CloudWorker(TierWorker):
 
     # -- audits and drift (issue 13, docs/DRIFT.md) -------------------------------------------------
     def _score_audit(self, node: str, agree: bool, teacher_label: int | None = None) -> None:
-        from tierlite.drift import REFERENCE_KEY, AgreementWindow
+        from tierlite.drift import REFERENCE_KEY, AgreementWindow, agreement_fall
 
         w = self.audits.get(node)
         if w is None:
@@ -156,10 +156,9 @@ class CloudWorker(TierWorker):
         w.add(agree, teacher_label)
         est = w.estimate()
         self.metrics.audit(node, est)
-        if (self.retrain is not None and est["window"] >= self.config.audit_min_frames
-                and est["high"] < self.config.audit_min_agreement):
-            self.retrain.request(f"node {node}: audit agreement {est['agreement']:.2f} "
-                                 f"(95 % CI {est['low']:.2f}-{est['high']:.2f})")
+        why = agreement_fall(est, self.config.audit_min_frames, self.config.audit_min_agreement)
+        if self.retrain is not None and why is not None:  # None too while the teacher itself is suspect
+            self.retrain.request(f"node {node}: {why}")
 
     def on_drift(self, topic: str, payload: bytes) -> None:
         try:

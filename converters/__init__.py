@@ -15,7 +15,7 @@ from tierlite.converters.calibrate import evaluate, search_thresholds
 from tierlite.converters.datasets import checkpoint_splits, load_folder_cached, load_splits, representative_frames
 from tierlite.converters.export import pixel_representative, tensor_infos, to_tflite
 from tierlite.converters.fedtrain import (build_federated_model, exit_accuracy, local_train, model_weights,
-                                          set_model_weights)
+                                          recompute_batchnorm, set_model_weights)
 from tierlite.converters.models import segments_of
 from tierlite.converters.pipeline import default_workdir, export_bundle
 from tierlite.converters.train import load_checkpoint
@@ -25,5 +25,5 @@ __all__ = [
     "representative_frames", "search_thresholds", "segments_of", "tensor_infos", "to_tflite",
     # co-training (tierlite.cloud.federated, tierlite.edge.federated; docs/COTRAINING.md)
     "build_federated_model", "exit_accuracy", "export_bundle", "load_folder_cached", "local_train", "model_weights",
-    "set_model_weights",
+    "recompute_batchnorm", "set_model_weights",
 ]

@@ -68,7 +68,8 @@ def federation_lr(peak: float, warmup: float, server_round: int, rounds: int, st
 
 def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, epochs: int = 1,
                 lr: float | None = None, proximal_mu: float = 0.0, seed: int = 0,
-                schedule: tuple[int, int] | None = None, weight_decay: float | None = None) -> dict:
+                schedule: tuple[int, int] | None = None, weight_decay: float | None = None,
+                steps: int | None = None) -> dict:
     """Train `model` in place on one site's frames (uint8 NHWC) for `epochs`.
 
     Loss as in converters.train (weighted CE with label smoothing + self-distillation of the early
@@ -78,6 +79,8 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
     momentum starts at zero every round (optimizer state does not travel).
     schedule: (server_round, rounds) -> `federation_lr` with peak `lr` (one schedule across the
     rounds, as centralised training has across its epochs); None -> constant `lr`.
+    steps: exactly this many local steps instead of `epochs` epochs (more rounds of fewer steps at
+    the same compute: less drift between averages); each epoch's order is a fresh permutation.
     Returns {"loss", "train_acc": [end, edge, cloud], "seconds", "steps", "examples", "lr": [first, last]}.
     """
     import keras
@@ -87,13 +90,15 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
 
     if epochs < 1:
         raise ConfigError(f"local epochs must be >= 1, got {epochs}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"local steps must be >= 1, got {steps}")
     n = len(labels)
     if n == 0:
         raise ConfigError("a site with no training frames cannot train")
     batch = min(tc.batch_size, n)
     peak = float(lr if lr is not None else tc.lr)
     steps_per_epoch = max(1, n // batch)
-    local_steps = steps_per_epoch * epochs
+    local_steps = int(steps) if steps else steps_per_epoch * epochs
     decay = float(tc.weight_decay if weight_decay is None else weight_decay)
     opt = keras.optimizers.SGD(peak, momentum=0.9, nesterov=True, weight_decay=decay or None)
     if decay:
@@ -122,25 +127,49 @@ def local_train(model, images: np.ndarray, labels: np.ndarray, tc: TrainConfig, 
 
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
-    loss_sum, correct_sum, seen, steps = 0.0, np.zeros(3), 0, 0
+    loss_sum, correct_sum, seen = 0.0, np.zeros(3), 0
     rates = []
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for s in range(steps_per_epoch):
-            if schedule is not None:
-                opt.learning_rate = federation_lr(peak, tc.warmup, schedule[0], schedule[1], steps, local_steps)
-                rates.append(float(opt.learning_rate))
-            idx = order[s * batch:(s + 1) * batch]
-            loss, correct = step(images[idx], labels[idx].astype(np.int32))
-            if not np.isfinite(float(loss)):
-                raise ConfigError(f"local training diverged (loss {float(loss)}); lower the learning rate")
-            loss_sum += float(loss) * len(idx)
-            correct_sum += correct.numpy()
-            seen += len(idx)
-            steps += 1
+    for done in range(local_steps):
+        s = done % steps_per_epoch
+        if s == 0:  # a fresh permutation each epoch (the remainder of an epoch is dropped)
+            order = rng.permutation(n)
+        if schedule is not None:
+            opt.learning_rate = federation_lr(peak, tc.warmup, schedule[0], schedule[1], done, local_steps)
+            rates.append(float(opt.learning_rate))
+        idx = order[s * batch:(s + 1) * batch]
+        loss, correct = step(images[idx], labels[idx].astype(np.int32))
+        if not np.isfinite(float(loss)):
+            raise ConfigError(f"local training diverged (loss {float(loss)}); lower the learning rate")
+        loss_sum += float(loss) * len(idx)
+        correct_sum += correct.numpy()
+        seen += len(idx)
     return {"loss": loss_sum / max(seen, 1), "train_acc": [float(c / max(seen, 1)) for c in correct_sum],
-            "seconds": round(time.monotonic() - t0, 2), "steps": steps, "examples": int(n),
+            "seconds": round(time.monotonic() - t0, 2), "steps": local_steps, "examples": int(n),
             "lr": [rates[0], rates[-1]] if rates else [peak, peak]}
+
+
+def recompute_batchnorm(model, images: np.ndarray) -> None:
+    """Replace every BatchNorm layer's moving statistics with those of `images` (uint8 NHWC, e.g.
+    the cloud's held-out frames) under the model's current weights: one forward pass in training
+    mode with momentum 0, so each layer sees the statistics of the layers before it already
+    recomputed. Why: an average of the sites' statistics is not the statistics of the averaged
+    weights (and with FedBN the sites' statistics never leave them)."""
+    import keras
+    import tensorflow as tf
+
+    from tierlite.converters.models import _all_layers
+
+    if len(images) == 0:
+        raise ConfigError("recomputing BatchNorm statistics needs at least one frame")
+    layers = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    saved = [l.momentum for l in layers]
+    try:
+        for l in layers:
+            l.momentum = 0.0
+        model(tf.cast(images, tf.float32), training=True)
+    finally:
+        for l, m in zip(layers, saved):
+            l.momentum = m
 
 
 def exit_accuracy(model, images: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -153,4 +182,4 @@ def exit_accuracy(model, images: np.ndarray, labels: np.ndarray) -> list[float]:
 
 
 __all__ = ["ArchConfig", "build_federated_model", "exit_accuracy", "federation_lr", "local_train", "model_weights",
-           "set_model_weights"]
+           "recompute_batchnorm", "set_model_weights"]

@@ -64,15 +64,18 @@ def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
         rule(topics.node_filter(prefix, topics.ANSWER), "in", b.qos, cloud_nodes),
         # Model updates are fleet-wide: one announcement for every site, from the cloud root.
         rule(topics.updates(prefix), "in", 1, cloud_root),
-        rule(topics.update_reports(prefix), "out", 1, cloud_root),
-        rule(topics.frame_uploads(prefix), "out", 0, cloud_root),  # hard-case frames from nodes that opted in
+        # Reports and opted-in hard-case frame uploads go up under the site too: the canary gate and
+        # the frame store key them by <site>/<node>, and a site may write its own nodes' only.
+        rule(topics.update_reports(prefix), "out", 1, cloud_nodes),
+        rule(topics.frame_uploads(prefix), "out", 0, cloud_nodes),
     ]
     if b.site:  # two sites' gateways may share an id: their up/down notices stay on their own broker
         lines.insert(lines.index("notifications true") + 1, "notifications_local_only true")
     if b.username:
         lines.append(f"remote_username {b.username}")
-    if b.password:
-        lines.append(f"remote_password {b.password}")
+    password = b.resolved_password()  # password_file / password_env: edge.yaml holds no secret
+    if password:
+        lines.append(f"remote_password {password}")
     if b.tls:
         if b.tls.ca_file:
             lines.append(f"bridge_cafile {b.tls.ca_file}")
@@ -125,6 +128,11 @@ def _security_lines(m: MosquittoConfig) -> list[str]:
     if m.tls is not None:
         lines += [f"cafile {m.tls.ca_file}", f"certfile {m.tls.cert_file}", f"keyfile {m.tls.key_file}",
                   "tls_version tlsv1.2"]
+        if m.tls.crl_file:
+            from tierlite.edge.provision import check_crl
+
+            check_crl(m.tls.crl_file, m.tls.ca_file)  # a foreign or tampered CRL would lock every client out
+            lines.append(f"crlfile {m.tls.crl_file}")
         if m.tls.require_certificate:
             lines.append("require_certificate true")
             if m.password_file is None:  # certificate only: its CN is the username the ACL sees

@@ -90,7 +90,8 @@ def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Pat
     cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit)
     from tierlite.federated import flower_command, flower_processes
 
-    cmd = flower_command("flwr.supernode.cli:flower_supernode", "flower-supernode") + cmd[1:]
+    # the SuperNode ends with this process, even when it is SIGKILLed alone
+    cmd = flower_command("flwr.supernode.cli:flower_supernode", "flower-supernode", with_parent=True) + cmd[1:]
     log.info("site %s: flower-supernode %s", name, " ".join(cmd[3:]))
     home = Path(workdir).resolve() / "flwr-home"  # Flower's installed apps and state stay in the workdir
     home.mkdir(parents=True, exist_ok=True)
@@ -181,12 +182,15 @@ def _personal_tiers(run_cfg) -> list[str]:
 
 def _prepare(msg, context):
     """Common start of train/evaluate: model with the federation's body and this site's heads."""
+    global_w, bytes_down = _named(msg.content["arrays"])
+    return _prepare_with(msg.content["config"], global_w, bytes_down, context)
+
+
+def _prepare_with(run_cfg, global_w: dict, bytes_down: int, context):
     from tierlite.converters import set_model_weights
     from tierlite.federated import loads, split_personal
 
-    run_cfg = msg.content["config"]
     model, arch, tc, splits, name, workdir = _site_setup(run_cfg, context.node_config)
-    global_w, bytes_down = _named(msg.content["arrays"])
     set_model_weights(model, global_w, who=f"site {name}")
     personal = _personal_tiers(run_cfg)
     own = workdir / PERSONAL_FILE
@@ -210,18 +214,30 @@ def _refusal(msg, e: Exception):
 def _train(msg, context):
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from tierlite.converters import exit_accuracy, local_train, model_weights
     from tierlite.errors import TierliteError
-    from tierlite.federated import dumps, split_personal
 
     try:
-        run_cfg, model, arch, tc, splits, name, workdir, _, bytes_down, personal, own_heads = _prepare(msg, context)
+        prepared = _prepare(msg, context)
     except TierliteError as e:
         return _refusal(msg, e)
+    weights, metrics, name = _train_prepared(*prepared)
+    arrays = _array_record(weights)
+    metrics["bytes-up"] = int(sum(len(v.data) for v in arrays.values()))
+    log.info("site %s round %d: %s", name, int(prepared[0].get("server-round", 0)), metrics)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                                       "site": ConfigRecord({"name": name})}), reply_to=msg)
+
+
+def _train_prepared(run_cfg, model, arch, tc, splits, name, workdir, _global_w, bytes_down, personal, own_heads):
+    """Local training of a prepared site model: (weights to send, metrics, site name)."""
+    from tierlite.converters import exit_accuracy, local_train, model_weights
+    from tierlite.federated import dumps, split_personal
+
     rnd = int(run_cfg.get("server-round", 0))
     rounds = int(run_cfg.get("num-server-rounds", 0))
     cycle = str(run_cfg.get("lr-schedule", "const")) == "cycle" and 1 <= rnd <= rounds
     res = local_train(model, splits.train.images, splits.train.labels, tc, epochs=int(run_cfg.get("local-epochs", 1)),
+                      steps=int(run_cfg.get("local-steps", 0)) or None,
                       lr=float(run_cfg.get("lr", tc.lr)), proximal_mu=float(run_cfg.get("proximal-mu", 0.0)),
                       seed=int(run_cfg.get("seed", 0)) * 1000 + rnd, schedule=(rnd, rounds) if cycle else None)
     weights = model_weights(model)
@@ -230,8 +246,7 @@ def _train(msg, context):
         (workdir / PERSONAL_FILE).write_bytes(dumps(split_personal(weights, personal)[1]))
     (workdir / MODEL_FILE).write_bytes(dumps(weights))
     val = exit_accuracy(model, splits.val.images, splits.val.labels)
-    arrays = _array_record(weights)
-    bytes_up = int(sum(len(v.data) for v in arrays.values()))
+    bytes_up = int(sum(np.asarray(v).nbytes for v in weights.values()))
     metrics = {"num-examples": int(res["examples"]), "loss": float(res["loss"]),
                "train-acc-end": res["train_acc"][0], "train-acc-edge": res["train_acc"][1],
                "train-acc-cloud": res["train_acc"][2], "val-acc-end": val[0], "val-acc-edge": val[1],
@@ -239,9 +254,7 @@ def _train(msg, context):
                "train-seconds": float(res["seconds"]), "lr-first": res["lr"][0], "lr-last": res["lr"][1],
                "local-steps": int(res["steps"]),
                "own-heads": float(own_heads)}
-    log.info("site %s round %d: %s", name, rnd, metrics)
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                                       "site": ConfigRecord({"name": name})}), reply_to=msg)
+    return weights, metrics, name
 
 
 def _evaluate(msg, context):
@@ -268,12 +281,81 @@ def _evaluate(msg, context):
                    reply_to=msg)
 
 
+# -- secure aggregation (Flower's SecAgg+, `tierlite federate server --secagg`) ----------------
+# The cloud runs Flower's SecAggPlusWorkflow (legacy FitIns/FitRes messages); Flower's
+# secaggplus_mod masks this site's weights before they leave, so the cloud only ever sees their
+# sum. The weights travel as a list in the order of the federation's model (every site builds the
+# same architecture, so the same order); a different count or shape is refused as in plain mode.
+TRAFFIC_FILE = "traffic.jsonl"
+
+
+def _secagg_train(msg, context):
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from tierlite.converters import model_weights
+    from tierlite.errors import TierliteError
+    from tierlite.federated import ModelMismatch
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    run_cfg = dict(fitins.config)
+    try:
+        model, *_ = _site_setup(run_cfg, context.node_config)
+        names = list(model_weights(model))
+        if len(names) != len(arrays):
+            raise ModelMismatch(f"site {context.node_config.get('site', 'site')}: model does not match the "
+                                f"federation's ({len(arrays)} arrays, this site's model {len(names)})")
+        global_w = dict(zip(names, arrays))
+        prepared = _prepare_with(run_cfg, global_w, int(sum(a.nbytes for a in arrays)), context)
+    except TierliteError as e:
+        return _refusal(msg, e)
+    weights, metrics, name = _train_prepared(*prepared)
+    metrics["site"] = name
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([weights[k] for k in names]),
+                 int(metrics["num-examples"]), metrics)
+    return Message(content=compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _traffic_mod(msg, context, call_next):
+    """Bytes each way of every message this site handles (serialised protobuf of the content),
+    one JSON line per message in <workdir>/traffic.jsonl: the cost of a protocol, stage by stage."""
+    import time
+
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.common.serde import recorddict_to_proto
+
+    # read before call_next: secaggplus_mod pops the stage from the incoming configs
+    secagg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = str(secagg.get(Key.STAGE, "")) if secagg is not None else ""
+    bytes_down = int(recorddict_to_proto(msg.content).ByteSize())
+    reply = call_next(msg, context)
+    line = {"t": round(time.time(), 3), "type": str(msg.metadata.message_type), "stage": stage,
+            "bytes_down": bytes_down,
+            "bytes_up": int(recorddict_to_proto(reply.content).ByteSize()) if reply.has_content() else 0}
+    workdir = Path(str(context.node_config.get("workdir", ".")))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / TRAFFIC_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return reply
+
+
 def _make_app():
     from flwr.clientapp import ClientApp
 
-    client = ClientApp()
+    client = ClientApp(mods=[_traffic_mod])
     client.train()(_train)
     client.evaluate()(_evaluate)
+    return client
+
+
+def _make_secagg_app():
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    client = ClientApp(mods=[_traffic_mod, secaggplus_mod])
+    client.train()(_secagg_train)
     return client
 
 
@@ -282,3 +364,7 @@ try:  # the SuperNode's ClientApp process loads `app`; elsewhere Flower may be a
     app = _make_app()
 except ImportError:  # pragma: no cover - flwr not installed (camera/edge installs without [federated])
     app = None
+try:  # a Flower without the legacy SecAgg+ mod leaves the plain app working
+    secagg_app = _make_secagg_app()
+except ImportError:  # pragma: no cover
+    secagg_app = None

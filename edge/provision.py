@@ -8,7 +8,7 @@
 A fleet folder (kept on the machine that provisions, never on a node):
     fleet.json                 prefix, gateway, hosts, identities, revoked nodes
     ca/ca.crt, ca/ca.key       the fleet CA (or the user's, --ca-cert/--ca-key), key 0600
-    broker/                    server cert/key, passwd (mosquitto_passwd hashes), acl, edge-security.yaml
+    broker/                    server cert/key, passwd (mosquitto_passwd hashes), acl, crl.pem, edge-security.yaml
                                (the `mosquitto:` and `broker:` sections to paste into edge.yaml)
     cloud/<id>/, publisher/    client cert/key and a <name>-security.yaml with the `broker:` section
     nodes/<id>/                the node's folder: node.yaml, ca.crt, node.crt, node.key, tierlite-node.service
@@ -26,8 +26,10 @@ bridge may touch its own <prefix>/<site>/... topics only; revoking a site drops 
 
 Identities: username = node id for nodes (the ACL's `pattern` rules substitute it); workers and the
 publisher get names that start with `_`, which no node id can. Every client needs both a certificate
-signed by the fleet CA (mutual TLS) and its password; revocation deletes the password and reloads the
-broker (SIGHUP), which disconnects that client only. See docs/SECURITY.md.
+signed by the fleet CA (mutual TLS) and its password; revocation deletes the password, adds the
+certificate to broker/crl.pem (signed by the CA; Mosquitto's `crlfile`) and reloads the broker
+(SIGHUP): that client is disconnected and its certificate refused at the next TLS handshake, the
+others stay connected and keep their certificates. See docs/SECURITY.md.
 """
 from __future__ import annotations
 
@@ -53,13 +55,16 @@ from tierlite.errors import ConfigError
 from tierlite.homeassistant import node_device_id
 from tierlite.topics import valid_node_id
 
-__all__ = ["CloudFleet", "Fleet", "acl_text", "cloud_acl_text", "configure_provision", "hash_password", "password_hash",
-           "reload_broker", "run_provision"]
+__all__ = ["CloudFleet", "Fleet", "acl_text", "check_crl", "cloud_acl_text", "configure_provision", "hash_password",
+           "make_crl", "password_hash", "reload_broker", "run_provision"]
 
 log = logging.getLogger("tierlite.edge.provision")
 
 EDGE_WORKER_REPORTS = 64  # edge workers report updates as <gateway>-w<i>, i < 64 (EdgeConfig.workers <= 64)
 CERT_DAYS = 3650
+# A CRL past its nextUpdate makes OpenSSL refuse every client certificate, so an offline CA whose CRL
+# is not re-signed in time would lock the whole fleet out: it is valid as long as the certificates.
+CRL_DAYS = CERT_DAYS
 
 
 def _write(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
@@ -153,6 +158,51 @@ def _load_pair(cert_path: Path, key_path: Path):
         raise ConfigError(f"cannot load CA {cert_path} / {key_path}: {e}") from None
 
 
+def make_crl(ca_cert, ca_key, serials: list[int], number: int) -> bytes:
+    """A CRL (PEM) of the given certificate serials, signed by the fleet CA. Re-signing it is all a
+    revocation needs: no other certificate changes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CRL_DAYS))
+         .add_extension(x509.CRLNumber(number), critical=False))
+    for serial in sorted(set(serials)):
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(now).build())
+    return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def check_crl(crl_path: Path, ca_path: Path) -> int:
+    """The number of revoked certificates in `crl_path`, or a ConfigError (one line) when it is not a
+    current CRL signed by the CA in `ca_path`: Mosquitto 2.0.11 given a foreign CRL refuses every
+    client, after a SIGHUP too (measured, docs/SECURITY.md), so it never gets one."""
+    from cryptography import x509
+
+    try:
+        data = Path(crl_path).read_bytes()
+        crl = (x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"CRL {crl_path}: not a readable CRL ({e})") from None
+    try:
+        cas = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"CRL {crl_path}: cannot read the CA {ca_path} ({e})") from None
+    issuers = [ca for ca in cas if ca.subject == crl.issuer]
+    if not issuers:
+        raise ConfigError(f"CRL {crl_path} is issued by {crl.issuer.rfc4514_string()!r}, not by the CA in "
+                          f"{ca_path}: refusing it (a foreign CRL)")
+    if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):
+        raise ConfigError(f"CRL {crl_path}: its signature does not verify with the CA in {ca_path}: refusing it "
+                          "(tampered)")
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update <= dt.datetime.now(dt.timezone.utc):
+        raise ConfigError(f"CRL {crl_path} expired on {next_update:%Y-%m-%d %H:%M} UTC: re-sign it with "
+                          "`tierlite provision --dir FLEET` (an expired CRL refuses every client)")
+    return len(crl)
+
+
 # -- passwords ----------------------------------------------------------------------------------
 def hash_password(password: str) -> str:
     """Mosquitto 2's password hash ($7$: PBKDF2-SHA512, 101 iterations), as mosquitto_passwd writes it."""
@@ -228,16 +278,18 @@ def cloud_acl_text(prefix: str, sites: list[str], cloud_ids: list[str]) -> str:
                   f"topic write {topics.node_filter(here, topics.ESCALATE)}",
                   f"topic read {topics.node_filter(here, topics.ANSWER)}",
                   f"topic read {topics.updates(p)}",
-                  # reports and frame uploads are keyed by the bare node id at the cloud (docs/protocol.md)
-                  f"topic write {topics.update_reports(p)}", f"topic write {topics.frame_uploads(p)}"]
+                  # its nodes' update reports and frame uploads, under its site (keyed <site>/<node>)
+                  f"topic write {topics.update_reports(here)}", f"topic write {topics.frame_uploads(here)}"]
     for cid in cloud_ids:  # the only identities that may read escalations (and so join the cloud $share)
         lines += ["", f"user _cloud-{cid}",
                   f"topic read {topics.node_filter(p, topics.ESCALATE)}",
                   f"topic read {topics.site_node_filter(p, topics.ESCALATE)}",
                   f"topic write {topics.node_filter(p, topics.ANSWER)}",
                   f"topic write {topics.site_node_filter(p, topics.ANSWER)}",
-                  f"topic write {topics.cloud_status(p, cid)}", f"topic read {topics.frame_uploads(p)}"]
+                  f"topic write {topics.cloud_status(p, cid)}", f"topic read {topics.frame_uploads(p)}",
+                  f"topic read {topics.site_frame_uploads(p)}"]
     lines += ["", "user _publisher", f"topic readwrite {topics.updates(p)}",
+              f"topic read {topics.site_update_reports(p)}",
               "", "# read-only: dashboards", "user _monitor", f"topic read {topics.cloud_statuses(p)}"]
     return "\n".join(lines) + "\n"
 
@@ -422,7 +474,7 @@ class Fleet:
             "mosquitto": {"bind": "0.0.0.0", "port": self.state["port"], "password_file": "passwd",
                           "acl_file": "acl", "persistence": True,
                           "tls": {"ca_file": "ca.crt", "cert_file": "server.crt", "key_file": "server.key",
-                                  "require_certificate": True}},
+                                  "require_certificate": True, "crl_file": "crl.pem"}},
             "broker": {**creds, "host": "127.0.0.1"},
         }
         if "edge" in self.state.get("share_groups", {}):
@@ -437,6 +489,27 @@ class Fleet:
         nodes = [n for n in self.state["nodes"] if n not in self.state["revoked"]]
         _write(self.acl_path, acl_text(self.state["prefix"], self.state["gateway_id"], self.state["cloud_ids"],
                                        nodes), 0o600)
+        self._write_crl(self.state["revoked"])
+
+    @property
+    def crl_path(self) -> Path:
+        return self.broker_dir / "crl.pem"
+
+    def _write_crl(self, revoked_users: list[str]) -> None:
+        """broker/crl.pem: the certificates of every revoked identity, re-signed when that list
+        changes (or the file is missing). Mosquitto re-reads it on SIGHUP."""
+        ids = self.state["identities"]
+        serials = sorted(ids[u]["serial"] for u in revoked_users if u in ids and "serial" in ids[u])
+        if self.crl_path.is_file() and self.state.get("crl_serials") == serials:
+            try:
+                check_crl(self.crl_path, self.ca_cert_path)
+                return
+            except ConfigError as e:  # damaged or replaced since: this folder holds the CA, so re-sign it
+                log.warning("%s; writing a fresh one", e)
+        self.state["crl_number"] = self.state.get("crl_number", 0) + 1
+        self.state["crl_serials"] = serials
+        _write(self.crl_path, make_crl(*self._ca(), serials, self.state["crl_number"]))
+        check_crl(self.crl_path, self.ca_cert_path)
 
     def add_node(self, node: str, bundle: str = "/var/lib/tierlite/bundle.tar.gz", source: str = "0",
                  board: str = "pi4", host: str | None = None) -> Path:
@@ -553,6 +626,7 @@ class CloudFleet(Fleet):
 
         sites = [s for s in self.state["sites"] if s not in self.state["revoked"]]
         _write(self.acl_path, cloud_acl_text(self.state["prefix"], sites, self.state["cloud_ids"]), 0o600)
+        self._write_crl([f"_bridge-{s}" for s in self.state["revoked"]])
         section = self.mosquitto_settings(absolute=False)
         _write(self.broker_dir / "cloud-broker.yaml",
                "# The cloud broker's `mosquitto:` settings (paths relative to this folder); mosquitto.conf is the\n"
@@ -575,7 +649,7 @@ class CloudFleet(Fleet):
 
         return {"bind": "0.0.0.0", "port": self.state["port"], "acl_file": path("acl"), "persistence": True,
                 "tls": {"ca_file": path("ca.crt"), "cert_file": path("server.crt"), "key_file": path("server.key"),
-                        "require_certificate": True}}
+                        "require_certificate": True, "crl_file": path("crl.pem")}}
 
     def add_node(self, *args, **kwargs) -> Path:
         raise ConfigError("a cloud folder has sites, not nodes: `tierlite provision cloud --site SITE`")
@@ -662,7 +736,7 @@ def run_provision(args: argparse.Namespace) -> int:
         for node in args.action[1:]:
             fleet.revoke(node)
             files = fleet.acl_path if isinstance(fleet, CloudFleet) else f"{fleet.passwd_path} and {fleet.acl_path}"
-            print(f"revoked {node}: removed from {files}")
+            print(f"revoked {node}: removed from {files}; its certificate is in {fleet.crl_path}")
         pid = args.pid
         if pid is None and args.state_dir:
             pid_file = Path(args.state_dir) / "mosquitto.pid"
@@ -671,8 +745,10 @@ def run_provision(args: argparse.Namespace) -> int:
             except (OSError, ValueError, IndexError):
                 raise ConfigError(f"cannot read the broker pid from {pid_file}") from None
         if pid is not None:
+            check_crl(fleet.crl_path, fleet.ca_cert_path)
             reload_broker(pid)
-            print(f"broker {pid} reloaded: the revoked nodes are disconnected, the others stay connected")
+            print(f"broker {pid} reloaded: the revoked nodes are disconnected, their certificates refused at the "
+                  "TLS handshake, the others stay connected")
         else:
             print("no --pid/--state-dir: reload the broker yourself (kill -HUP <mosquitto pid>)")
         return 0

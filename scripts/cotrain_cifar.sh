@@ -5,7 +5,9 @@
 # aggregated model and evaluate the int8 bundle on the 10,000 test frames.
 #   OUT=/work/runs/fed-noniid SITES=4 ALPHA=0.5 LIMIT=10000 ROUNDS=3 EPOCHS=1 MU=0 bash scripts/cotrain_cifar.sh
 # LR: the sites' peak rate (default: the preset's); SCHEDULE cycle|const; SETS_EXTRA: extra --set overrides,
-# e.g. SETS_EXTRA="batch_size=16"; SERVER_LR / SERVER_MOMENTUM: FedAvgM.
+# e.g. SETS_EXTRA="batch_size=16"; SERVER_LR / SERVER_MOMENTUM: FedAvgM; STEPS: local steps per round
+# (instead of EPOCHS); SECAGG=1: Flower's SecAgg+. The export recomputes BatchNorm statistics on the
+# cloud's held-out frames (AVERAGED_BN=1: keep the sites' average).
 set -euo pipefail
 DATA=${DATA:-/work/shared/datasets/cifar10-jpeg}
 OUT=${OUT:?set OUT}; SITES=${SITES:-4}; ALPHA=${ALPHA:-0.5}; LIMIT=${LIMIT:-10000}; CALIB=${CALIB:-1000}
@@ -35,6 +37,9 @@ PY
 SETS=()
 [ -n "$PERSONAL" ] && SETS+=(--personal "$PERSONAL")
 [ -n "$LR" ] && SETS+=(--lr "$LR")
+[ -n "${STEPS:-}" ] && SETS+=(--local-steps "$STEPS")
+[ -n "${SECAGG:-}" ] && SETS+=(--secagg)
+[ -n "${AVERAGED_BN:-}" ] && SETS+=(--averaged-bn)
 for kv in ${SETS_EXTRA:-}; do SETS+=(--set "$kv"); done
 python3 -m tierlite federate server "$OUT/out" --sites "$SITES" --rounds "$ROUNDS" --local-epochs "$EPOCHS" \
     --lr-schedule "$SCHEDULE" --server-lr "$SERVER_LR" --server-momentum "$SERVER_MOMENTUM" --proximal-mu "$MU" --preset "$PRESET" --set flip=true --calib-dir "$OUT/calib" --insecure \

@@ -31,11 +31,12 @@ def _loaded_sources() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory) -> Path:
-    """<dir>/{train,test}/<digit>/*.jpg: ~1,350 train and ~450 test frames, 32x32 RGB JPEG."""
+def digits_dir(request) -> Path:
+    """<dir>/{train,test}/<digit>/*.jpg: ~1,350 train and ~450 test frames, 32x32 RGB JPEG.
+    Kept in pytest's cache beside the cached bundles, whose checkpoints name this folder."""
     from tierlite.data import make_digits_folder
 
-    return make_digits_folder(tmp_path_factory.mktemp("digits"))
+    return make_digits_folder(Path(request.config.cache.mkdir("digits-frames")))
 
 
 def _cached_bundle(request, digits_dir: Path, binarized: bool) -> Path:

@@ -154,3 +154,50 @@ def test_edge_worker_batches_a_burst_and_answers_a_lone_frame_at_once(tmp_path, 
         if worker is not None:
             worker.mqtt.stop()
         broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_publish_batch_rides_paho_private_queue_and_delivers_what_publish_would(protocol, tmp_path):
+    """`MqttClient.publish_batch` builds the QoS-0 PUBLISH packets itself and hands them to paho's
+    private `Client._packet_queue` as one out-packet. Pinned here so a paho upgrade that changes
+    that method fails loudly instead of silently falling back to one write per message: its
+    signature, one call per batch, and every message delivered once, in order, to the byte
+    (payload sizes across the 1-, 2- and 3-byte remaining-length encodings)."""
+    import inspect
+
+    import paho.mqtt.client as paho
+
+    from tierlite.config import BrokerConfig
+    from tierlite.mqtt import MqttClient
+
+    from runtime_support import Mosquitto
+
+    assert list(inspect.signature(paho.Client._packet_queue).parameters) == \
+        ["self", "command", "packet", "mid", "qos", "info"], "paho changed Client._packet_queue"
+    broker = Mosquitto(tmp_path / "broker").start()
+    sender = watcher = None
+    try:
+        watcher = Watcher(broker.port, ["pin/#"])
+        sender = MqttClient(BrokerConfig(port=broker.port, protocol=protocol), f"test-pin-{protocol}")
+        sender.start()
+        assert sender.wait_connected(10)
+        queued = []
+        real_queue = sender._client._packet_queue
+        sender._client._packet_queue = lambda *a, **k: (queued.append(a[0]), real_queue(*a, **k))[1]
+        # remaining length = payload + 7 (3.1.1) or + 8 (v5, empty properties) for these topics: these
+        # sizes put it on both sides of 127/128 and 16383/16384 for either protocol
+        sizes = [0, 1, 119, 120, 121, 16_375, 16_376, 16_377, 70_000]
+        batch = [(f"pin/{i}", bytes([i]) * n) for i, n in enumerate(sizes)]
+        assert sender.publish_batch(batch)
+        assert queued == [paho.PUBLISH], "publish_batch did not take paho's one-packet path"
+        deadline = time.monotonic() + 10
+        while len(watcher.messages) < len(batch) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # a duplicate would be here by now
+        assert watcher.messages == batch
+        assert sender.connected  # the broker took every packet as well-formed
+    finally:
+        for c in (sender, watcher and watcher.client):
+            if c is not None:
+                c.stop()
+        broker.stop()

@@ -59,6 +59,27 @@ def test_fleet_summary_finds_knee_sustained_rate_and_cost():
     assert lossy["lost_total"] == 3 and lossy["lost_up_to_sustained"] == 0
 
 
+def test_open_loop_schedule_never_waits_for_answers_and_catches_up_at_once():
+    """The send schedule both load generators share (MQTT and HTTP): message k is due at
+    t0 + k / rate; a sender that stalls sends everything due at once and records how far behind."""
+    import time
+
+    from tierlite.tools.bench.loadgen import OpenLoopSchedule
+
+    schedule = OpenLoopSchedule(rate=1000.0, total=30)
+    assert [schedule.due_ns(k) - schedule.t0 for k in (0, 1, 10)] == [0, 1_000_000, 10_000_000]
+    first = list(schedule.due())
+    assert [k for k, _ in first] == [0]  # only message 0 is due at t0
+    assert 0 < schedule.wait_s() <= 1e-3
+    time.sleep(0.012)  # a stalled sender: ~12 messages fall due meanwhile
+    assert schedule.wait_s() == 0.0 and schedule.behind_s >= 0.002
+    late = list(schedule.due())
+    assert [k for k, _ in late] == list(range(1, 1 + len(late))) and len(late) >= 12
+    assert all(due == schedule.due_ns(k) for k, due in late)  # latency counts from the scheduled time
+    time.sleep(0.03)
+    assert len(list(schedule.due())) == 30 - 1 - len(late) and schedule.done  # bounded by total
+
+
 def test_escalation_overhead_is_the_real_wire_message(small_bundle_dir):
     from tierlite.wire import TENSOR_HEADER
 
@@ -153,3 +174,22 @@ def test_bench_runtime_end_to_end(tmp_path, digits_dir, small_bundle_dir):
     assert run["batch_max_size"] == 8 and run["steps"][0]["sent"] == 40
     assert run["steps"][0]["answered"] + run["steps"][0]["lost"] + run["steps"][0]["rejected"] == 40
     assert (out / "runtime.md").read_text().count("camera decision") >= 2
+
+
+def test_camera_and_cloud_worker_profiles_measure_what_they_name(digits_dir, small_bundle_dir):
+    """The in-process profiles behind docs/BENCHMARKS.md "Camera path" and SCALING.md's cloud
+    budget: every condition times the same frames (the node daemon's figure from its own result
+    events, real Mosquitto), and the cloud worker's CPU per answer contains its segment's invoke."""
+    from tierlite.data import load_image_folder
+    from tierlite.tools.bench.camera import camera_profile
+    from tierlite.tools.bench.worker_profile import profile_cloud_worker
+
+    images = load_image_folder(digits_dir / "test", size=tuple(Bundle.load(small_bundle_dir).input_shape[1:3]),
+                               limit=20, seed=0).images
+    rows = camera_profile(small_bundle_dir, images, n=20, fps=200.0)
+    assert len(rows) == 6 and all(r["n"] == 20 and r["p50_ms"] > 0 for r in rows)
+    assert rows[-1]["condition"].startswith("node daemon") and rows[-1]["frame_cpu_mean_ms"] > 0
+    cloud = profile_cloud_worker(small_bundle_dir, images, batch=4, messages=16, store=True)
+    assert cloud["macs_per_frame"] > 0 and cloud["messages"] == 16
+    assert cloud["worker_cpu_ms_per_message"] > 0 and cloud["invoke_cpu_ms_per_frame"] > 0
+    assert "on_escalate_batch" in cloud["profile"]

@@ -229,10 +229,19 @@ def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_di
         worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True}).encode())
         worker.retrain.tick(0)
         assert len(started) == 1  # the same alarm asks once
-        for _ in range(40):  # audits: the node's end exit disagrees with the cloud on most frames
-            worker._score_audit("cam-y", False)
+        # A teacher collapsed onto one class (suspect): the node disagreeing with it is no evidence
+        # about the camera, so its agreement falling asks for nothing (issue 13 follow-up).
+        for _ in range(40):
+            worker._score_audit("cam-x", False, 3)
+        est = worker._status_fields()["audits"]["cam-x"]
+        assert est["high"] < cfg.audit_min_agreement and est["teacher"]["suspect"] is True, est
         worker.retrain.tick(0)
-        assert len(started) == 2 and "agreement" in started[1]
+        assert len(started) == 1, started
+        for i in range(40):  # a teacher answering all classes: the node disagrees with it on every frame
+            worker._score_audit("cam-y", False, i % 10)
+        assert worker._status_fields()["audits"]["cam-y"]["teacher"]["suspect"] is False
+        worker.retrain.tick(0)
+        assert len(started) == 2 and "cam-y" in started[1] and "agreement" in started[1]
     finally:
         worker.store.close()
 
@@ -297,4 +306,32 @@ def test_a_budget_reject_is_reported_as_budget(small_bundle_dir, digits_dir, tmp
     rs = read_jsonl(results)
     reasons = [r["reason"] for r in rs]
     assert len(rs) == 40 and "rejected" not in reasons
-    assert 20 <= reasons.count("budget") <= 35 and reasons.count(None) >= 5, reasons  # burst 5 (+1/s) answered
+    # burst 5, then 1 per second: how many the edge answers depends on how fast the node really ran
+    # (a busy machine streams slower than the configured 100 fps), so the bound follows the clock
+    span = max(r["ts"] for r in rs) - min(r["ts"] for r in rs)
+    assert 5 <= reasons.count(None) <= 5 + span * 1.0 + 2, (span, reasons)
+    assert reasons.count("budget") >= 1, reasons
+
+
+def test_selectors_of_either_statistic_set_load_and_pick():
+    """Selectors fitted before the log / noise-floor statistics (5 weights, in bundles already
+    shipped) still load and run; new ones use all of STATS and tell sensor noise on textured frames
+    apart (with the legacy 5, CIFAR-10 noise 3 had 12.6 % of its frames picked at <= 1 % clean
+    picks; docs/DRIFT.md)."""
+    from tierlite.conditions import LEGACY_STATS, STATS, Selector, frame_stats
+
+    rng = np.random.default_rng(5)
+    # scenes of 4x4-pixel patches with edges of varied contrast, then the same with sensor noise
+    # (sigma 12 grey levels): the legacy Laplacian mean moves with the edges as much as with the noise
+    patches = np.kron(rng.standard_normal((600, 8, 8, 1)), np.ones((1, 4, 4, 1)))
+    base = rng.uniform(40, 215, (600, 1, 1, 3)) + rng.uniform(5, 60, (600, 1, 1, 1)) * patches
+    clean = np.clip(base, 0, 255).astype(np.uint8)
+    noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    new = Selector.fit(noisy[:300], clean[:300])
+    assert len(new.w) == len(STATS) and new.to_json()["stats"] == list(STATS)
+    assert new.picks(noisy[300:]).mean() > 0.9 and new.picks(clean[300:]).mean() < 0.03
+    k = len(LEGACY_STATS)
+    legacy_json = {"mean": new.mean[:k], "scale": new.scale[:k], "w": new.w[:k], "b": new.b, "stats": list(LEGACY_STATS)}
+    legacy = Selector.from_json(legacy_json, "shipped bundle")
+    assert legacy.picks(noisy).shape == (600,) and legacy.to_json()["stats"] == list(LEGACY_STATS)
+    assert frame_stats(noisy[:2]).shape == (2, len(STATS)) and np.isfinite(frame_stats(noisy)).all()

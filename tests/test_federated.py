@@ -94,6 +94,32 @@ def test_fedprox_term_keeps_local_weights_near_the_global_model(digits_dir):
     assert 0 < drift[10.0] < drift[0.0]
 
 
+def test_local_steps_and_batchnorm_statistics_recomputed_on_held_out_frames(digits_dir):
+    import keras
+
+    from tierlite.converters import (build_federated_model, load_folder_cached, local_train, model_weights,
+                                     recompute_batchnorm)
+    from tierlite.federated import is_batchnorm
+
+    frames = load_folder_cached(digits_dir / "train", 32, limit=96, seed=0)
+    model, arch, tc = build_federated_model("small", 10, 0)
+    # 5 steps of batch 64 over 96 frames: one step per epoch, so five permutations
+    res = local_train(model, frames.images, frames.labels, tc, lr=0.05, seed=1, steps=5, schedule=(2, 3))
+    assert res["steps"] == 5 and res["lr"][0] > res["lr"][1] > 0  # round 2 of 3: past the peak, decaying
+    before = model_weights(model)
+    held_out = load_folder_cached(digits_dir / "test", 32, limit=64, seed=0).images
+    recompute_batchnorm(model, held_out)
+    after = model_weights(model)
+    assert all(np.array_equal(after[k], before[k]) for k in after if not is_batchnorm(k) or k.endswith(("gamma", "beta")))
+    # the first BatchNorm's mean is now the mean of its input on the held-out frames
+    end = model.get_layer("end")  # the camera's segment, a sub-model fed the pixels
+    stem = keras.Model(end.inputs, end.get_layer("end_stem_conv").output)
+    expected = np.asarray(stem(held_out.astype(np.float32), training=True)).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(after["end_stem_bn/moving_mean"], expected, rtol=1e-3, atol=1e-5)
+    assert not np.allclose(after["end_stem_bn/moving_mean"], before["end_stem_bn/moving_mean"])
+    assert end.get_layer("end_stem_bn").momentum == pytest.approx(0.9)  # restored for training
+
+
 # -- real Flower processes on loopback ---------------------------------------------------------
 pytest.importorskip("flwr")
 
@@ -257,7 +283,10 @@ def test_dead_site_and_wrong_model_do_not_stop_training_over_tls(tmp_path, site_
     tls = _superlink_certificates(tmp_path)  # this federation runs over TLS (the other test: --insecure)
     port = free_port()
     server = _run_server(tmp_path, port, "--sites", "3", "--min-sites", "1", "--rounds", "2",
-                         "--round-timeout", "60", "--classes", ",".join(str(i) for i in range(10)), tls=tls)
+                         # a round ends when the live sites answered and the dead one is reported
+                         # unavailable; the timeout only bounds a site still busy (a loaded machine:
+                         # at load 20, site a's ClientApp needed more than 60 s for its one step)
+                         "--round-timeout", "240", "--classes", ",".join(str(i) for i in range(10)), tls=tls)
     good = _site(tmp_path, site_folders[0], "a", port, ca=tls["ca"])
     wrong = _site(tmp_path, site_folders[1], "b", port, "--set", "boundary=4", ca=tls["ca"])  # another model
     doomed = _site(tmp_path, site_folders[2], "c", port, ca=tls["ca"])
@@ -287,3 +316,104 @@ def test_dead_site_and_wrong_model_do_not_stop_training_over_tls(tmp_path, site_
     assert (tmp_path / "out" / "global.npz").is_file()
     # the SuperLink served over TLS (the sites had only --root-certificates, no --insecure)
     assert "running on https://127.0.0.1" in (tmp_path / "out" / "superlink.log").read_text(errors="replace")
+
+
+def test_superlink_ends_with_a_killed_server_and_a_stale_one_is_stopped_on_the_next_start(tmp_path):
+    import json
+
+    from tierlite.cloud.federated.server import SUPERLINK_PID_FILE, stop_stale_superlink
+    from tierlite.federated import flower_command, flower_processes, process_start_tick
+    from tierlite.tools.stack import free_port
+
+    def gone(pid: int, tick: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while process_start_tick(pid) == tick and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return process_start_tick(pid) != tick
+
+    # 1. `federate server` SIGKILLed (the process alone, as the OOM killer would): its SuperLink ends too
+    port = free_port()
+    record_file = tmp_path / "out" / SUPERLINK_PID_FILE
+    launched = f"--runtime-api-address\x00127.0.0.1:{port}\x00".encode()  # the SuperLink's SuperExec, ServerApp
+    server = _run_server(tmp_path, port, "--sites", "2", "--rounds", "1", "--classes", "0,1")
+    try:
+        deadline = time.monotonic() + 300
+        while not flower_processes(launched):  # the SuperLink is up and has launched its SuperExec
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        record = json.loads(record_file.read_text())
+        assert process_start_tick(record["pid"]) == record["start_tick"] and record["port"] == port
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        assert gone(record["pid"], record["start_tick"], 60), "the SuperLink outlived its killed server"
+        deadline = time.monotonic() + 60  # its SuperExec / ServerApp follow it
+        while flower_processes(launched) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not flower_processes(launched)
+    finally:
+        _kill(server)  # its group: `flwr run`
+
+    # 2. a SuperLink that does not end with its parent (an older tierlite's, or started by hand),
+    # recorded in the output folder: the next start stops it; a record naming a live process that
+    # is not that one (same pid, another start tick) is left alone
+    port = free_port()
+    out = tmp_path / "out2"
+    out.mkdir()
+    with open(out / "superlink.log", "wb") as logf:
+        orphan = subprocess.Popen(flower_command("flwr.superlink.cli:flower_superlink", "flower-superlink")
+                                  + ["--host", "127.0.0.1", "--port", str(port), "--insecure"],
+                                  stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        (out / SUPERLINK_PID_FILE).write_text(json.dumps({"pid": os.getpid(), "start_tick": 1, "port": port}))
+        assert stop_stale_superlink(out) is False and not (out / SUPERLINK_PID_FILE).exists()
+        tick = process_start_tick(orphan.pid)
+        (out / SUPERLINK_PID_FILE).write_text(json.dumps({"pid": orphan.pid, "start_tick": tick, "port": port}))
+        assert stop_stale_superlink(out) is True
+        assert orphan.wait(30) is not None and not (out / SUPERLINK_PID_FILE).exists()
+    finally:
+        _kill(orphan)
+
+
+def test_secure_aggregation_equals_fedavg_within_its_quantisation(tmp_path, site_folders):
+    """Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), SuperLink + 3 SuperNodes: the cloud
+    unmasks only the sum, and that average is plain FedAvg's of what the sites trained, to within
+    SecAgg+'s quantisation (weights clipped to +-8, 2**22 levels, weighted by examples/10000)."""
+    import json
+
+    from tierlite.tools.stack import free_port
+
+    port = free_port()
+    server = _run_server(tmp_path, port, "--secagg", "--sites", "3", "--min-sites", "3", "--rounds", "1",
+                         "--classes", ",".join(str(i) for i in range(10)))
+    sites = [_site(tmp_path, folder, name, port) for folder, name in zip(site_folders, "abc")]
+    try:
+        rc = server.wait(800)
+    finally:
+        for p in (*sites, server):
+            _kill(p)
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    assert "secure aggregation (SecAgg+)" in text
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (entry,) = report["rounds"]
+    assert entry["secagg"] and entry["clients"] == 3
+    agg = entry["aggregate"]  # the sites' own validation accuracy, weighted, as in the plain report
+    assert agg["val-acc-cloud"] == pytest.approx(sum(s["val-acc-cloud"] * s["examples"] for s in entry["sites"])
+                                                 / agg["examples"])
+    examples = {s["site"]: s["examples"] for s in entry["sites"]}
+    sent = {n: loads((tmp_path / f"site-{n}" / "site-model.npz").read_bytes()) for n in "abc"}
+    fedavg = weighted_average([sent[n] for n in "abc"], [examples[n] for n in "abc"])
+    secure = loads((tmp_path / "out" / "global.npz").read_bytes())
+    # each site's contribution carries up to one quantisation step (2 * 8 / 2**22) of its weighted
+    # value (stochastic rounding): at most 3 steps over the sum of the weights (examples / max_weight
+    # 10000); plus the weights' own rounding (to 1/2**22) and float32's
+    tolerance = 3 * (2 * 8.0 / 2 ** 22) / (sum(examples.values()) / 10000.0) + 1e-6
+    error = max(float(np.max(np.abs(secure[k] - fedavg[k]))) for k in fedavg)
+    assert 0 < error <= tolerance, (error, tolerance)
+    for n in "abc":  # and the aggregate is none of the inputs
+        assert max(float(np.max(np.abs(secure[k] - sent[n][k]))) for k in fedavg) > 10 * tolerance
+    # the protocol's four round trips per round at every site, the masked weights in the third
+    for n in "abc":
+        lines = [json.loads(l) for l in (tmp_path / f"site-{n}" / "traffic.jsonl").read_text().splitlines()]
+        assert [l["stage"] for l in lines] == ["setup", "share_keys", "collect_masked_vectors", "unmask"], lines
+        assert lines[2]["bytes_up"] > sum(v.nbytes for v in sent[n].values())

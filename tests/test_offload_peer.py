@@ -49,3 +49,43 @@ def test_bench_offload_measures_tierlite_and_ray_serve_on_the_same_frames(small_
     assert doc["jpeg_bytes_mean"] < peer["steps"][0]["wire_bytes_up"] < doc["jpeg_bytes_mean"] + 200
     assert 0 < doc["escalations"] <= doc["frames"] == 24
     assert "Ray Serve (every frame)" in (out / "offload.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None,
+                    reason="uvicorn/starlette not installed (they come with '.[bench]')")
+def test_http_load_answers_every_frame_over_100_keep_alive_connections(small_bundle_dir, digits_dir):
+    """The generator half of the 100-node Ray fault (docs/BENCHMARKS.md): 100 keep-alive connections
+    to a real HTTP server (uvicorn + starlette, the server stack under Serve's proxy) serving the
+    full model; each connection carries 1-2 requests, as 100 nodes at a low rate do."""
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tierlite.edge.broker import port_open
+    from tierlite.tools.bench.offload import PEER_ROUTE, HttpLoad
+    from tierlite.tools.stack import free_port, wait_until
+
+    model = FullModel(str(small_bundle_dir), max_batch_size=1)
+
+    async def classify(request):
+        return JSONResponse(model.classify([await request.body()])[0])
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route(PEER_ROUTE, classify, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), 30, "uvicorn")
+        jpegs = [p.read_bytes() for p in sorted((digits_dir / "test").rglob("*.jpg"))[:20]]
+        load = HttpLoad("127.0.0.1", port, jpegs, nodes=100)
+        result, wire = load.step(60, 2.5, drain=30.0)  # the drain ends as soon as all are answered
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert (result.sent, result.answered, result.lost, result.send_failures) == (150, 150, 0, 0)
+    assert load.last_open == {"written_unanswered": 0, "queued_unsent": 0, "connections_open_at_drain_end": 0}
+    assert wire["request"] > wire["response"] > 0

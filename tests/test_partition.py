@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tierlite.errors import BundleError, ConfigError
 from tierlite.linkstate import LinkFollower, bundle_operating_points
-from tierlite.partition import Candidate, Link, OperatingPoint, Power, Profile, choose, predict, predict_all
+from tierlite.partition import (Candidate, Link, OperatingPoint, Power, Profile, Tiers, choose, predict, predict_all,
+                                predict_all_two_cuts)
+
+
+@pytest.fixture(scope="module")
+def digits_unsplit(small_bundle_dir, digits_dir):
+    """The digits model's unsplit int8 model and its splits (the session's digits frames: a cached
+    checkpoint names the folder of the session that built it)."""
+    from tierlite.converters.datasets import load_splits
+    from tierlite.converters.partition import build_unsplit
+    from tierlite.converters.pipeline import default_workdir
+    from tierlite.converters.train import load_checkpoint
+
+    joint, meta = load_checkpoint(default_workdir(small_bundle_dir))
+    splits = load_splits(digits_dir / "train", meta["arch"]["input_size"], meta["train"]["val_fraction"], meta["seed"])
+    return build_unsplit(joint, splits.train.images[:100]), splits, meta
 
 
 def _synthetic_profile() -> Profile:
@@ -55,6 +71,64 @@ def test_planner_picks_the_analytically_best_cut_and_operating_point():
         Profile.from_json({"candidates": [{"name": "x"}], "operating_points": []})
 
 
+def test_two_cuts_end_edge_cloud_pick_the_analytically_best_pair():
+    # Server-only rows (the bound excludes the exit's 0.8). Device -> edge 1 Mbit/s (8 us/B), edge ->
+    # cloud 10 Mbit/s (0.8 us/B); suffix times S are the profiling host's, the edge runs them x2.
+    #            name  device ms  suffix ms  bytes
+    rows = [("a", 1.0, 40.0, 4000), ("b", 4.0, 30.0, 500), ("c", 10.0, 20.0, 6000), ("d", 60.0, 4.0, 100)]
+    prof = Profile("three", [Candidate(n, d / 1e3, s / 1e3, b, exit_on_device=False) for n, d, s, b in rows],
+                   [OperatingPoint("loose", 0.5, 0.5, 0.8)], server_only_accuracy=0.9)
+    # latency(c1, c2) = D(c1) + 8us*B(c1) + 2*(S(c1) - S(c2)) + 0.8us*B(c2) + S(c2), ms:
+    #   b|c = 4 + 4 + 20 + 4.8 + 20 = 52.8;  b|d = 8 + 52 + 0.08 + 4 = 64.08;  b alone (edge answers) = 8 + 60 = 68
+    #   a|b = 33 + 20 + 0.4 + 30 = 83.4;     c|d = 58 + 32 + 0.08 + 4 = 94.08;  d alone = 60.8 + 8 = 68.8
+    slow_edge = Tiers(_serial(10), edge_slowdown=2.0)
+    best = choose(predict_all_two_cuts(prof, _serial(1), slow_edge), "mean", min_accuracy=0.9)
+    assert (best.candidate, best.cloud_cut, best.operating_point) == ("b", "c", "server-only")
+    assert best.mean_s == pytest.approx(52.8e-3) and best.cuts == "b | c"
+    # An edge as fast as the cloud answers itself: b alone = 8 + 30 = 38 < b|d 38.08 < b|c 42.8.
+    best = choose(predict_all_two_cuts(prof, _serial(1), Tiers(_serial(10))), "mean", min_accuracy=0.9)
+    assert (best.candidate, best.cloud_cut, best.mean_s) == ("b", None, pytest.approx(38e-3))
+    # Only the pairs the runtime can run (a profile lists them) are planned.
+    prof.notes["three_tier_pairs"] = [["b", "d"]]
+    rows3 = predict_all_two_cuts(prof, _serial(1), slow_edge)
+    assert {r.cloud_cut for r in rows3} == {None, "d"}
+    assert (choose(rows3, "mean", 0.9).cuts, choose(rows3, "mean", 0.9).mean_s) == ("b | d", pytest.approx(64.08e-3))
+
+
+def test_board_power_figures_are_documented_and_used_by_the_plan(tmp_path, capsys):
+    from tierlite.boards import list_boards, parse_board
+    from tierlite.converters.partition import configure_plan, run_plan
+
+    boards = {b.name: b for b in list_boards()}
+    assert all(b.power is not None and b.power.source and b.power.active_w > 0 for b in boards.values())
+    assert boards["pi4"].power.active_w == 3.0 and boards["pi4"].power.basis == "datasheet"
+    data = {"name": "x", "title": "x", "kind": "linux", "module": "m", "cpu": "c", "cores": 1,
+            "memory": {"flash": 1 << 20, "ram": 1 << 20}, "budget": {"model": 1024, "arena": 1024},
+            "runtime": {"plugin": "litert"}, "camera": {"sensor": "s", "interface": "i", "width": 1, "height": 1,
+                                                       "format": "rgb888"},
+            "network": {"mqtt": "self", "link": "wifi"}, "power": {"active_w": 2, "basis": "guess", "source": "me"}}
+    with pytest.raises(ConfigError, match="power.basis: must be one of"):
+        parse_board(data)
+    # The energy objective with the board's watts; an MCU board plans with the TFLM device times.
+    prof = _synthetic_profile()
+    prof.candidates = [Candidate(**{**c.__dict__, "device_tflm_s": c.device_s * 50}) for c in prof.candidates]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(prof.to_json()))
+    import argparse
+    parser = argparse.ArgumentParser()
+    configure_plan(parser)
+    out = tmp_path / "plan.json"
+    run_plan(parser.parse_args([str(path), "--bandwidth", "1e6", "--objective", "energy", "--board", "nrf52840-dk",
+                                "--min-accuracy", "0.96", "--json", str(out)]))
+    plan = json.loads(out.read_text())
+    assert plan["device_runtime"] == "tflm" and plan["power_w"]["compute_w"] == boards["nrf52840-dk"].power.active_w
+    chosen = plan["chosen"]
+    c = next(c for c in prof.candidates if c.name == chosen["candidate"])
+    w = boards["nrf52840-dk"].power.active_w  # no separate radio figure: the active one while sending
+    assert chosen["device_energy_j"] == pytest.approx(w * c.device_tflm_s + w * Link(1e6).wire_bytes(c.cut_bytes) * 8 / 1e6)
+    assert "datasheet" in capsys.readouterr().out
+
+
 def test_shaped_link_lets_the_burst_through_and_counts_segment_headers():
     link = Link(1e6, 0.002, overhead_bytes=100, burst_bytes=1600)
     assert link.wire_bytes(3000) == 3100 + 3 * 66
@@ -62,19 +136,14 @@ def test_shaped_link_lets_the_burst_through_and_counts_segment_headers():
     assert link.transfer_s(100) == pytest.approx(0.002)  # under the burst: no serialisation
 
 
-def test_recut_segments_are_bit_exact_and_plan_exports_operating_points(small_bundle_dir, digits_dir, tmp_path):
+# The digits model's TFLite export (the module fixture) alone takes minutes on a loaded 2-core host.
+@pytest.mark.timeout(1500)
+def test_recut_segments_are_bit_exact_and_plan_exports_operating_points(small_bundle_dir, digits_unsplit, tmp_path):
     from tierlite.bundle import Bundle
-    from tierlite.converters.datasets import load_splits
-    from tierlite.converters.partition import (FINAL_LOGITS, dequantized_outputs, build_unsplit, check_bit_exact,
-                                               exit_points, export_operating_points, recut, run_model)
-    from tierlite.converters.pipeline import default_workdir
-    from tierlite.converters.train import load_checkpoint
+    from tierlite.converters.partition import (FINAL_LOGITS, dequantized_outputs, check_bit_exact, exit_points,
+                                               export_operating_points, recut, run_model)
 
-    work = default_workdir(small_bundle_dir)
-    joint, meta = load_checkpoint(work)
-    # The session's digits frames (a cached checkpoint names the folder of the session that built it).
-    splits = load_splits(digits_dir / "train", meta["arch"]["input_size"], meta["train"]["val_fraction"], meta["seed"])
-    unsplit = build_unsplit(joint, splits.train.images[:100])
+    unsplit, splits, _ = digits_unsplit
     frames = splits.val.images[:40]
     assert "end_feature" in unsplit.trained and {"end_stem_relu", "end_b0_out"} <= set(unsplit.order)
     on_device = {}
@@ -161,3 +230,70 @@ def test_operating_point_follows_an_injected_rtt_change():
     assert f.point.name == "op2"
     status = f.status()
     assert status["switches"] == {"to_local": 4, "to_accurate": 2} and "deadline" in status["last_switches"][-1]["why"]
+
+
+@pytest.mark.timeout(1500)
+def test_plan_exported_as_a_three_tier_bundle_answers_like_the_original(small_bundle_dir, digits_unsplit, digits_dir,
+                                                                        tmp_path):
+    """A two-cut plan re-cut from the digits model at block outputs (not its trained boundaries),
+    written as a bundle that `tierlite inspect` reads, run through the real runtime (Mosquitto, an
+    edge and a cloud worker, a camera node): every frame gets the unsplit model's label."""
+    from tierlite.bundle import Bundle
+    from tierlite.converters.inspect import describe
+    from tierlite.converters.partition import (FINAL_LOGITS, export_chosen, recut_chain, run_model, runnable_pairs,
+                                               tensor_bytes)
+    from tierlite.data import decode_image, list_image_folder
+    from tierlite.tools.stack import Stack, TierProcess, read_jsonl, write_yaml
+
+    from runtime_support import offline_chain
+
+    unsplit, splits, meta = digits_unsplit
+    # Plan with the cut sizes of the real model: the device -> edge cut at a block output, the
+    # edge -> cloud cut wherever the planner puts it among the pairs the runtime can run.
+    pairs = runnable_pairs(unsplit)
+    assert ["end_b1_out", "edge_b0_out"] in pairs and ["end_b1_out", "end_feature"] not in pairs
+    with pytest.raises(ConfigError, match="edge exit needs blocks after end_feature"):
+        recut_chain(unsplit, ["end_b1_out", "end_feature"])  # the edge's exit head reads a later block
+    sizes = {n: tensor_bytes(unsplit, n) for n in unsplit.order if n not in ("end_stem_relu", "end_b0_out")}
+    cands = [Candidate(n, 0.001 * (k + 1), 0.001 * (len(sizes) - k), b) for k, (n, b) in enumerate(sizes.items())]
+    prof = Profile("digits", cands, [OperatingPoint("exit0", 0.2, 0.3, 0.9)], server_only_accuracy=0.95,
+                   notes={"three_tier_pairs": pairs})
+    rows = predict_all_two_cuts(prof, _serial(1), Tiers(_serial(100), edge_slowdown=4.0))
+    best = choose(rows, "mean", min_accuracy=0.95, candidates={"end_b1_out"})
+    assert best.cloud_cut is not None and best.operating_point == "server-only"
+    bundle = export_chosen(unsplit, list(meta["classes"]), best, prof, tmp_path / "recut", splits.val.images[:32])
+    info = describe(bundle)
+    assert [s["tier"] for s in Bundle.load(bundle).manifest["segments"]] == ["end", "edge", "cloud"]
+    manifest = Bundle.load(bundle).manifest  # hashes verified on load
+    assert manifest["partition"]["cuts"] == ["end_b1_out", best.cloud_cut]
+    assert manifest["partition"]["bit_exact"]["frames"] == 32
+    assert manifest["partition"]["plan"]["chosen"]["cloud_cut"] == best.cloud_cut
+    assert [s["tier"] for s in info["segments"]] == ["end", "edge", "cloud"]
+    assert manifest["thresholds"] == {"end": -1.0, "edge": -1.0}
+
+    paths, _, _ = list_image_folder(digits_dir / "test")
+    paths = paths[::max(1, len(paths) // 30)][:30]
+    frames = tmp_path / "frames"
+    for p in paths:
+        (frames / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (frames / p.parent.name / p.name).write_bytes(p.read_bytes())
+    size = tuple(manifest["input"]["shape"][1:3])
+    imgs = np.stack([decode_image(frames / p.parent.name / p.name, size) for p in paths])
+    full = dict(zip(unsplit.names, run_model(unsplit.model, imgs)))[FINAL_LOGITS].argmax(1)
+    with Stack(bundle, edge_workers=1, cloud_workers=1) as stack:
+        results = tmp_path / "results.jsonl"
+        cfg = write_yaml(tmp_path / "cam.yaml", {
+            "node_id": "cam-r", "bundle": str(bundle), "prefix": stack.prefix, "broker": {"port": stack.port},
+            "source": {"uri": str(frames), "fps": 50}, "results_file": str(results), "audit_rate": 0.0,
+            "drift": {"enabled": False}, "deadline_ms": 20000})
+        node = TierProcess("cam-r", ["device", "--config", str(cfg)], tmp_path)
+        assert node.expect_exit(120) == 0, node.tail(20)
+    got = {Path(r["source"]).name: r for r in read_jsonl(results)}
+    assert len(got) == len(paths) and not any(r["fallback"] for r in got.values())
+    assert all(r["tier"] == "cloud" for r in got.values())  # both thresholds send every frame on
+    assert [got[p.name]["label"] for p in paths] == full.tolist()  # the unsplit model's labels, bit-exact chain
+    # The shipped bundle (its own trained boundaries, quantised per segment) through its cloud exit.
+    original = offline_chain(small_bundle_dir, [frames / p.parent.name / p.name for p in paths])["cloud"].argmax(1)
+    agreement = float((original == full).mean())
+    print(f"re-cut {best.cuts} vs the shipped bundle's cloud labels: {agreement:.3f} of {len(paths)} frames agree")
+    assert agreement >= 0.9

@@ -192,3 +192,53 @@ def test_cloud_uplink_outage_site_keeps_deciding_and_recovers(sites):
           f"fallbacks at {min(r['latency_ms'] for r in cloud_bound):.0f}-"
           f"{max(r['latency_ms'] for r in cloud_bound):.0f} ms (deadline {OUTAGE_DEADLINE_MS} ms); "
           f"first cloud answer {t_back - t_up:.1f}s after the cloud broker came back; node stopped in {stop_s:.1f}s")
+
+
+def test_cloud_broker_frozen_by_sigstop_site_keeps_deciding_and_resumes(sites):
+    """Issue 12 (faults): the cloud broker SIGSTOPped for a few seconds mid-run (frozen, its sockets
+    open: no disconnect is seen). The site keeps deciding on camera and edge, cloud-bound frames fall
+    back at their deadline, late answers after SIGCONT count for nothing, every frame read has
+    exactly one result, and the cloud share comes back. No process dies."""
+    import os
+    import signal
+
+    work, cloud_broker = sites["work"], sites["cloud_broker"]
+    expected = {src: tier for src, (tier, _) in sites["expected"].items()}
+    labels = {src: label for src, (_, label) in sites["expected"].items()}
+    results_path = work / "frozen-cam1.jsonl"
+    node = _node(sites, "north", "frozen-cam1", work / "frames", OUTAGE_DEADLINE_MS, fps=25, loop=True)
+
+    def cloud_answers_after(t: float) -> list[dict]:
+        return [r for r in _results(results_path) if r["tier"] == "cloud" and r["ts"] > t]
+
+    wait_until(lambda: len(cloud_answers_after(0)) >= 3, 60, "cloud answers before the freeze")
+    os.kill(cloud_broker.pid, signal.SIGSTOP)
+    t_stop = time.time()
+    try:
+        time.sleep(4.0)
+    finally:
+        os.kill(cloud_broker.pid, signal.SIGCONT)
+    t_cont = time.time()
+    t_back = wait_until(lambda: [r["ts"] for r in cloud_answers_after(t_cont)], 30, "cloud answers after SIGCONT")[0]
+    assert node.stop() == 0, node.log()[-3000:]
+
+    results = read_jsonl(results_path)
+    frames = [r["frame"] for r in results]
+    assert len(frames) == len(set(frames)) and set(frames) == set(range(min(frames), max(frames) + 1)), \
+        "a frame without a result, or one with two (a late answer counted after its fallback)"
+    # frozen from t_stop; escalations sent just before it may still have been answered
+    during = [r for r in results if t_stop + 0.2 < r["ts"] < t_cont]
+    cloud_bound = [r for r in during if expected[r["source"]] == 2 and r["ts"] - r["latency_ms"] / 1000 > t_stop]
+    local = [r for r in during if expected[r["source"]] < 2]
+    assert local and all(not r["fallback"] and r["tier"] == ("end", "edge")[expected[r["source"]]]
+                         and r["label"] == labels[r["source"]] for r in local), local
+    assert cloud_bound and all(r["fallback"] and r["reason"] == "deadline" and r["tier"] == "end" for r in cloud_bound)
+    late = [r["latency_ms"] for r in cloud_bound
+            if not OUTAGE_DEADLINE_MS <= r["latency_ms"] <= OUTAGE_DEADLINE_MS + 500]  # a busy CPU delays the reaper
+    assert late == [], late
+    for proc in [g["proc"] for g in sites["gateways"].values()] + sites["clouds"]:
+        assert proc.running(), proc.tail()
+    print(f"\nfrozen {t_cont - t_stop:.1f}s: {len(local)} camera/edge decisions, {len(cloud_bound)} cloud-bound "
+          f"fallbacks at {min(r['latency_ms'] for r in cloud_bound):.0f}-"
+          f"{max(r['latency_ms'] for r in cloud_bound):.0f} ms (deadline {OUTAGE_DEADLINE_MS} ms); first cloud answer "
+          f"{t_back - t_cont:.1f}s after SIGCONT; {len(frames)} frames, each with one result")

@@ -41,7 +41,7 @@ def broker_settings(f: Fleet, **more) -> dict:
     b = f.broker_dir
     return {"password_file": str(f.passwd_path), "acl_file": str(f.acl_path),
             "tls": {"ca_file": str(b / "ca.crt"), "cert_file": str(b / "server.crt"),
-                    "key_file": str(b / "server.key")}, **more}
+                    "key_file": str(b / "server.key"), "crl_file": str(f.crl_path)}, **more}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_provision_writes_a_ready_node_folder(fleet):
 
 # -- the attacker ------------------------------------------------------------------------------
 def test_anonymous_and_uncertified_clients_are_refused(fleet, broker):
-    good = identity(fleet, "cam1")
+    good = identity(fleet, "cam1", port=broker.port)
     assert refused(BrokerConfig(port=broker.port))  # plain TCP, anonymous
     assert refused(good.model_copy(update={"username": None, "password": None}))  # TLS, no credentials
     assert refused(good.model_copy(update={"password": "guessed"}))  # wrong password
@@ -242,6 +242,66 @@ def test_a_node_cannot_join_the_edge_share_group(fleet, broker):
             w.stop()
 
 
+def test_mosquitto_2_0_11_share_groups_are_as_measured(tmp_path):
+    """Pins Mosquitto 2.0.11's `$share` behaviour with acl_file (docs/SECURITY.md, "$share groups"):
+    every SUBSCRIBE is granted, also to clients that may not read the topic and whatever the ACL says
+    about `$share/...`; the group deals messages round-robin to every member, and a member that may
+    not read loses the messages dealt to it. If an upgrade refuses the SUBSCRIBE (reason 0x87) or
+    stops the loss, this test fails: revisit the secret group names and the docs."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    f = Fleet(tmp_path / "fleet")
+    f.init(P, "edge", ["gw.example"], 8883, ["cloud", "cloud2"])
+    f.add_node("cam2")
+    # an ACL line naming the group itself, for a node: does acl_file restrict (or grant) by `$share/...`?
+    f.acl_path.write_text(f.acl_path.read_text() + f"\nuser cam2\ntopic read $share/G/{P}/+/escalate\n")
+    b = Mosquitto(tmp_path / "broker")
+    b.settings = broker_settings(f)
+    b.start()
+    clients = []
+
+    def raw(user: str):  # paho itself: the test needs the SUBACK reason codes
+        cfg = identity(f, user, port=b.port)
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{user}", protocol=paho.MQTTv5)
+        c.username_pw_set(cfg.username, cfg.password)
+        c.tls_set(ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file)
+        c.got, c.granted = [], []
+        c.on_message = lambda _c, _u, msg: c.got.append(msg.payload)
+        c.on_subscribe = lambda _c, _u, _mid, codes, _p: c.granted.extend(r.value for r in codes)
+        c.connect("127.0.0.1", b.port)
+        c.loop_start()
+        clients.append(c)
+        return c
+
+    try:
+        cloud, cloud2, cam2, monitor, edge = (raw(u) for u in ("_cloud-cloud", "_cloud-cloud2", "cam2", "_monitor",
+                                                               "_edge-edge"))
+        group = f"$share/G/{P}/+/escalate"
+        for c in (cloud, cloud2, cam2, monitor):
+            wait_until(lambda: c.is_connected(), 10, "a raw client")
+            c.subscribe(group, 1)
+        cam2.subscribe(f"{P}/+/escalate", 1)  # and plainly, without read access
+        wait_until(lambda: len(cloud.granted + cloud2.granted + monitor.granted) == 3 and len(cam2.granted) == 2,
+                   10, "the SUBACKs")
+        assert cloud.granted + cloud2.granted + cam2.granted + monitor.granted == [1] * 5  # all granted QoS 1
+        wait_until(lambda: edge.is_connected(), 10, "the edge")
+        n = 40
+        for i in range(n):
+            edge.publish(f"{P}/cam1/escalate", f"esc {i}".encode(), 1)
+        wait_until(lambda: len(cloud.got) + len(cloud2.got) >= n // 4, 10, "the cloud pool's share")
+        time.sleep(2 * SETTLE)
+        assert cam2.got == [] and monitor.got == []  # denied at delivery, the `$share` ACL line included
+        served = len(cloud.got) + len(cloud2.got)
+        assert cloud.got and cloud2.got  # any identity that may read takes its turn in the group
+        assert served < n, "members that may not read no longer lose their turn: the docs need an update"
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+        b.stop()
+
+
 def test_only_the_publisher_writes_updates_and_reports_are_bound_to_their_node(fleet, broker):
     cam1 = peer(broker, fleet, "cam1", [f"{P}/update/#"])
     publisher = peer(broker, fleet, "_publisher", [f"{P}/update/+/report/+"])
@@ -270,9 +330,18 @@ def test_only_the_publisher_writes_updates_and_reports_are_bound_to_their_node(f
             w.stop()
 
 
-def test_revoked_node_is_cut_off_while_the_others_stay_connected(fleet, broker):
+def test_revoked_node_is_cut_off_while_the_others_stay_connected(fleet, broker, tmp_path):
     from tierlite.tools.cli import main
 
+    # the stolen card's certificate, kept by the thief, with a password that is valid (cam1's)
+    for name in ("node.crt", "node.key"):
+        (tmp_path / name).write_bytes((fleet.node_dir("cam3") / name).read_bytes())
+    cam1_identity = identity(fleet, "cam1", port=broker.port)
+    stolen = cam1_identity.model_copy(update={"tls": cam1_identity.tls.model_copy(
+        update={"cert_file": str(tmp_path / "node.crt"), "key_file": str(tmp_path / "node.key")})})
+    assert not refused(stolen), "control: before the revocation the password, not the certificate, decides"
+    crl_before = fleet.crl_path.read_bytes()
+    certificates_before = {n: (fleet.node_dir(n) / "node.crt").read_bytes() for n in ("cam1", "cam2")}
     cam1 = peer(broker, fleet, "cam1", [f"{P}/cam1/answer"])
     cam3 = peer(broker, fleet, "cam3")
     cloud = peer(broker, fleet, "_cloud-cloud")
@@ -284,7 +353,14 @@ def test_revoked_node_is_cut_off_while_the_others_stay_connected(fleet, broker):
         wait_until(lambda: not cam3.client.connected, 10, "the revoked node to be disconnected")
         time.sleep(2)  # it keeps retrying with its old password: still out
         assert not cam3.client.connected
-        assert refused(identity(fleet, "cam1").model_copy(update={"username": "cam3"}))
+        assert refused(identity(fleet, "cam1", port=broker.port).model_copy(update={"username": "cam3"}))
+        # the CRL: cam3's certificate is refused at the TLS handshake even with a valid password
+        assert fleet.crl_path.read_bytes() != crl_before
+        assert refused(stolen)
+        assert "certificate verify failed" in (broker.workdir / "mosquitto.log").read_text()
+        # nobody else needed a new certificate: cam2 (unchanged files) connects afresh
+        assert {n: (fleet.node_dir(n) / "node.crt").read_bytes() for n in ("cam1", "cam2")} == certificates_before
+        assert not refused(identity(fleet, "cam2", port=broker.port))
         cloud.client.publish(f"{P}/cam1/answer", b"still served", 1)
         wait_until(lambda: cam1.messages, 10, "cam1's answer after the revocation")
         assert lost == [] and cam1.client.connected and cloud.client.connected
@@ -601,3 +677,96 @@ def test_cli_provisions_and_the_edge_refuses_an_open_site_listener(tmp_path, cap
     assert main(["edge", "--config", str(secured), "--print-mosquitto-config"]) == 0
     conf = capsys.readouterr().out
     assert "allow_anonymous false" in conf and "listener 8883 0.0.0.0" in conf and "require_certificate true" in conf
+    crl = tmp_path / "fleet" / "broker" / "crl.pem"
+    assert f"crlfile {crl}" in conf.splitlines()
+
+
+def test_a_foreign_or_tampered_crl_is_refused_with_one_line(tmp_path, capsys):
+    """Mosquitto 2.0.11 given a CRL its CA did not sign refuses every client, also after a SIGHUP
+    (measured, docs/SECURITY.md): the gateway and `provision revoke` check the CRL first."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tierlite.edge.provision import make_ca, make_crl
+    from tierlite.tools.cli import main
+
+    fleet = tmp_path / "fleet"
+    assert main(["provision", "--dir", str(fleet), "--gateway-host", "10.0.0.5", "--node", "cam7",
+                 "--node", "cam8"]) == 0
+    assert main(["provision", "revoke", "cam8", "--dir", str(fleet)]) == 0
+    crl_path = fleet / "broker" / "crl.pem"
+    revoked = x509.load_pem_x509_crl(crl_path.read_bytes())
+    serials = {e["serial"] for u, e in Fleet(fleet).state["identities"].items() if u == "cam8"}
+    assert {r.serial_number for r in revoked} == serials
+    secured = fleet / "broker" / "edge.yaml"
+    secured.write_text(yaml.safe_dump({"bundle": str(make_bundle(tmp_path / "bundle", 1)),
+                                       **yaml.safe_load((fleet / "broker" / "edge-security.yaml").read_text())}))
+    good = crl_path.read_bytes()
+    other_ca, other_key = make_ca("someone else's CA")
+    der = bytearray(revoked.public_bytes(serialization.Encoding.DER))
+    der[-8] ^= 0x01  # flip one bit of the signature
+    for bad, why in ((make_crl(other_ca, other_key, [], 1), "not by the CA"), (bytes(der), "does not verify"),
+                     (b"garbage", "not a readable CRL")):
+        crl_path.write_bytes(bad)
+        capsys.readouterr()
+        assert main(["edge", "--config", str(secured), "--print-mosquitto-config"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1, err
+    # the fleet folder holds the CA: provisioning again re-signs a damaged CRL, still listing cam8
+    assert main(["provision", "--dir", str(fleet)]) == 0
+    assert crl_path.read_bytes() != good
+    assert {r.serial_number for r in x509.load_pem_x509_crl(crl_path.read_bytes())} == serials
+    assert main(["edge", "--config", str(secured), "--print-mosquitto-config"]) == 0
+
+
+def test_bridge_password_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """A hand-written bridge password can stay out of edge.yaml (`bridge.password_file`, owner-only,
+    or `bridge.password_env`): the real bridge logs in with it; a file others may read, and a
+    password that would break (or add lines to) mosquitto.conf, are refused with one line."""
+    from tierlite.config import BridgeConfig
+    from tierlite.edge.broker import MosquittoProcess
+
+    secret = "bridge-" + os.urandom(12).hex()
+    (tmp_path / "passwd").write_text(f"site1:{hash_password(secret)}\n")
+    os.chmod(tmp_path / "passwd", 0o600)
+    cloud = Mosquitto(tmp_path / "cloud")
+    cloud.settings = {"password_file": str(tmp_path / "passwd")}
+    cloud.start()
+    pw_file = tmp_path / "bridge.pw"
+    pw_file.write_text(secret + "\n")
+    os.chmod(pw_file, 0o600)
+    site_yaml = {"host": "127.0.0.1", "port": cloud.port, "username": "site1", "password_file": str(pw_file)}
+    bridge = config_from_dict(site_yaml, BridgeConfig)
+    assert secret not in yaml.safe_dump(site_yaml)
+    m = MosquittoConfig(port=free_port())
+    site = MosquittoProcess(m, tmp_path / "site", mosquitto_config(m, bridge, P, "edge"))
+    site.start()
+    try:
+        assert f"remote_password {secret}" in site.conf_path.read_text().splitlines()
+        assert stat.S_IMODE(site.conf_path.stat().st_mode) == 0o600
+        at_cloud = Watcher(cloud.port, [f"{P}/+/escalate"], "cloud", BrokerConfig(port=cloud.port, username="site1",
+                                                                                   password=secret))
+        cam = Watcher(m.port, [], "cam")
+
+        def through() -> bool:
+            cam.client.publish(f"{P}/cam1/escalate", b"up", 0)
+            time.sleep(0.2)
+            return bool(at_cloud.messages)
+        wait_until(through, 20, "an escalation through the bridge that logged in with the file's password")
+        for w in (at_cloud, cam):
+            w.stop()
+    finally:
+        site.stop()
+        cloud.stop()
+    monkeypatch.setenv("TIERLITE_TEST_BRIDGE_PW", secret)
+    assert config_from_dict({"host": "h", "password_env": "TIERLITE_TEST_BRIDGE_PW"}, BridgeConfig) \
+        .resolved_password() == secret
+    os.chmod(pw_file, 0o644)
+    with pytest.raises(ConfigError, match="open to group or others.*chmod 600"):
+        mosquitto_config(m, bridge, P, "edge")
+    monkeypatch.setenv("TIERLITE_TEST_BRIDGE_PW", "x\nlistener 1884 0.0.0.0\nallow_anonymous true")
+    with pytest.raises(ConfigError, match="whitespace or control characters"):
+        mosquitto_config(m, config_from_dict({"host": "h", "password_env": "TIERLITE_TEST_BRIDGE_PW"}, BridgeConfig),
+                         P, "edge")
+    with pytest.raises(ConfigError, match="not several"):
+        config_from_dict({"host": "h", "password": "a", "password_file": str(pw_file)}, BridgeConfig)

@@ -483,7 +483,8 @@ def test_cloud_worker_trigger_runs_the_job_when_enough_examples_arrived(tmp_path
                                         "min_interval_seconds": 0}}, CloudConfig, "cloud.yaml", tmp_path)
     mqtt = Subscriptions()
     sched = RetrainScheduler(cfg, mqtt)
-    assert mqtt.topics == ["tierlite/update/+/frames/+"]  # it keeps opted-in nodes' frames
+    # it keeps opted-in nodes' frames, also those a site bridge sends up under its site
+    assert mqtt.topics == ["tierlite/update/+/frames/+", "tierlite/+/update/+/frames/+"]
     sched.tick(0)
     sched.tick(4)
     assert sched._proc is None  # 4 new examples: not yet

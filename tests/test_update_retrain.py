@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tierlite.bundle import Bundle
 from tierlite.tools.cli import main
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)  # the fog round trains a profile in TensorFlow: minutes on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +183,15 @@ def test_verdict_accepts_a_label_free_fix_when_the_teacher_is_drifted(fog_round)
     assert _end_accuracy(r["candidate"], r["clean"], r["y"]) >= _end_accuracy(r["bundle"], r["clean"], r["y"]) - 0.005
 
 
-def test_verdict_refuses_a_candidate_with_shuffled_labels_under_the_same_drift(fog_round, digits_dir):
-    """The same profile with its exit's classes permuted (what training it on shuffled labels
-    gives): the clean check cannot see it (the variant runs on fogged frames only), the teacher
-    through its boundary is as healthy as for the good one, and the end exit disagrees with it."""
-    from tierlite.cloud.retrain import Head, PrivacyPolicy, RetrainOptions, judge_candidate
+def _shuffled_candidate(r) -> Path:
+    """The fog round's candidate with its variant exit's classes permuted (made once per module)."""
     from tierlite.bundle import write_manifest
+    from tierlite.cloud.retrain import Head
     from tierlite.conditions import ROLE
 
-    r = fog_round
     bad = r["work"] / "candidate-shuffled"
+    if bad.is_dir():
+        return bad
     shutil.copytree(r["candidate"], bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     variant = bad / next(e["file"] for e in manifest["files"] if e.get("role") == ROLE)
@@ -199,8 +199,25 @@ def test_verdict_refuses_a_candidate_with_shuffled_labels_under_the_same_drift(f
     perm = np.roll(np.arange(head.b.size), 3)
     variant.write_bytes(head.patched(head.W[:, perm], head.b[perm]))
     write_manifest(bad, manifest)
-    opts = RetrainOptions(store=r["work"] / "hard.sqlite", bundle=r["bundle"], replay=digits_dir / "train",
-                          privacy=PrivacyPolicy(default="raw"), frames=r["work"] / "hard.frames.sqlite")
+    return bad
+
+
+def _judge_options(r, digits_dir, **extra):
+    from tierlite.cloud.retrain import PrivacyPolicy, RetrainOptions
+
+    return RetrainOptions(store=r["work"] / "hard.sqlite", bundle=r["bundle"], replay=digits_dir / "train",
+                          privacy=PrivacyPolicy(default="raw"), frames=r["work"] / "hard.frames.sqlite", **extra)
+
+
+def test_verdict_refuses_a_candidate_with_shuffled_labels_under_the_same_drift(fog_round, digits_dir):
+    """The same profile with its exit's classes permuted (what training it on shuffled labels
+    gives): the clean check cannot see it (the variant runs on fogged frames only), the teacher
+    through its boundary is as healthy as for the good one, and the end exit disagrees with it."""
+    from tierlite.cloud.retrain import judge_candidate
+
+    r = fog_round
+    bad = _shuffled_candidate(r)
+    opts = _judge_options(r, digits_dir)
     good = judge_candidate(opts, r["candidate"])
     assert good["better"] and good["reason"] == r["report"]["reason"]  # the same judgement as the run's
     verdict = judge_candidate(opts, bad)
@@ -231,3 +248,36 @@ def test_the_variant_carries_its_own_drift_reference(fog_round):
         clean_only.update(out.feature, out.logits)
     assert clean_only.state.alarms >= 1  # the clean reference alone: fog is drift
     assert mon.state.alarms == 0 and True not in raised, mon.state.to_json()
+
+
+def test_an_operator_labelled_holdout_decides_the_verdict(fog_round, digits_dir, tmp_path, capsys):
+    """Issue 13: the operator hands the job a folder of labelled frames from the fogged site (real
+    JPEGs, <class>/*.jpg). The verdict is then their accuracy, parent vs candidate, with the paired
+    test, not agreement with the (drifted) teacher; the report says which evidence decided."""
+    import cv2
+
+    from tierlite.cloud.retrain import judge_candidate
+    from tierlite.cloud.retrain.judge import EVIDENCE_LABELS
+
+    r = fog_round
+    labels = Bundle.load(r["bundle"]).labels
+    site = tmp_path / "site-labelled"
+    for i, (img, y) in enumerate(zip(r["x"][:80], r["y"][:80])):  # frames nobody trained or judged on
+        d = site / labels[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:04d}.jpg").write_bytes(cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes())
+    opts = _judge_options(r, digits_dir, labelled_holdout=site)
+    good = judge_candidate(opts, r["candidate"])
+    lab = good["labelled"]
+    assert lab["frames"] == 80 and lab["primary"] == "end"
+    assert good["better"] and good["evidence"] == EVIDENCE_LABELS, good["reason"]
+    assert lab["end"]["candidate_accuracy"] > lab["end"]["parent_accuracy"] + 0.10 and lab["end"]["test"]["p_value"] < 0.05
+    assert "on 80 operator-labelled frames" in good["reason"] and "McNemar" in good["reason"], good["reason"]
+    bad = judge_candidate(opts, _shuffled_candidate(r))
+    assert not bad["better"] and bad["evidence"] == EVIDENCE_LABELS, bad["reason"]
+    assert bad["labelled"]["end"]["candidate_accuracy"] < lab["end"]["candidate_accuracy"]
+    # through the CLI: a missing folder is one clear line, nothing run
+    code = main(["retrain", "--store", str(r["work"] / "hard.sqlite"), "--bundle", str(r["bundle"]),
+                 "--labelled-holdout", str(tmp_path / "nowhere"), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--labelled-holdout: folder not found" in err and not (tmp_path / "never").exists(), err

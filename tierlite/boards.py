@@ -32,6 +32,9 @@ TOOLCHAINS = ("esp-idf", "stm32cube", "zephyr")
 ARENA_PLACES = ("sram", "psram", "sdram", "ram")
 CAMERA_FORMATS = ("rgb888", "bgr888", "rgb565", "yuyv", "yuv420", "jpeg", "mjpeg", "grayscale")
 MQTT_MODES = ("self", "host")  # self: the board speaks MQTT itself; host: a gateway relays for it
+# Where a power figure comes from: a datasheet's typical figure, a measurement (say by whom, how),
+# or an upper bound (a supply or absolute-maximum rating) where no typical figure is documented.
+POWER_BASES = ("datasheet", "measured", "upper-bound")
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 
 
@@ -59,6 +62,20 @@ class Camera:
 
 
 @dataclass(frozen=True)
+class PowerFigure:
+    """The node's power draw for the planner's device-energy objective (tierlite plan --board)."""
+
+    active_w: float  # while computing
+    basis: str  # one of POWER_BASES
+    source: str  # document and table, or who measured it and how
+    radio_w: float | None = None  # while sending, if documented apart; else active_w applies
+
+    @property
+    def sending_w(self) -> float:
+        return self.active_w if self.radio_w is None else self.radio_w
+
+
+@dataclass(frozen=True)
 class Board:
     name: str
     title: str
@@ -78,6 +95,7 @@ class Board:
     options: dict[str, Any] = field(default_factory=dict)  # extra runtime plugin options
     notes: str = ""
     source: str = ""  # the YAML file it came from
+    power: PowerFigure | None = None  # None: no figure documented for this board
 
     @property
     def is_mcu(self) -> bool:
@@ -156,6 +174,12 @@ class _Fields:
             raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
+    def watts(self, key: str, default: Any = ...) -> float | None:
+        value = self.get(key, (int, float), default)
+        if value is not None and not value > 0:
+            raise self.error(key, f"must be > 0 watts, got {value!r}")
+        return None if value is None else float(value)
+
     def positive(self, key: str, default: Any = ...) -> int:
         value = self.get(key, int, default)
         if value < 1:
@@ -225,6 +249,17 @@ def parse_board(data: Any, where: str = "board.yaml") -> Board:
     mqtt, link = net.text("mqtt", choices=MQTT_MODES), net.text("link")
     net.done()
 
+    power = None
+    if top.data.get("power") is not None:
+        pw = top.sub("power")
+        power = PowerFigure(active_w=pw.watts("active_w"), basis=pw.text("basis", choices=POWER_BASES),
+                            source=pw.text("source").strip(), radio_w=pw.watts("radio_w", None))
+        pw.done()
+        if not power.source:
+            raise pw.error("source", "say where the figure comes from (datasheet and table, or who measured it)")
+    else:
+        top.used.add("power")
+
     toolchain = top.text("toolchain", "", TOOLCHAINS if kind == "mcu" else None)
     if kind == "mcu" and not toolchain:
         raise top.error("toolchain", f"missing (a microcontroller board needs one of {', '.join(TOOLCHAINS)})")
@@ -235,7 +270,7 @@ def parse_board(data: Any, where: str = "board.yaml") -> Board:
         name=name, title=top.text("title"), kind=kind, module=top.text("module"), cpu=top.text("cpu"),
         cores=cores, accelerator=top.text("accelerator", "none"), memory=memory, budget=budget,
         runtime=runtime, threads=threads, camera=camera, mqtt=mqtt, link=link, toolchain=toolchain,
-        options=options, notes=top.text("notes", "").strip(), source=where,
+        options=options, notes=top.text("notes", "").strip(), source=where, power=power,
     )
     top.done()
     stem = Path(where).stem

@@ -413,6 +413,9 @@ class ListenerTLSConfig(Section):
     cert_file: ExistingFile  # server certificate (SANs: every name/address nodes use for the gateway)
     key_file: ExistingFile
     require_certificate: bool = True  # mutual TLS: no client without a CA-signed certificate
+    # revoked client certificates (`tierlite provision` writes broker/crl.pem, signed by the CA in
+    # ca_file); checked against ca_file before use, re-read by Mosquitto on SIGHUP
+    crl_file: ExistingFile | None = None
 
 
 class MosquittoConfig(Section):
@@ -439,6 +442,10 @@ class BridgeConfig(Section):
     port: Port = 1883
     username: Text | None = None
     password: Text | None = None
+    # keep the secret out of edge.yaml: a file (owner-only; first line) or an environment variable.
+    # Mosquitto reads bridge credentials from its config only, so it still lands in the 0600 mosquitto.conf.
+    password_file: ExistingFile | None = None
+    password_env: EnvVar | None = None
     tls: TLSConfig | None = None
     keepalive: int = 30
     reconnect_max: AtLeastOne = 30  # seconds: the bridge's reconnect backoff starts at 1 s, doubles up to this
@@ -450,9 +457,30 @@ class BridgeConfig(Section):
     site: NodeId | None = None
     cloud_prefix: Prefix | None = None  # the cloud broker's topic prefix; default the gateway's own
 
+    def resolved_password(self) -> str | None:
+        """The bridge password from `password`, `password_file` or `password_env` (ConfigError, one
+        line, for a file others may read, or a password Mosquitto's config line cannot hold)."""
+        password, where = self.password or None, "bridge.password"
+        if self.password_file:
+            mode = Path(self.password_file).stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(f"bridge.password_file {self.password_file} is open to group or others (mode "
+                                  f"{oct(mode)}): chmod 600 it")
+            lines = Path(self.password_file).read_text().splitlines()
+            password, where = (lines[0] if lines else ""), f"bridge.password_file {self.password_file}"
+        elif self.password_env:
+            password, where = os.environ.get(self.password_env, ""), f"bridge.password_env {self.password_env}"
+        if password is not None and (not password or any(c.isspace() or not c.isprintable() for c in password)):
+            # one `remote_password` line of mosquitto.conf: a space ends it, a newline would add config lines
+            raise ConfigError(f"{where}: empty, or holds whitespace or control characters (Mosquitto's config "
+                              "cannot carry them)")
+        return password
+
     @classmethod
     def cross_checks(cls, v: dict[str, Any]) -> list[tuple[str | None, str]]:
-        return _tls_port_check(v)
+        given = [k for k in ("password", "password_file", "password_env") if v.get(k)]
+        problems = [(None, f"give one of {', '.join(given)}, not several")] if len(given) > 1 else []
+        return problems + _tls_port_check(v)
 
 
 class CloudLinkConfig(Section):

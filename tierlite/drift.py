@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AgreementWindow", "ConditionDriftMonitor", "DriftMonitor", "DriftState", "REFERENCE_KEY", "entropy_of", "frame_stats",
+__all__ = ["AgreementWindow", "agreement_fall", "ConditionDriftMonitor", "DriftMonitor", "DriftState", "REFERENCE_KEY", "entropy_of", "frame_stats",
            "psi", "reference_stats", "window_scores", "wilson"]
 
 REFERENCE_KEY = "drift_reference"
@@ -93,6 +93,18 @@ class AgreementWindow:
         return {"audits": self.total, "window": n, "agree": k,
                 "agreement": round(k / n, 4) if n else None, "low": round(lo, 4), "high": round(hi, 4),
                 "teacher": self.teacher()}
+
+
+def agreement_fall(est: dict[str, Any], min_frames: int, min_agreement: float) -> str | None:
+    """Why a node's audit agreement asks for a retraining run, or None. The agreement must be over
+    `min_frames` audits and its upper bound below `min_agreement`, and the teacher it is measured
+    against must not be suspect itself (its class histogram on the audits drifted): agreement with a
+    drifted teacher falling says nothing about the camera (a drift alarm is what starts that run)."""
+    if est["window"] < min_frames or est["high"] >= min_agreement:
+        return None
+    if (est.get("teacher") or {}).get("suspect"):
+        return None
+    return f"audit agreement {est['agreement']:.2f} (95 % CI {est['low']:.2f}-{est['high']:.2f})"
 
 
 def psi(p: np.ndarray, q: np.ndarray, eps: float = 0.5) -> float:

@@ -17,7 +17,9 @@ orchestration apart from `aggregate.py`:
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -105,6 +107,15 @@ def is_statistic(name: str) -> bool:
     return name.rsplit("/", 1)[-1].startswith(STATISTIC_SUFFIXES)
 
 
+# FedBN (Li et al. 2021): a site keeps its BatchNorm layers (scale, shift and statistics) and
+# loads only the rest from the federation, so its normalisation follows its own data.
+BATCHNORM_SUFFIXES = ("gamma", "beta") + STATISTIC_SUFFIXES
+
+
+def is_batchnorm(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(BATCHNORM_SUFFIXES)
+
+
 def server_step(current: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
                 velocity: Mapping[str, np.ndarray] | None, lr: float = 1.0, momentum: float = 0.0
                 ) -> tuple[Named, Named | None]:
@@ -161,12 +172,31 @@ def loads(data: bytes) -> Named:
 FLOWER_CLAIM_SECONDS = 120
 
 
-def run_flower(entry: str, argv0: str) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux prctl
+    PR_SET_PDEATHSIG), even by SIGKILL, which the parent cannot forward; exit at once if the
+    parent (`parent_pid`) is already gone. Elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before the prctl: nobody would signal us
+        raise SystemExit(f"parent process {parent_pid} is gone")
+
+
+def run_flower(entry: str, argv0: str, parent_pid: int | None = None) -> None:
     """Run a Flower command-line entry point ("module:function") in this process with the longer
-    claim window. Used as `python -c "...run_flower(...)" ARGS` in place of the Flower script."""
+    claim window. Used as `python -c "...run_flower(...)" ARGS` in place of the Flower script.
+    parent_pid: end with that parent, however it ends (`die_with_parent`)."""
     import importlib
     import sys
 
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     from flwr.supercore.corestate import in_memory_corestate
 
     if hasattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL"):
@@ -176,29 +206,48 @@ def run_flower(entry: str, argv0: str) -> None:
     getattr(importlib.import_module(module), func)()
 
 
-def flower_command(entry: str, argv0: str) -> list[str]:
-    """The argv prefix that runs `entry` through run_flower (append the Flower arguments)."""
+def flower_command(entry: str, argv0: str, with_parent: bool = False) -> list[str]:
+    """The argv prefix that runs `entry` through run_flower (append the Flower arguments).
+    with_parent: the process ends when the one building this command (its parent) ends."""
     import sys
 
-    return [sys.executable, "-c", f"from tierlite.federated import run_flower; run_flower({entry!r}, {argv0!r})"]
+    parent = os.getpid() if with_parent else None
+    return [sys.executable, "-c",
+            f"from tierlite.federated import run_flower; run_flower({entry!r}, {argv0!r}, {parent!r})"]
+
+
+def _live_stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after "pid (comm) " (state, ppid, pgrp, ...; field 19: start tick), None
+    for a process that is gone or a zombie."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def process_start_tick(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of a live process, None if gone or a zombie; with
+    the pid it names one process (pids are reused, start ticks with them are not)."""
+    fields = _live_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def flower_processes(marker: bytes, pgid: int | None = None) -> list[tuple[int, int]]:
     """(start tick, pid) of live processes whose command line holds `marker` (and, if given, in
     process group `pgid`), oldest first; read from /proc (Linux)."""
-    from pathlib import Path
-
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
+        fields = _live_stat(d.name)
+        if fields is None or (pgid is not None and int(fields[2]) != pgid):
+            continue
         try:
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-            if fields[0] == "Z" or (pgid is not None and int(fields[2]) != pgid):
-                continue
             if marker in (d / "cmdline").read_bytes():
                 found.append((int(fields[19]), int(d.name)))
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue  # gone meanwhile
     return sorted(found)

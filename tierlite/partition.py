@@ -15,6 +15,7 @@ accuracy of an operating point does not depend on the cut: re-cut segments are b
 
     table = predict_all(profile, link, power)          # every (cut, operating point)
     best = choose(table, objective="p50", min_accuracy=0.95)
+    table3 = predict_all_two_cuts(profile, link, Tiers(cloud_link))   # end | edge | cloud: both cuts at once
 
 Profiles are JSON (`tierlite profile` writes them); `Profile.from_json` validates them with one
 clear line per problem.
@@ -22,13 +23,14 @@ clear line per problem.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tierlite.errors import ConfigError
 
-__all__ = ["Candidate", "Link", "OBJECTIVES", "OperatingPoint", "Power", "Prediction", "Profile",
-           "choose", "format_table", "mixture_quantile", "predict", "predict_all"]
+__all__ = ["Candidate", "Link", "OBJECTIVES", "OperatingPoint", "Power", "Prediction", "Profile", "Tiers",
+           "choose", "format_table", "mixture_quantile", "predict", "predict_all", "predict_two_cuts",
+           "predict_all_two_cuts"]
 
 OBJECTIVES = ("p50", "p99", "mean", "energy", "uplink")
 # MQTT 5 PUBLISH fixed header + topic + tierlite wire header + TCP/IP headers: what one escalation
@@ -65,11 +67,26 @@ class Link:
 
 @dataclass(frozen=True)
 class Power:
-    """Device power while computing and while its radio sends; watts. No board profile carries a
-    measured figure yet, so these are inputs (defaults: a relative scale, not a measurement)."""
+    """Device power while computing and while its radio sends; watts. A board YAML's `power:`
+    section gives documented figures (tierlite.boards, `tierlite plan --board`); the defaults are a
+    relative scale, not a measurement."""
 
     compute_w: float = 1.0
     radio_w: float = 1.0
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """The edge -> cloud hop of a three-tier plan (end | edge | cloud). The profile's server times
+    are the profiling host's; `edge_slowdown` / `cloud_slowdown` scale them for each tier."""
+
+    cloud_link: Link  # the edge gateway's uplink to the cloud
+    edge_slowdown: float = 1.0
+    cloud_slowdown: float = 1.0
+
+    def __post_init__(self):
+        if not (self.edge_slowdown > 0 and self.cloud_slowdown > 0):
+            raise ConfigError(f"tier slowdowns must be > 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class Candidate:
     cut_bytes: int  # bytes of the tensor on the wire (int8: one per element; binary: one bit)
     exit_on_device: bool = True  # the camera's exit is computed before the cut
     trained: bool = False  # a trained bottleneck (the bundle's own boundary), not a re-cut block output
+    device_tflm_s: float | None = None  # the prefix on TFLite Micro's reference kernels (MCU boards)
 
     def __post_init__(self):
         if self.device_s < 0 or self.server_s < 0 or self.cut_bytes < 0:
@@ -144,6 +162,11 @@ class Prediction:
     uplink_bytes: float  # mean per frame
     device_energy_j: float  # mean per frame
     trained: bool
+    cloud_cut: str | None = None  # three tiers: the edge -> cloud boundary (None: the edge answers)
+
+    @property
+    def cuts(self) -> str:
+        return self.candidate if self.cloud_cut is None else f"{self.candidate} | {self.cloud_cut}"
 
     def metric(self, objective: str) -> float:
         return {"p50": self.p50_s, "p99": self.p99_s, "mean": self.mean_s,
@@ -196,6 +219,46 @@ def predict_all(profile: Profile, link: Link, power: Power = Power()) -> list[Pr
     return rows
 
 
+def predict_two_cuts(c1: Candidate, c2: Candidate | None, op: OperatingPoint | None, link: Link, tiers: Tiers,
+                     power: Power, server_only_accuracy: float | None = None) -> Prediction:
+    """Cut twice (Neurosurgeon over three tiers): the device runs frame -> c1, the edge c1 -> c2,
+    the cloud c2 -> final logits; `c2` None: the edge runs the rest itself. The edge's compute is
+    the difference of the two measured tails (the profile times each suffix from its cut), scaled
+    by `tiers.edge_slowdown`. The edge's own exit is not planned: every frame that leaves the
+    camera reaches c2's tier (the exported bundle sets the edge threshold so)."""
+    edge_s = c1.server_s - (c2.server_s if c2 is not None else 0.0)
+    if edge_s < 0:  # two separately timed suffixes: a deeper one can come out a hair slower
+        edge_s = 0.0
+    server = Candidate(c1.name, c1.device_s, edge_s * tiers.edge_slowdown, c1.cut_bytes, c1.exit_on_device,
+                       c1.trained)
+    row = predict(server, op, link, power, server_only_accuracy)
+    if c2 is None:
+        return row
+    beyond = tiers.cloud_link.transfer_s(c2.cut_bytes) + c2.server_s * tiers.cloud_slowdown
+    local = row.device_fraction
+    up = c1.device_s + link.transfer_s(c1.cut_bytes) + server.server_s + beyond
+    values, weights = [c1.device_s, up], [local, 1.0 - local]
+    return replace(row, p50_s=mixture_quantile(values, weights, 0.50), p99_s=mixture_quantile(values, weights, 0.99),
+                   mean_s=sum(v * w for v, w in zip(values, weights)), cloud_cut=c2.name)
+
+
+def predict_all_two_cuts(profile: Profile, link: Link, tiers: Tiers, power: Power = Power()) -> list[Prediction]:
+    """Every pair c1 before c2 of the profile's candidates (in network order; only the pairs in
+    `notes["three_tier_pairs"]` where the profile lists those the runtime can run), and every c1
+    with the edge answering, each server-only and at every operating point where c1 keeps the exit."""
+    rows = []
+    cands = profile.candidates
+    listed = profile.notes.get("three_tier_pairs")
+    runnable = None if listed is None else {tuple(p) for p in listed}
+    for i, c1 in enumerate(cands):
+        for c2 in [*cands[i + 1:], None]:
+            if c2 is not None and runnable is not None and (c1.name, c2.name) not in runnable:
+                continue
+            ops = [None] + (list(profile.operating_points) if c1.exit_on_device else [])
+            rows += [predict_two_cuts(c1, c2, op, link, tiers, power, profile.server_only_accuracy) for op in ops]
+    return rows
+
+
 def choose(rows: list[Prediction], objective: str = "p50", min_accuracy: float | None = None,
            candidates: set[str] | None = None) -> Prediction:
     """The row minimising `objective` among those meeting the accuracy bound (ties: fewer uplink
@@ -210,17 +273,19 @@ def choose(rows: list[Prediction], objective: str = "p50", min_accuracy: float |
 
 
 def format_table(rows: list[Prediction], best: Prediction | None = None) -> str:
-    head = (f"{'cut':<26} {'op':<12} {'thr':>6} {'local':>6} {'acc':>7} {'p50 ms':>8} {'p99 ms':>8} "
+    width = max([26] + [len(r.cuts) + 2 for r in rows])
+    head = (f"{'cut':<{width}} {'op':<12} {'thr':>6} {'local':>6} {'acc':>7} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'mean ms':>8} {'up B/fr':>8} {'mJ/fr':>7}")
     lines = [head, "-" * len(head)]
+    chosen = None if best is None else (best.candidate, best.cloud_cut, best.operating_point)
     for r in rows:
-        mark = " <- chosen" if best is not None and (r.candidate, r.operating_point) == (
-            best.candidate, best.operating_point) else ""
+        mark = " <- chosen" if (r.candidate, r.cloud_cut, r.operating_point) == chosen else ""
         thr = "-" if r.end_threshold is None else f"{r.end_threshold:.3f}"
         acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
-        name = r.candidate + (" *" if r.trained else "")
-        lines.append(f"{name:<26} {r.operating_point:<12} {thr:>6} {r.device_fraction:>6.2f} {acc:>7} "
+        name = r.cuts + (" *" if r.trained else "")
+        lines.append(f"{name:<{width}} {r.operating_point:<12} {thr:>6} {r.device_fraction:>6.2f} {acc:>7} "
                      f"{r.p50_s * 1e3:>8.2f} {r.p99_s * 1e3:>8.2f} {r.mean_s * 1e3:>8.2f} "
                      f"{r.uplink_bytes:>8.0f} {r.device_energy_j * 1e3:>7.3f}{mark}")
-    lines.append("(* = trained bottleneck; others are block outputs re-cut without retraining)")
+    lines.append("(* = the device cut is a trained bottleneck; others are block outputs re-cut without retraining;"
+                 " 'a | b': device | edge at a, edge | cloud at b)")
     return "\n".join(lines)

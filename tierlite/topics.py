@@ -14,11 +14,11 @@ from tierlite.errors import WireError
 __all__ = [
     "ANSWER", "DRIFT", "ESCALATE", "FEATURE", "HA_STATE", "NODE_SUFFIXES", "RESERVED_NODE_IDS", "RESULT", "STATUS",
     "Filter", "Sender", "Topic",
-    "bridge_notifications", "cloud_status", "cloud_statuses", "frame_upload", "frame_upload_source", "frame_uploads",
+    "bridge_notifications", "cloud_status", "cloud_statuses", "frame_upload", "frame_uploads",
     "gateway_status", "gateway_worker", "gateway_workers", "home_assistant_config", "node_filter",
-    "node_of", "node_topic", "sender_of", "site_node_filter", "site_prefix", "update_announcement", "update_chunk",
-    "update_chunks", "update_report",
-    "update_reports", "updates", "valid_node_id",
+    "node_of", "node_topic", "sender_of", "site_frame_uploads", "site_node_filter", "site_prefix",
+    "site_update_reports", "update_announcement", "update_chunk", "update_chunks", "update_report", "update_reports",
+    "update_sender", "updates", "valid_node_id",
 ]
 
 MAX_TOPIC_LENGTH = 65535
@@ -211,9 +211,27 @@ def frame_uploads(prefix: str, model: str = "+") -> Filter:
     return Filter(_join(prefix, UPDATE, model, "frames", "+"))
 
 
-def frame_upload_source(topic: str) -> tuple[str, str]:
-    """(model, node) of a frame-upload topic; ValueError for anything else."""
-    parts = topic.split("/")
-    if len(parts) < 4 or parts[-2] != "frames":
-        raise ValueError(f"frame upload on unexpected topic {topic}")
-    return parts[-3], parts[-1]
+def site_update_reports(prefix: str, model: str = "+") -> Filter:
+    """<prefix>/+/update/<model>/report/+: every site's node reports on the cloud broker (a site
+    bridge puts <prefix>/update/... of its site under <prefix>/<site>/update/...)."""
+    return update_reports(site_prefix(prefix, "+"), model)
+
+
+def site_frame_uploads(prefix: str, model: str = "+") -> Filter:
+    """<prefix>/+/update/<model>/frames/+: every site's frame uploads on the cloud broker."""
+    return frame_uploads(site_prefix(prefix, "+"), model)
+
+
+def update_sender(topic: str, prefix: str, kind: str) -> tuple[str, Sender]:
+    """(model, sender) of <prefix>[/<site>]/update/<model>/<kind>/<node>, kind "report" or "frames";
+    WireError (reason "topic") for anything else. Node ids are unique per site only: key by Sender.key."""
+    parts, head = topic.split("/"), prefix.split("/")
+    rest = parts[len(head):]
+    site = rest.pop(0) if len(rest) == 5 else None
+    if (parts[: len(head)] != head or len(rest) != 4 or rest[0] != UPDATE or rest[2] != kind
+            or not valid_node_id(rest[3]) or (site is not None and not valid_node_id(site))):
+        err = WireError(f"unexpected {kind} topic {topic[:80]!r}")
+        err.reason = "topic"  # type: ignore[attr-defined]  # the metrics label, as tierlite.wire sets it
+        raise err
+    return rest[1], Sender(site, rest[3])
+

@@ -31,6 +31,7 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default="small")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model/training override (all sites)")
     s.add_argument("--local-epochs", type=int, default=1)
+    s.add_argument("--local-steps", type=int, help="local steps per round instead of --local-epochs epochs")
     s.add_argument("--lr", type=float, help="the sites' peak learning rate (default: the preset's)")
     s.add_argument("--lr-schedule", choices=("cycle", "const"), default="cycle",
                    help="cycle: one warm-up + cosine schedule across all rounds (default); const: --lr throughout")
@@ -39,6 +40,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal term (0: FedAvg)")
     s.add_argument("--personal", default="", help="exit heads each site keeps, e.g. 'end,edge' (FedPer-style)")
     s.add_argument("--no-evaluate", action="store_true", help="skip the sites' evaluation after each round")
+    s.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (Flower's SecAgg+): the cloud sees only the sum of masked weights")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--round-timeout", type=float, default=1800.0, help="seconds a round waits for answers")
     s.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet + Control APIs)")
@@ -47,6 +50,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--certfile"); s.add_argument("--keyfile"); s.add_argument("--ca-certfile")
     s.add_argument("--init-from", help="checkpoint workdir of a pretrained model of the same architecture")
     s.add_argument("--export", action="store_true", help="export the aggregated model as a bundle (needs --calib-dir)")
+    s.add_argument("--averaged-bn", action="store_true", help="export with the sites' averaged BatchNorm "
+                   "statistics (default: recomputed on --calib-dir)")
     s.add_argument("--version", type=int, default=1, help="bundle version")
     c = sub.add_parser("site", help="edge gateway: SuperNode + tierlite's ClientApp training on DATA_DIR")
     c.add_argument("data_dir", type=Path, help="the site's labelled frames (<class>/*.jpg); they never leave")
@@ -63,6 +68,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     e.add_argument("--calib-dir", type=Path, required=True)
     e.add_argument("--bundle", type=Path)
     e.add_argument("--version", type=int, default=1)
+    e.add_argument("--averaged-bn", action="store_true", help="keep the sites' averaged BatchNorm statistics "
+                   "(default: recomputed on --calib-dir)")
     e.add_argument("--weights", type=Path, help="another named-weights file of the federation's model, e.g. a "
                    "personalised site's <workdir>/site-model.npz (default OUT/global.npz)")
 
@@ -76,7 +83,8 @@ def run_federate(args) -> int:
                         args.port, args.insecure, args.root_certificates, parse_sets(args.set) or None, args.limit)
     from tierlite.cloud.federated.server import export_global, run_federation
     if args.role == "export":
-        b = export_global(args.out, args.calib_dir, args.bundle, weights_file=args.weights, version=args.version)
+        b = export_global(args.out, args.calib_dir, args.bundle, weights_file=args.weights, version=args.version,
+                          recompute_bn=not args.averaged_bn)
         print(f"bundle {b}")
         return 0
     if args.classes:
@@ -91,14 +99,15 @@ def run_federate(args) -> int:
     if not args.insecure and not (args.superlink or (args.certfile and args.keyfile)):
         raise ConfigError("the SuperLink needs --certfile/--keyfile (TLS) or --insecure (loopback tests)")
     report = run_federation(args.out, classes=classes, sites=args.sites, rounds=args.rounds, preset=args.preset,
-                            overrides=parse_sets(args.set), local_epochs=args.local_epochs, lr=args.lr,
+                            overrides=parse_sets(args.set), local_epochs=args.local_epochs,
+                            local_steps=args.local_steps, lr=args.lr,
                             lr_schedule=args.lr_schedule, server_lr=args.server_lr,
                             server_momentum=args.server_momentum,
                             proximal_mu=args.proximal_mu, personal=args.personal, seed=args.seed,
                             min_sites=args.min_sites, round_timeout=args.round_timeout,
                             evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,
                             insecure=args.insecure, certfile=args.certfile, keyfile=args.keyfile,
-                            ca_certfile=args.ca_certfile, init_from=args.init_from)
+                            ca_certfile=args.ca_certfile, init_from=args.init_from, secagg=args.secagg)
     for r in report["rounds"]:
         a = r.get("aggregate") or {}
         print(f"round {r['round']}: {r['clients']} site(s), loss {a.get('loss', float('nan')):.3f}, val acc "
@@ -108,7 +117,7 @@ def run_federate(args) -> int:
               + "".join(f"\n  {line}" for line in r.get("refused", [])))
     print(f"report {args.out / 'report.json'} (+ report.png), global model {args.out / 'global.npz'}")
     if args.export:
-        b = export_global(args.out, args.calib_dir, version=args.version)
+        b = export_global(args.out, args.calib_dir, version=args.version, recompute_bn=not args.averaged_bn)
         print(f"bundle {b}")
     sys.stdout.flush()
     return 0

@@ -19,7 +19,7 @@ from tierlite.federated import dumps, loads, spec_of
 app = ServerApp()
 
 # What the ServerApp passes on to every site each round (the rest of the run config stays here).
-SITE_KEYS = ("preset", "arch-set", "classes", "local-epochs", "lr", "lr-schedule", "proximal-mu", "personal", "seed",
+SITE_KEYS = ("preset", "arch-set", "classes", "local-epochs", "local-steps", "lr", "lr-schedule", "proximal-mu", "personal", "seed",
              "num-server-rounds")
 
 
@@ -37,15 +37,16 @@ def _wait_for_sites(grid: Grid, want: int, timeout: float) -> int:
         time.sleep(1.0)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def open_run(grid: Grid, context: Context, kind: str = ""):
+    """Common start of a federation's ServerApp (this one, secagg.py's): the initial model, the
+    report writer, and the sites waited for. Returns (run config, out dir, initial weights,
+    write(update), sites waited for)."""
     cfg = context.run_config
     out = Path(str(cfg["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     initial = loads((out / "initial.npz").read_bytes())
-    spec = spec_of(initial)
     report = {"config": {k: cfg[k] for k in cfg}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "model": {"arrays": len(spec), "parameters": int(sum(v.size for v in initial.values()))}}
+              "model": {"arrays": len(initial), "parameters": int(sum(v.size for v in initial.values()))}}
 
     def write(update: dict) -> None:
         report.update(update)
@@ -53,7 +54,14 @@ def main(grid: Grid, context: Context) -> None:
 
     wait = int(cfg.get("wait-sites", cfg.get("min-sites", 1)))
     n = _wait_for_sites(grid, wait, float(cfg.get("wait-timeout", 600)))
-    _say(f"{n} site(s) connected (waited for {wait}); {int(cfg['num-server-rounds'])} round(s)")
+    _say(f"{n} site(s) connected (waited for {wait}); {int(cfg['num-server-rounds'])} round(s){kind}")
+    return cfg, out, initial, write, wait
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, out, initial, write, _ = open_run(grid, context)
+    spec = spec_of(initial)
     strategy = TierliteFedAvg(spec, report=write, min_sites=int(cfg.get("min-sites", 1)),
                               evaluate=bool(cfg.get("evaluate", True)), say=_say,
                               server_lr=float(cfg.get("server-lr", 1.0)),

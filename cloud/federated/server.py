@@ -43,9 +43,10 @@ def _toml(v) -> str:
     return json.dumps(str(v))
 
 
-def write_app(out: Path, run_config: dict) -> Path:
+def write_app(out: Path, run_config: dict, secagg: bool = False) -> Path:
     """The Flower app directory `flwr run` packages (a FAB): only a pyproject.toml, whose components
-    are tierlite's installed modules; dependencies are installed beforehand (`[federated]` extra)."""
+    are tierlite's installed modules; dependencies are installed beforehand (`[federated]` extra).
+    secagg: the SecAgg+ ServerApp and ClientApp (cloud/federated/secagg.py) instead of plain FedAvg's."""
     app = out / "app"
     app.mkdir(parents=True, exist_ok=True)
     lines = ['[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
@@ -53,8 +54,10 @@ def write_app(out: Path, run_config: dict) -> Path:
              'description = "tierlite co-training: ServerApp and ClientApp from the installed tierlite"',
              'license = "Apache-2.0"', 'dependencies = []', '',
              '[tool.flwr.app]', 'publisher = "tierlite"', '',
-             '[tool.flwr.app.components]', 'serverapp = "tierlite.cloud.federated.app:app"',
-             'clientapp = "tierlite.edge.federated:app"', '', '[tool.flwr.app.config]']
+             '[tool.flwr.app.components]',
+             f'serverapp = "tierlite.cloud.federated.{"secagg" if secagg else "app"}:app"',
+             f'clientapp = "tierlite.edge.federated:{"secagg_app" if secagg else "app"}"', '',
+             '[tool.flwr.app.config]']
     lines += [f"{k} = {_toml(v)}" for k, v in run_config.items() if v is not None]
     (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
     (app / "README.md").write_text("Written by `tierlite federate server`; see docs/COTRAINING.md.\n")
@@ -103,11 +106,16 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> 
 
 def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str | None = None,
                     keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1"):
-    """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log."""
+    """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log.
+
+    It ends with this process, even when this process is SIGKILLed (`with_parent`); a SuperLink
+    an earlier run left in <out>/superlink.pid (one started before that, or whose parent the
+    kernel did not signal) is stopped first."""
     from tierlite.federated import flower_command
 
+    stop_stale_superlink(out)
     # flower-superlink, run with tierlite's longer ServerApp claim window (tierlite.federated.run_flower)
-    cmd = flower_command("flwr.superlink.cli:flower_superlink", "flower-superlink") + [
+    cmd = flower_command("flwr.superlink.cli:flower_superlink", "flower-superlink", with_parent=True) + [
         "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         cmd.append("--insecure")
@@ -123,29 +131,82 @@ def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str |
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_HOME": str(home)},
                             start_new_session=True)
+    from tierlite.federated import process_start_tick
+
+    (out / SUPERLINK_PID_FILE).write_text(json.dumps({"pid": proc.pid, "start_tick": process_start_tick(proc.pid),
+                                                      "port": port}) + "\n")
     _wait_port(port, 180, proc, "flower-superlink")  # slow to start on a loaded machine
     return proc
 
 
-def stop_superlink(proc: subprocess.Popen, port: int) -> None:
-    """Stop the SuperLink and what it launched: its SuperExec and ServerApp run detached (their
-    own sessions) and, starved of CPU, outlive it for minutes; they are found by the SuperLink's
-    address on their command line."""
+# <out>/superlink.pid: the SuperLink a run started (pid, start tick, port), removed when it stops.
+SUPERLINK_PID_FILE = "superlink.pid"
+
+
+def _kill_launched(port: int) -> None:
+    """SIGKILL the SuperLink's SuperExec and ServerApp: they run detached (their own sessions) and,
+    starved of CPU, outlive it for minutes; found by the SuperLink's address on their command line."""
     import signal
 
     from tierlite.federated import flower_processes
 
+    for _, pid in flower_processes(f"--runtime-api-address\x00127.0.0.1:{port}\x00".encode()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_stale_superlink(out: Path) -> bool:
+    """Stop the SuperLink recorded in <out>/superlink.pid if that very process (same pid and start
+    tick) still runs, and what it launched. True when one was stopped."""
+    import signal
+
+    from tierlite.federated import process_start_tick
+
+    record_file = out / SUPERLINK_PID_FILE
+    try:
+        record = json.loads(record_file.read_text())
+        pid, tick, port = int(record["pid"]), int(record["start_tick"]), int(record["port"])
+    except FileNotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable (%s); ignored", record_file, e)
+        record_file.unlink(missing_ok=True)
+        return False
+    stopped = False
+    if process_start_tick(pid) == tick:
+        log.warning("stopping the SuperLink an earlier run left running (pid %d, port %d)", pid, port)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(100):
+            if process_start_tick(pid) != tick:
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped = True
+    _kill_launched(port)
+    record_file.unlink(missing_ok=True)
+    return stopped
+
+
+def stop_superlink(proc: subprocess.Popen, port: int, out: Path | None = None) -> None:
+    """Stop the SuperLink and what it launched (its SuperExec and ServerApp)."""
     proc.terminate()
     try:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-    for _, pid in flower_processes(f"--runtime-api-address\x00127.0.0.1:{port}\x00".encode()):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _kill_launched(port)
+    if out is not None:
+        (out / SUPERLINK_PID_FILE).unlink(missing_ok=True)
 
 
 def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) -> int:
@@ -169,17 +230,21 @@ def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
 
 def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, rounds: int = 2,
                    preset: str = "small", overrides: dict | None = None, local_epochs: int = 1,
+                   local_steps: int | None = None,
                    lr: float | None = None, lr_schedule: str = "cycle", server_lr: float = 1.0,
                    server_momentum: float = 0.0, proximal_mu: float = 0.0, personal: str = "", seed: int = 0,
                    min_sites: int | None = None, round_timeout: float = 600.0, evaluate: bool = True,
                    port: int = 9092, superlink: str | None = None, insecure: bool = True,
                    certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
-                   init_from: str | Path | None = None, timeout: float | None = None) -> dict:
+                   init_from: str | Path | None = None, timeout: float | None = None,
+                   secagg: bool = False) -> dict:
     """Start (or join) a SuperLink, run the federation to the end; returns the report dict.
 
     lr: the sites' peak rate (default: the preset's); lr_schedule "cycle": the converters'
     one-cycle schedule laid across all rounds (each site places its local steps in it), "const":
-    `lr` throughout. server_lr/server_momentum: the cloud's FedAvgM step (1/0: plain FedAvg)."""
+    `lr` throughout. server_lr/server_momentum: the cloud's FedAvgM step (1/0: plain FedAvg).
+    local_steps: each site trains this many steps per round instead of local_epochs epochs.
+    secagg: Flower's SecAgg+ (the cloud sees only the sum of the sites' masked weights; secagg.py)."""
     if lr_schedule not in ("cycle", "const"):
         raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
     if server_lr <= 0 or not 0 <= server_momentum < 1:
@@ -193,12 +258,13 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     if lr is None:  # the preset's peak rate
         lr = json.loads((out / "model.json").read_text())["preset_lr"]
     run_config = {"num-server-rounds": int(rounds), "preset": preset, "arch-set": json.dumps(overrides),
-                  "classes": json.dumps(classes), "local-epochs": int(local_epochs), "lr": float(lr),
+                  "classes": json.dumps(classes), "local-epochs": int(local_epochs),
+                  "local-steps": int(local_steps or 0), "lr": float(lr),
                   "lr-schedule": lr_schedule, "server-lr": float(server_lr), "server-momentum": float(server_momentum),
                   "proximal-mu": float(proximal_mu), "personal": personal, "seed": int(seed),
                   "out-dir": str(out), "wait-sites": int(sites), "min-sites": int(min_sites or 1),
                   "round-timeout": float(round_timeout), "evaluate": bool(evaluate), "wait-timeout": 600.0}
-    app = write_app(out, run_config)
+    app = write_app(out, run_config, secagg)
     proc = None
     if superlink is None:
         proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile)
@@ -210,7 +276,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
         rc = _flwr_run([_exe("flwr"), "run", str(app), "tierlite", "--stream"], env, out / "flwr-run.log", timeout)
     finally:
         if proc is not None:
-            stop_superlink(proc, port)
+            stop_superlink(proc, port, out)
     report_file = out / "report.json"
     if rc != 0 or not (out / "global.npz").is_file():
         tail = (out / "flwr-run.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -257,11 +323,15 @@ def plot_report(report: dict, path: Path) -> Path | None:
 
 def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | Path | None = None,
                   weights_file: str | Path | None = None, version: int = 1, name: str | None = None,
-                  max_drop: float = 0.005) -> Path:
+                  max_drop: float = 0.005, recompute_bn: bool = True) -> Path:
     """The aggregated model (<out>/global.npz) -> int8 bundle, calibrated on `calib_dir` (labelled
-    frames the cloud holds, never a site's). Returns the bundle directory."""
+    frames the cloud holds, never a site's). Returns the bundle directory.
+
+    recompute_bn: BatchNorm statistics recomputed on the calibration frames first: the sites'
+    averaged statistics are not those of the averaged weights (docs/COTRAINING.md: +0.75 to +3.5 pt
+    on the cloud exit of four Flower runs' models)."""
     from tierlite.converters import (build_federated_model, export_bundle, load_folder_cached,
-                                     representative_frames, set_model_weights)
+                                     recompute_batchnorm, representative_frames, set_model_weights)
     from tierlite.federated import loads
 
     out = Path(out_dir)
@@ -272,6 +342,8 @@ def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | 
     calib = load_folder_cached(calib_dir, arch.input_size, out / "cache")
     if calib.classes != meta["classes"]:
         raise ConfigError(f"{calib_dir}: classes {calib.classes} differ from the federation's {meta['classes']}")
+    if recompute_bn:
+        recompute_batchnorm(model, calib.images)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     rounds = report.get("rounds", [])
     bundle = Path(bundle_dir or out / "bundle")
@@ -283,5 +355,7 @@ def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | 
                                       "sites": sorted({s["site"] for r in rounds for s in r.get("sites", [])}),
                                       "examples_last_round": (rounds[-1].get("aggregate") or {}).get("examples")
                                       if rounds else None,
-                                      "calibration_folder": str(Path(calib_dir).resolve())}})
+                                      "calibration_folder": str(Path(calib_dir).resolve()),
+                                      "batchnorm_statistics": "calibration folder" if recompute_bn
+                                      else "sites' average"}})
     return bundle

@@ -89,3 +89,18 @@ def replay_and_val(opts: RetrainOptions, bundle: Bundle):
     n = min(opts.replay_frames, len(splits.train.labels))
     idx = rng.choice(len(splits.train.labels), n, replace=False)
     return splits.train.images[idx], splits.train.labels[idx], splits.val.images, splits.val.labels
+
+
+def load_labelled_holdout(path: Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+    """An operator's labelled frames from the drifted site: <path>/<class>/*.jpg, class folders named
+    as the bundle's labels (any subset of them, at least two); labels as the bundle numbers them.
+    Unreadable files are skipped and logged (tierlite.data)."""
+    from tierlite.data import load_image_folder
+
+    s = load_image_folder(path, tuple(bundle.input_shape[1:3]))
+    unknown = sorted(set(s.classes) - set(bundle.labels))
+    if unknown:
+        raise DataError(f"--labelled-holdout {path}: class folders {unknown} are not classes of the bundle "
+                        f"({', '.join(bundle.labels)})")
+    to_bundle = np.array([bundle.labels.index(c) for c in s.classes], np.int64)
+    return s.images, to_bundle[s.labels]

@@ -16,11 +16,12 @@ import numpy as np
 from tierlite.bundle import TIERS, Bundle, FeatureEncoding, write_manifest
 from tierlite.conditions import ROLE, variant_entry
 from tierlite.cloud.retrain.chain import Chain
-from tierlite.cloud.retrain.data import load_hard_examples, replay_and_val, workdir
+from tierlite.cloud.retrain.data import load_hard_examples, load_labelled_holdout, replay_and_val, workdir
 from tierlite.cloud.retrain.distill import fit_head
 from tierlite.cloud.retrain.end_segment import build_end_profile, retrain_end_segment
 from tierlite.cloud.retrain.judge import (JUDGE_STATS, agreement, check_boundary_identical, clean_figures,
-                                          escalation, gap_middle, teacher_drift, teacher_reference, verdict)
+                                          escalation, gap_middle, paired_test, teacher_drift, teacher_reference,
+                                          verdict)
 from tierlite.cloud.retrain.options import RetrainOptions, RetrainReport
 from tierlite.errors import ConfigError, DataError
 
@@ -94,12 +95,14 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     clean = {"frames": int(len(vy)),
              "parent": clean_figures(parent_exits, vy, parent.thresholds, fbytes),
              "candidate": clean_figures(cand_exits, vy, new_thr, fbytes)}
-    better, reason = verdict(holdout, clean, opts, ex.teacher)
+    labelled = _labelled(opts, parent, chain, candidate, new_thr)
+    better, reason, evidence = verdict(holdout, clean, opts, ex.teacher, labelled)
     end_scope = opts.end_scope if "end" in refit.heads else "head"
     _finish_manifest(manifest, parent, new_thr, chosen, cand_exits, vy, retrained={
         "parent_version": parent.version, "heads": sorted(refit.heads), "teacher": "cloud exit",
         "end_scope": end_scope, "temperature": opts.temperature, "hard_examples": n_feat, "frames": n_frames,
-        "holdout": holdout, "teacher_check": ex.teacher, "better": better, "verdict": reason,
+        "holdout": holdout, "teacher_check": ex.teacher, "labelled_holdout": labelled, "better": better,
+        "verdict": reason, "evidence": evidence,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_manifest(tmp, manifest)
     Bundle.load(tmp)
@@ -114,7 +117,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
               "frames_not_allowed": hard["refused_frames"], "holdout": int(ex.hold_edge.sum()),
               "replay": int(len(ry)), "val": int(len(vy))},
         heads=refit.heads, holdout=holdout, clean=clean, better=better, reason=reason, bundle_dir=str(out),
-        teacher=ex.teacher,
+        teacher=ex.teacher, evidence=evidence, labelled=labelled,
         seconds=round(time.monotonic() - t0, 1))
     (out.parent / f"{out.name}.retrain.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
     return report
@@ -124,7 +127,7 @@ def judge_candidate(opts: RetrainOptions, candidate_dir: Path) -> dict[str, Any]
     """Judge an existing candidate bundle against the parent (opts.bundle) exactly as retrain()
     does, on the same store and held-out draw (same --seed), with the candidate's own thresholds:
     for a candidate changed after its run, or judged again on a newer store. Returns
-    {better, reason, holdout, clean, teacher}."""
+    {better, reason, evidence, holdout, clean, teacher, labelled}."""
     parent = _load_parent(opts)
     chain = Chain(parent)
     ex = _through_parent(opts, chain, load_hard_examples(opts, parent))
@@ -139,8 +142,10 @@ def judge_candidate(opts: RetrainOptions, candidate_dir: Path) -> dict[str, Any]
     clean = {"frames": int(len(vy)),
              "parent": clean_figures(_exits(val), vy, parent.thresholds, fbytes),
              "candidate": clean_figures(_exits(candidate.from_frames(vx)), vy, cand_bundle.thresholds, fbytes)}
-    better, reason = verdict(holdout, clean, opts, ex.teacher)
-    return {"better": better, "reason": reason, "holdout": holdout, "clean": clean, "teacher": ex.teacher}
+    labelled = _labelled(opts, parent, chain, candidate, cand_bundle.thresholds)
+    better, reason, evidence = verdict(holdout, clean, opts, ex.teacher, labelled)
+    return {"better": better, "reason": reason, "evidence": evidence, "holdout": holdout, "clean": clean,
+            "teacher": ex.teacher, "labelled": labelled}
 
 
 def _load_parent(opts: RetrainOptions) -> Bundle:
@@ -326,6 +331,7 @@ def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, f
         holdout["end"]["through_candidate"] = {
             "frames": int(len(ct)), "parent_agreement": agreement(pl, ct),
             "candidate_agreement": agreement(cand_r["end_logits"], ct),
+            "test": paired_test(pl.argmax(1) == ct.argmax(1), cand_r["end_logits"].argmax(1) == ct.argmax(1)),
             "teacher_drift": teacher_drift(cand_r["end_features"], ct, teacher_ref, seed, stats=JUDGE_STATS)}
     return holdout
 
@@ -335,7 +341,35 @@ def _agreement_figures(parent_logits: np.ndarray, cand_logits: np.ndarray, teach
     return {"frames": int(len(teacher)), "parent_agreement": agreement(parent_logits, teacher),
             "candidate_agreement": agreement(cand_logits, teacher),
             "parent_escalation": escalation(parent_logits, parent_thr),
-            "candidate_escalation": escalation(cand_logits, cand_thr)}
+            "candidate_escalation": escalation(cand_logits, cand_thr),
+            "test": paired_test(parent_logits.argmax(1) == teacher.argmax(1), cand_logits.argmax(1) == teacher.argmax(1))}
+
+
+def _labelled(opts: RetrainOptions, parent: Bundle, chain: Chain, candidate: Chain,
+              new_thr: dict[str, float]) -> dict[str, Any] | None:
+    """The operator-labelled holdout through both chains: accuracy of each exit and of the cascade
+    (each bundle at its own thresholds), parent vs candidate, with the paired test. The primary exit
+    is the end when the candidate changed it on these frames, else the edge."""
+    if opts.labelled_holdout is None:
+        return None
+    from tierlite.policy import chain_decisions
+
+    x, y = load_labelled_holdout(Path(opts.labelled_holdout), parent)
+    p_out, c_out = chain.from_frames(x), candidate.from_frames(x)
+    out: dict[str, Any] = {"path": str(opts.labelled_holdout), "frames": int(len(y))}
+    for tier in ("end", "edge"):
+        p_ok, c_ok = p_out[f"{tier}_logits"].argmax(1) == y, c_out[f"{tier}_logits"].argmax(1) == y
+        out[tier] = {"parent_accuracy": float(p_ok.mean()), "candidate_accuracy": float(c_ok.mean()),
+                     "test": paired_test(p_ok, c_ok)}
+    p_sys = chain_decisions(_exits(p_out), [parent.thresholds["end"], parent.thresholds["edge"]])[1] == y
+    c_sys = chain_decisions(_exits(c_out), [new_thr["end"], new_thr["edge"]])[1] == y
+    out["system"] = {"parent_accuracy": float(p_sys.mean()), "candidate_accuracy": float(c_sys.mean()),
+                     "test": paired_test(p_sys, c_sys), "worse_test": paired_test(c_sys, p_sys)}
+    out["primary"] = "end" if not np.array_equal(p_out["end_logits"], c_out["end_logits"]) else "edge"
+    log.info("retrain: %d operator-labelled frames: end exit %.1f -> %.1f %%, system %.1f -> %.1f %%", len(y),
+             out["end"]["parent_accuracy"] * 100, out["end"]["candidate_accuracy"] * 100,
+             out["system"]["parent_accuracy"] * 100, out["system"]["candidate_accuracy"] * 100)
+    return out
 
 
 def _finish_manifest(manifest: dict[str, Any], parent: Bundle, new_thr: dict[str, float], chosen,

@@ -10,9 +10,17 @@ the node's drift monitor (tierlite.drift: 2 x the worst of resampled clean windo
 size). A drifted teacher's labels are not used, neither to train the heads nor to judge; a
 candidate that changes the end (a condition profile) is then judged against the teacher as it
 answers *through the candidate's boundary feature* (what the fleet will run), and only where that
-teacher passes the same test. docs/DRIFT.md has the measurements."""
+teacher passes the same test. docs/DRIFT.md has the measurements.
+
+Two rules over all of that (issue 13): an operator-labelled holdout (frames from the drifted site
+with their true classes, `--labelled-holdout DIR`) is the strongest evidence and decides in
+preference to any teacher; and no gain counts unless it is beyond noise: every comparison is on the
+same frames, parent vs candidate, so the verdict asks a one-sided exact McNemar test (a sign test on
+the frames where exactly one of them is right, or agrees) for p <= `significance` besides the
+`margin`. At 0.05 that needs at least 5 such frames, all in the candidate's favour."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -39,6 +47,44 @@ TEACHER_MIN_FRAMES = 10  # fewer audited/held-out frames: the teacher is not che
 # "feature" (the boundary feature it reads) is reported, never decisive: the input of a drift moves.
 TEACHER_STATS = ("classes", "entropy")
 JUDGE_STATS = ("classes",)
+
+
+def min_discordant(significance: float) -> int:
+    """Fewest frames on which parent and candidate differ for the exact one-sided test to be able to
+    reach `significance` at all (every one of them in the candidate's favour: p = 0.5^n)."""
+    return max(1, math.ceil(math.log2(1.0 / significance)))
+
+
+def paired_test(parent_ok: np.ndarray, cand_ok: np.ndarray) -> dict[str, Any]:
+    """One-sided exact McNemar test that the candidate is right (or agrees with the teacher) on more of
+    the same frames than the parent: of the n frames where exactly one of them is, the candidate's
+    share b is Binomial(n, 1/2) when neither is better; p = P(X >= b)."""
+    parent_ok, cand_ok = np.asarray(parent_ok, bool), np.asarray(cand_ok, bool)
+    b, c = int((cand_ok & ~parent_ok).sum()), int((parent_ok & ~cand_ok).sum())
+    n = b + c
+    p = sum(math.comb(n, k) for k in range(b, n + 1)) / 2 ** n if n else 1.0
+    frames = len(cand_ok)
+    return {"frames": int(frames), "candidate_only": b, "parent_only": c, "p_value": float(p),
+            "gain_pt": float((cand_ok.mean() - parent_ok.mean()) * 100) if frames else 0.0}
+
+
+def _test_text(t: dict[str, Any]) -> str:
+    return (f"one-sided exact McNemar p = {t['p_value']:.3g}: {t['candidate_only']} frames only the candidate got, "
+            f"{t['parent_only']} only the parent, of {t['frames']}")
+
+
+def _gain_decision(basis: str, gain: float, test: dict[str, Any] | None, opts: RetrainOptions,
+                   clean_note: str) -> tuple[bool, str]:
+    """Accept a gain only when it clears the margin and, where per-frame outcomes are known, the
+    significance test."""
+    if gain < opts.margin:
+        return False, f"{basis}, below the {opts.margin} pt margin"
+    if test is not None and test["p_value"] > opts.significance:
+        need = min_discordant(opts.significance)
+        return False, (f"{basis}, within noise ({_test_text(test)}; > {opts.significance}; at least {need} "
+                       "differing frames needed)")
+    sig = f"; {_test_text(test)}" if test is not None else ""
+    return True, f"{basis} (margin {opts.margin} pt{sig}), {clean_note}"
 
 
 def teacher_reference(val: dict[str, np.ndarray], end_threshold: float, min_frames: int = 30) -> dict[str, np.ndarray]:
@@ -107,21 +153,47 @@ def check_boundary_identical(parent_out: dict, cand_out: dict) -> None:
         raise BundleError("retrained edge segment changed what the cloud receives; refusing to write it")
 
 
-def verdict(holdout: dict, clean: dict, opts: RetrainOptions, teacher: dict | None = None) -> tuple[bool, str]:
-    """Accept or refuse, and why. Clean validation (labelled) must not drop more than
-    max_clean_drop. Then the evidence on the held-out hard examples: agreement with the teacher
-    when the teacher is in distribution on the audits (or was not checked: no audits stored);
-    when it is drifted, agreement with the teacher through the candidate's end, provided that
-    teacher passes the drift test there; no trustworthy teacher: refused."""
-    if not holdout:
-        return False, "no held-out hard examples to judge by"
+EVIDENCE_LABELS = "operator-labelled holdout"
+EVIDENCE_TEACHER = "agreement with the teacher"
+EVIDENCE_THROUGH = "agreement with the teacher through the candidate's end"
+EVIDENCE_NONE = "none"
+
+
+def labelled_verdict(labelled: dict[str, Any], opts: RetrainOptions, clean_note: str) -> tuple[bool, str]:
+    """Real labels decide: the primary exit's accuracy, parent vs candidate, on the operator's frames,
+    beyond the margin and noise; and the system (the whole cascade at each bundle's thresholds) not
+    significantly worse on them."""
+    primary = labelled["primary"]
+    e, sys_ = labelled[primary], labelled["system"]
+    where = f"on {labelled['frames']} operator-labelled frames"
+    if sys_["worse_test"]["p_value"] <= opts.significance:
+        return False, (f"{where}, system accuracy falls {sys_['parent_accuracy'] * 100:.1f} -> "
+                       f"{sys_['candidate_accuracy'] * 100:.1f} % (one-sided exact McNemar p = "
+                       f"{sys_['worse_test']['p_value']:.3g} that it is worse)")
+    basis = (f"{where}, {primary}-exit accuracy {e['parent_accuracy'] * 100:.1f} -> {e['candidate_accuracy'] * 100:.1f} % "
+             f"({e['test']['gain_pt']:+.2f} pt)")
+    return _gain_decision(basis, e["test"]["gain_pt"], e["test"], opts, clean_note)
+
+
+def verdict(holdout: dict, clean: dict, opts: RetrainOptions, teacher: dict | None = None,
+            labelled: dict | None = None) -> tuple[bool, str, str]:
+    """Accept or refuse, why, and which evidence decided (EVIDENCE_*). Clean validation (labelled)
+    must not drop more than max_clean_drop. Then an operator-labelled holdout, when given, decides.
+    Otherwise the held-out hard examples: agreement with the teacher when the teacher is in
+    distribution on the audits (or was not checked: no audits stored); when it is drifted,
+    agreement with the teacher through the candidate's end, provided that teacher passes the drift
+    test there; no trustworthy teacher: refused. A gain must clear the margin and the paired test."""
     keys = ("end_accuracy", "edge_accuracy", "cloud_accuracy", "system_accuracy")  # edge/cloud: same unless
     drops = {k: (clean["parent"][k] - clean["candidate"][k]) * 100 for k in keys}  # the boundary moved
     worst = max(drops, key=drops.get)
     if drops[worst] > opts.max_clean_drop:
         return False, (f"clean {worst.replace('_', ' ')} drops {drops[worst]:.2f} pt "
-                       f"(> {opts.max_clean_drop} pt allowed)")
+                       f"(> {opts.max_clean_drop} pt allowed)"), "clean validation"
     clean_note = f"clean drop at most {max(drops.values()):.2f} pt"
+    if labelled:
+        return (*labelled_verdict(labelled, opts, clean_note), EVIDENCE_LABELS)
+    if not holdout:
+        return False, "no held-out hard examples to judge by", EVIDENCE_NONE
     check = (teacher or {}).get("check")
     through = (holdout.get("end") or {}).get("through_candidate")
     # The teacher's labels on the held-out frames come from the parent's boundary feature. When that
@@ -136,11 +208,8 @@ def verdict(holdout: dict, clean: dict, opts: RetrainOptions, teacher: dict | No
                  f"{TEACHER_MIN_FRAMES} needed)")
         primary = "end" if "end" in holdout else "edge"
         gain = (holdout[primary]["candidate_agreement"] - holdout[primary]["parent_agreement"]) * 100
-        if gain < opts.margin:
-            return False, (f"{trust}; held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt, "
-                           f"below the {opts.margin} pt margin")
-        return True, (f"{trust}; held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt "
-                      f"(margin {opts.margin} pt), {clean_note}")
+        basis = f"{trust}; held-out {primary}-exit agreement with the teacher up {gain:+.2f} pt"
+        return (*_gain_decision(basis, gain, holdout[primary].get("test"), opts, clean_note), EVIDENCE_TEACHER)
     if check["drifted"]:
         distrust = f"teacher drifted on the audits ({_drift_text(check)}): its labels are not evidence"
     else:
@@ -148,18 +217,16 @@ def verdict(holdout: dict, clean: dict, opts: RetrainOptions, teacher: dict | No
                     f"{check['thresholds']['feature']:.2f} on {check['frames']} frames): its labels on the parent's "
                     "features are not evidence")
     if through is None:
-        return False, f"{distrust}, and no frames were held out to judge the end exit without them"
+        return (False, f"{distrust}, and no frames were held out to judge the end exit without them", EVIDENCE_NONE)
     d = through["teacher_drift"]
     if d is None:
         return False, (f"{distrust}; {through['frames']} held-out frames are too few to check the teacher "
-                       f"through the candidate ({TEACHER_MIN_FRAMES} needed)")
+                       f"through the candidate ({TEACHER_MIN_FRAMES} needed)"), EVIDENCE_NONE
     if d["drifted"]:
         return False, (f"{distrust}; through the candidate's end it is drifted too ({_drift_text(d)}): "
                        "no trustworthy teacher to judge by (a condition profile, --end-scope profile, can adapt "
-                       "without one)")
+                       "without one; an operator-labelled holdout, --labelled-holdout, can judge without one)"), EVIDENCE_NONE
     gain = (through["candidate_agreement"] - through["parent_agreement"]) * 100
     basis = (f"{distrust}; through the candidate's end it is in distribution again ({_drift_text(d)}); "
              f"held-out end-exit agreement with it up {gain:+.2f} pt")
-    if gain < opts.margin:
-        return False, f"{basis}, below the {opts.margin} pt margin"
-    return True, f"{basis} (margin {opts.margin} pt), {clean_note}"
+    return (*_gain_decision(basis, gain, through.get("test"), opts, clean_note), EVIDENCE_THROUGH)

@@ -69,6 +69,10 @@ class RetrainOptions:
     lr: float = 0.01
     l2: float = 1e-3
     margin: float = 1.0  # points
+    significance: float = 0.05  # one-sided p-value a gain must reach (paired test, judge.py)
+    # A folder <class>/*.jpg of frames from the drifted site with their true classes: when given, the
+    # verdict is their accuracy, parent vs candidate, rather than agreement with the teacher.
+    labelled_holdout: Path | None = None
     max_clean_drop: float = 0.5  # points
     holdout: float = 0.25
     since: float | None = None
@@ -86,7 +90,9 @@ class RetrainOptions:
                    temperature=args.temperature, hard_weight=args.hard_weight, steps=args.steps, margin=args.margin,
                    max_clean_drop=args.max_clean_drop, holdout=args.holdout, since=args.since,
                    min_examples=args.min_examples, seed=args.seed, end_scope=args.end_scope,
-                   checkpoint=Path(args.checkpoint) if args.checkpoint else None, hint_weight=args.hint_weight)
+                   checkpoint=Path(args.checkpoint) if args.checkpoint else None, hint_weight=args.hint_weight,
+                   significance=getattr(args, "significance", 0.05),
+                   labelled_holdout=Path(args.labelled_holdout) if getattr(args, "labelled_holdout", None) else None)
         opts.check()
         return opts
 
@@ -97,6 +103,10 @@ class RetrainOptions:
             raise ConfigError(f"--holdout must be in (0, 0.9), got {self.holdout}")
         if not self.store.is_file():
             raise ConfigError(f"--store: hard-example store not found: {self.store}")
+        if not 0.0 < self.significance < 1.0:
+            raise ConfigError(f"--significance must be in (0, 1), got {self.significance}")
+        if self.labelled_holdout is not None and not Path(self.labelled_holdout).is_dir():
+            raise ConfigError(f"--labelled-holdout: folder not found: {self.labelled_holdout} (expected <class>/*.jpg)")
         if self.end_scope not in END_SCOPES:
             raise ConfigError(f"--end-scope must be one of {', '.join(END_SCOPES)}, got {self.end_scope!r}")
 
@@ -118,6 +128,8 @@ class RetrainReport:
     bundle_dir: str
     seconds: float
     teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's drift check on the audits
+    evidence: str = ""  # what decided the verdict (judge.EVIDENCE_*)
+    labelled: dict[str, Any] | None = None  # accuracy on the operator-labelled holdout, when given
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -157,6 +169,14 @@ class RetrainReport:
             lines.append(f"  held-out end exit vs the teacher through the candidate's end: agreement "
                          f"{through['parent_agreement'] * 100:.1f} -> {through['candidate_agreement'] * 100:.1f} % "
                          f"({through['frames']} frames; teacher classes PSI through the {psi or '-'})")
+        lab = self.labelled
+        if lab:
+            lines.append(f"  operator-labelled holdout {lab['path']}: {lab['frames']} frames; "
+                         + ", ".join(f"{k} {lab[k]['parent_accuracy'] * 100:.1f} -> {lab[k]['candidate_accuracy'] * 100:.1f} %"
+                                     for k in ("end", "edge", "system"))
+                         + f" (primary: {lab['primary']} exit)")
         lines.append(f"  thresholds {self.parent['thresholds']} -> {self.candidate['thresholds']}")
         lines.append(f"  verdict: {'BETTER' if self.better else 'not better'} ({self.reason})")
+        if self.evidence:
+            lines.append(f"  evidence that decided: {self.evidence}")
         return "\n".join(lines)

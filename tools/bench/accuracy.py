@@ -9,7 +9,8 @@ MLPerf Tiny reference models run on the camera (--reference).
 
 How the figures are obtained:
 - offline chain, every frame: each frame is run through every tier of every bundle once
-  (frame-major, so background load hits all configurations alike); a configuration is then the
+  (block by block, each model back to back within a block of 64 frames, so background load hits
+  all configurations alike and no model is timed on caches another just evicted); a configuration is then the
   exit policy (tierlite.policy.chain_decisions) applied to those logits at its thresholds.
   Camera decision latency = end segment invoke + exit entropy, per frame. Offline end-to-end
   latency = compute of the tiers a frame visits (no network), plus JPEG decode for cloud-only.

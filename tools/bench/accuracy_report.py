@@ -23,7 +23,8 @@ NOTES = [
     "PUBLISH at QoS 0 (TCP/IP headers excluded on both sides). The node's optional JSON result event "
     "(<prefix>/<node>/result, for applications) is excluded on both sides.",
     "thresholds of each operating point are chosen on validation data (source in results.json), never on these frames.",
-    "camera decision = end segment invoke + exit entropy on a decoded frame, 1 thread.",
+    "camera decision = end segment invoke + exit decision on a decoded frame, 1 thread, the end model back to back "
+    "over blocks of 64 frames as on a camera (not right after the other tiers' models).",
     "e2e offline = compute of every tier a frame visits (cloud-only: JPEG decode + full chain), no network.",
     "e2e real = frame in hand -> result back at the camera through Mosquitto on loopback and real worker "
     "processes, on the stratified subset of frames given by --e2e-frames.",

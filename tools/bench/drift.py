@@ -72,7 +72,7 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="simulate the fleet in this process (no MQTT)")
     p.add_argument("--audit-rate", type=float, default=0.02,
                    help="--offline: nodes' audit share of confident frames (0 = as before issue 13; live nodes use their config)")
-    p.add_argument("--alarm-audit-rate", type=float, default=0.25, help="--offline: audit share while a node's drift alarm is up")
+    p.add_argument("--alarm-audit-rate", type=float, default=0.25, help="audit share while a node's drift alarm is up")
     p.add_argument("--out", default="bench-out", help="output folder (results.json, drift.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -140,9 +140,11 @@ def figures(bundle_dir: Path, clean: np.ndarray, drifted: np.ndarray, labels: np
 class Fleet:
     """Camera-node processes (`python -m tierlite device`), each streaming a folder of JPEGs."""
 
-    def __init__(self, work: Path, bundle: Path, port: int, prefix: str, public_key: Path, share_frames: bool):
+    def __init__(self, work: Path, bundle: Path, port: int, prefix: str, public_key: Path, share_frames: bool,
+                 audit_rate: float = 0.02, alarm_audit_rate: float = 0.25):
         self.work, self.bundle, self.port, self.prefix = work, bundle, port, prefix
         self.public_key, self.share_frames = public_key, share_frames
+        self.audit_rate, self.alarm_audit_rate = audit_rate, alarm_audit_rate
         self.procs: dict[str, TierProcess] = {}
 
     def write_frames(self, node: str, phase: str, jpegs: list[bytes], labels: np.ndarray) -> Path:
@@ -159,6 +161,7 @@ class Fleet:
         cfg = {"node_id": node, "bundle": str(self.bundle), "prefix": self.prefix,
                "broker": {"port": self.port, "reconnect_min": 0.1, "reconnect_max": 1.0},
                "source": {"uri": str(frames), "fps": fps}, "deadline_ms": 3000, "results_file": str(results),
+               "audit_rate": self.audit_rate, "drift": {"alarm_audit_rate": self.alarm_audit_rate},
                "update": {"trusted_keys": str(self.public_key), "state_dir": str(self.work / f"{node}-models"),
                           "share_frames": self.share_frames,
                           # the benchmark streams hours of a camera's escalations in seconds: no upload cap
@@ -353,12 +356,15 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
 
     out: dict[str, Any] = {}
     update = {"trusted_keys": str(pub), "state_dir": str(work / "edge-models")}
-    # The cloud worker keeps frames from opted-in nodes; this benchmark runs the retraining itself.
-    cloud_extra = {"retrain": {"replay": str(replay.resolve()), "every_examples": None, "every_seconds": None}}
+    # The cloud worker keeps frames from opted-in nodes; this benchmark runs the retraining itself, so
+    # the worker's own scheduler must not start a second run when the nodes' drift alarms ask for one.
+    cloud_extra = {"retrain": {"replay": str(replay.resolve()), "every_examples": None, "every_seconds": None,
+                               "min_interval_seconds": 1e9}}
     say("drift: starting the edge gateway and cloud worker")
     with Stack(bundle_dir, edge_workers=1, cloud_workers=1, edge_extra={"update": update},
                cloud_extra=cloud_extra) as stack:
-        fleet = Fleet(work, bundle_dir, stack.port, stack.prefix, pub, share_frames)
+        fleet = Fleet(work, bundle_dir, stack.port, stack.prefix, pub, share_frames, args.audit_rate,
+                      args.alarm_audit_rate)
         try:
             say(f"drift: round 1, {len(nodes)} nodes stream {sum(len(s) for s in shards)} drifted frames")
             paths = []
@@ -369,8 +375,10 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
             fleet.wait(timeout=120 + 3 * max(len(s) for s in shards) / args.fps)
             time.sleep(1.0)  # the cloud worker commits its last batch
             round1 = _read_results(paths)
-            out["fleet_round"] = {"frames": len(round1), "per_version": live_rates(round1)}
             store = stack.dir / "hard-0.sqlite"
+            out["fleet_round"] = {"frames": len(round1), "per_version": live_rates(round1), **_stored(store)}
+            say(f"drift: fleet round stored {out['fleet_round']['stored']} frames in the cloud "
+                f"({out['fleet_round']['escalated_to_cloud']} escalated, {out['fleet_round']['audits']} audits)")
             candidate = _retrain(store, default_frames_path(store), bundle_dir, replay, work, args)
             out["retrain"] = candidate.to_json()
             out["_candidate"] = candidate
@@ -400,6 +408,17 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
         finally:
             fleet.stop()
     return out
+
+
+def _stored(store: Path) -> dict[str, int]:
+    """What the live cloud worker kept: escalations and audits in its hard-example store."""
+    from tierlite.cloud.store import HardExampleStore
+
+    if not store.is_file():
+        return {"stored": 0, "escalated_to_cloud": 0, "audits": 0}
+    with HardExampleStore.open_readonly(store) as st:
+        audits, total = st.count(audit=True), st.count()
+    return {"stored": total, "escalated_to_cloud": total - audits, "audits": audits}
 
 
 def rng_choice(n: int, k: int, seed: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -51,6 +51,47 @@ def real_escalations(bundle, images: np.ndarray, runtime: str = "litert", thread
         if limit is not None and len(unsure) >= limit:
             break
     return (unsure or every)[:limit]
+
+
+class OpenLoopSchedule:
+    """The send times of one open-loop rate window, shared by every load generator (MQTT here,
+    HTTP in tools/bench/offload.py): message k is due at t0 + k / rate whatever the answers do, so
+    a slow system cannot slow the offered load and hide its own latency. A sender that falls behind
+    sends everything due at once and records how far behind it was (`behind_s`)."""
+
+    def __init__(self, rate: float, total: int):
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.total = total
+        self.interval_ns = 1e9 / rate
+        self.next = 0  # the next message to send
+        self.behind_s = 0.0
+        self.t0 = time.monotonic_ns()
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.total
+
+    def due_ns(self, k: int) -> int:
+        """Scheduled send time of message k (time.monotonic_ns clock)."""
+        return self.t0 + int(k * self.interval_ns)
+
+    def wait_s(self) -> float:
+        """Seconds until the next message is due; 0 when it is due (or late) now."""
+        now = time.monotonic_ns()
+        due = self.due_ns(self.next)
+        if due > now:
+            return (due - now) / 1e9
+        self.behind_s = max(self.behind_s, (now - due) / 1e9)
+        return 0.0
+
+    def due(self) -> Iterator[tuple[int, int]]:
+        """(k, scheduled send time) of every message due now, in order."""
+        now = time.monotonic_ns()
+        while self.next < self.total and self.due_ns(self.next) <= now:
+            k = self.next
+            self.next += 1
+            yield k, self.due_ns(k)
 
 
 @dataclass
@@ -181,19 +222,14 @@ class FleetLoad:
         meter = CpuMeter(cpu_pids or {})
         meter.start()
         failures = 0
-        behind = 0.0
-        interval_ns = 1e9 / rate
         last_misc = time.monotonic()
-        t0 = time.monotonic_ns()
-        k = 0
-        while k < total:
-            now = time.monotonic_ns()
-            due = t0 + int(k * interval_ns)
-            if due > now:
-                self._pump((due - now) / 1e9)
+        schedule = OpenLoopSchedule(rate, total)
+        while not schedule.done:
+            wait = schedule.wait_s()
+            if wait > 0:
+                self._pump(wait)
                 continue
-            behind = max(behind, (now - due) / 1e9)
-            while k < total and t0 + int(k * interval_ns) <= now:  # everything due: send it
+            for k, _ in schedule.due():  # everything due: send it
                 fid = self._next_id
                 self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
                 buf = bufs[k % n_msgs]
@@ -201,7 +237,6 @@ class FleetLoad:
                 self._sent_ns[fid] = time.monotonic_ns()
                 info = self._clients[k % n_nodes].publish(topics[k % n_nodes], bytes(buf), self.qos)
                 failures += info.rc != 0
-                k += 1
             self._pump(0)
             if time.monotonic() - last_misc > 1.0:
                 for c in self._clients:
@@ -215,12 +250,12 @@ class FleetLoad:
         lat = [(self._answers[f] - s) / 1e9 for f, s in self._sent_ns.items() if f in self._answers]
         answered = len(lat)
         in_window = sum(1 for r in self._answers.values() if r <= send_end)
-        window = max((send_end - t0) / 1e9, 1e-9)
+        window = max((send_end - schedule.t0) / 1e9, 1e-9)
         return StepResult(
             offered_per_s=rate, duration_s=window, sent=total, answered=answered,
             lost=total - answered - self._rejects, duplicated=self._dups, rejected=self._rejects,
             send_failures=failures, achieved_per_s=in_window / window, latency=latency_ms(lat),
-            answered_by=dict(self._tiers), behind_s=behind, cpu_percent=cpu)
+            answered_by=dict(self._tiers), behind_s=schedule.behind_s, cpu_percent=cpu)
 
 
 def load_messages(bundle_path: str | Path, data: str | Path, frames: int, seed: int = 0,

@@ -106,7 +106,7 @@ class FullModel:
     sequence (tierlite.segment, batch dimension through `Segment.run_batch`), the cloud exit's
     label. Plain Python, so the same code runs inside the Ray replica and in tests."""
 
-    def __init__(self, bundle_dir: str, runtime: str = "litert"):
+    def __init__(self, bundle_dir: str, runtime: str = "litert", max_batch_size: int = 16):
         from tierlite.bundle import Bundle
         from tierlite.segment import Segment
 
@@ -114,6 +114,8 @@ class FullModel:
         self.size = tuple(self.bundle.input_shape[1:3])
         self.chain = [Segment(self.bundle, t, runtime=runtime, options={"threads": 1})
                       for t in ("end", "edge", "cloud") if t in self.bundle.segments]
+        for seg in self.chain:  # every batch interpreter built and warm before the first request,
+            seg.prepare_batches(max_batch_size)  # not inside a measured step (as tierlite's workers do)
 
     def classify(self, jpegs: list[bytes]) -> list[dict[str, Any]]:
         """One answer per JPEG, in order: {"label", "class", "confidence"}, or {"error"} for a
@@ -154,7 +156,7 @@ def peer_app(bundle_dir: str, runtime: str, max_batch_size: int, batch_wait_s: f
                       ray_actor_options={"num_cpus": 1})
     class FullModelDeployment:
         def __init__(self):
-            self.model = FullModel(bundle_dir, runtime)
+            self.model = FullModel(bundle_dir, runtime, max_batch_size)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)
         async def classify(self, jpegs: list[bytes]) -> list[dict[str, Any]]:
@@ -196,8 +198,10 @@ def peer_main(argv: list[str]) -> int:
             ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:  # Ray raises a bare Exception when its node does not come up in time
+            # the tree before shutdown: agents whose raylet dies are re-parented and would be missed after
+            started = {k: v for k, v in process_tree(os.getpid()).items() if v != os.getpid()}
             ray.shutdown()
-            _reap({k: v for k, v in process_tree(os.getpid()).items() if v != os.getpid()})  # what it left running
+            _reap({**started, **{k: v for k, v in process_tree(os.getpid()).items() if v != os.getpid()}})
             print(f"ray did not start (attempt {attempt}/{args.start_attempts}): {e}", flush=True)
             if attempt == args.start_attempts:
                 return 1
@@ -268,7 +272,7 @@ def process_tree(pid: int) -> dict[str, int]:
     return out
 
 
-# -- open-loop HTTP load, the same schedule as tierlite.tools.bench.loadgen.FleetLoad ----------------
+# -- open-loop HTTP load, on FleetLoad's schedule (tierlite.tools.bench.loadgen.OpenLoopSchedule) ---------
 class HttpLoad:
     """N simulated camera nodes, each one keep-alive HTTP/1.1 connection (as each FleetLoad node
     holds one MQTT connection), frames assigned round-robin on an open-loop schedule that never
@@ -280,6 +284,7 @@ class HttpLoad:
         if not jpegs:
             raise ValueError("no frames to send")
         self.host, self.port, self.nodes = host, port, max(1, nodes)
+        self.last_open: dict[str, int] = {}  # where the last step's unanswered frames stood (see _step)
         self.requests = [(f"POST {route} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
                           f"Content-Length: {len(j)}\r\n\r\n").encode() + j for j in jpegs]
 
@@ -297,7 +302,7 @@ class HttpLoad:
         import asyncio
         import socket
 
-        from tierlite.tools.bench.loadgen import StepResult
+        from tierlite.tools.bench.loadgen import OpenLoopSchedule, StepResult
         from tierlite.tools.bench.report import CpuMeter, latency_ms
 
         conns = []
@@ -308,7 +313,7 @@ class HttpLoad:
         queues: list[asyncio.Queue] = [asyncio.Queue() for _ in conns]
         lat: list[float] = []
         done_ns: list[int] = []
-        tally = {"rejected": 0, "failures": 0, "up": 0, "down": 0}
+        tally = {"rejected": 0, "failures": 0, "up": 0, "down": 0, "in_flight": 0}
 
         async def node(i: int) -> None:
             reader, writer = conns[i]
@@ -317,11 +322,13 @@ class HttpLoad:
                 request = self.requests[k % len(self.requests)]
                 try:
                     writer.write(request)
+                    tally["in_flight"] += 1
                     await writer.drain()
                     status, nbytes = await _read_response(reader)
                 except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     tally["failures"] += 1  # this node's connection is gone: its later frames are lost
                     return
+                tally["in_flight"] -= 1
                 now = time.monotonic_ns()
                 tally["up"] += len(request)
                 tally["down"] += nbytes
@@ -334,20 +341,14 @@ class HttpLoad:
         tasks = [asyncio.create_task(node(i)) for i in range(len(conns))]
         meter = CpuMeter(cpu_pids)
         meter.start()
-        interval_ns = 1e9 / rate
-        behind = 0.0
-        t0 = time.monotonic_ns()
-        k = 0
-        while k < total:
-            now = time.monotonic_ns()
-            due = t0 + int(k * interval_ns)
-            if due > now:
-                await asyncio.sleep((due - now) / 1e9)
+        schedule = OpenLoopSchedule(rate, total)
+        while not schedule.done:
+            wait = schedule.wait_s()
+            if wait > 0:
+                await asyncio.sleep(wait)
                 continue
-            behind = max(behind, (now - due) / 1e9)
-            while k < total and t0 + int(k * interval_ns) <= now:
-                queues[k % len(queues)].put_nowait((k, t0 + int(k * interval_ns)))
-                k += 1
+            for k, due in schedule.due():
+                queues[k % len(queues)].put_nowait((k, due))
             await asyncio.sleep(0)
         send_end = time.monotonic_ns()
         for q in queues:
@@ -358,14 +359,20 @@ class HttpLoad:
         cpu = meter.stop()
         for _, writer in conns:
             writer.close()
+        # Where the unanswered frames stood at the end of the drain: never written, written and
+        # waiting for a response, or waiting in a node's queue behind one (so a step that counts
+        # no answers says which side held them).
+        self.last_open = {"written_unanswered": tally["in_flight"],
+                          "queued_unsent": sum(q.qsize() - 1 for q in queues if q.qsize() > 0),
+                          "connections_open_at_drain_end": len(pending)}
         answered = len(lat)
-        window = max((send_end - t0) / 1e9, 1e-9)
+        window = max((send_end - schedule.t0) / 1e9, 1e-9)
         n_io = answered + tally["rejected"]
         result = StepResult(
             offered_per_s=rate, duration_s=window, sent=total, answered=answered,
             lost=total - answered - tally["rejected"], duplicated=0, rejected=tally["rejected"],
             send_failures=tally["failures"], achieved_per_s=sum(1 for t in done_ns if t <= send_end) / window,
-            latency=latency_ms(lat), answered_by={"ray serve": answered}, behind_s=behind, cpu_percent=cpu)
+            latency=latency_ms(lat), answered_by={"ray serve": answered}, behind_s=schedule.behind_s, cpu_percent=cpu)
         wire = {"request": tally["up"] / n_io if n_io else None, "response": tally["down"] / n_io if n_io else None}
         return result, wire
 
@@ -548,12 +555,18 @@ def _run_peer(args, rates: list[float], jpegs: list[bytes]) -> dict[str, Any]:
         wait_until(answers, args.peer_start_timeout, f"Ray Serve answering on port {port} (log {peer.log_path})",
                    interval=1.0)
         load = HttpLoad("127.0.0.1", port, jpegs, nodes=args.nodes)
-        load.step(min(rates[0], 100), 1.0, drain=args.drain_seconds)  # warm-up: replica, proxy routes, batcher
+        # warm-up: replica, proxy routes, batcher, every connection once
+        warm, _ = load.step(min(rates[0], 100), max(1.0, args.nodes / min(rates[0], 100)), drain=args.drain_seconds)
+        say(f"  Ray Serve warm-up: {warm.answered} of {warm.sent} answered ({load.last_open})")
+        if warm.answered == 0:
+            raise TierliteError(f"bench: Ray Serve answered none of {warm.sent} warm-up frames over {args.nodes} "
+                                f"connections ({load.last_open}; log {peer.log_path})")
         tree = process_tree(peer.pid)
         for rate in rates:
             res, wire = load.step(rate, args.step_seconds, drain=args.drain_seconds, max_messages=args.max_messages,
                                   cpu_pids={**tree, "load generator": os.getpid()})
-            steps.append(_step_row(res.to_json(), set(tree), wire["request"], wire["response"]))
+            steps.append({**_step_row(res.to_json(), set(tree), wire["request"], wire["response"]),
+                          "unanswered_at_drain_end": load.last_open})
             _say_step("Ray Serve", steps[-1], args)
             if not _kept_up(steps[-1]):
                 break

@@ -177,29 +177,9 @@ def probe_rtt(host: str, port: int, count: int) -> float:
 # -- bundles of re-cut segments -------------------------------------------------------------------
 def write_cut_bundle(unsplit, cut_name: str, labels: list[str], out: Path, points: list[dict] | None = None) -> Path:
     """A two-segment bundle: end = head (frame -> cut tensor + camera exit), edge = tail (-> final logits)."""
-    from tierlite.bundle import write_manifest
-    from tierlite.converters.export import tensor_infos
-    from tierlite.converters.partition import recut
+    from tierlite.converters.partition import write_recut_bundle
 
-    cut = recut(unsplit, cut_name)
-    if not cut.exit_on_device:
-        raise ValueError(f"{cut_name}: no camera exit before this cut (the runtime's end segment needs one)")
-    out.mkdir(parents=True, exist_ok=True)
-    segments = []
-    for i, (tier, model) in enumerate((("end", cut.head), ("edge", cut.tail))):
-        (out / f"{tier}.tflite").write_bytes(model)
-        ins, outs = tensor_infos(model, len(labels))
-        segments.append({"tier": tier, "file": f"{tier}.tflite", "exit_index": i,
-                         "inputs": [x.to_json() for x in ins], "outputs": [x.to_json() for x in outs]})
-    shape = segments[0]["inputs"][0]["shape"]
-    manifest = {"schema": 1, "name": f"recut-{cut_name}", "version": 1, "labels": list(labels),
-                "input": {"shape": shape, "dtype": "uint8", "color": "RGB"},
-                "feature_encoding": {"kind": "int8"}, "segments": segments, "thresholds": {"end": 0.0},
-                "partition": {"cut": cut_name, "cut_bytes": cut.cut_bytes}}
-    if points:
-        manifest["operating_points"] = points
-    write_manifest(out, manifest)
-    return out
+    return write_recut_bundle(unsplit, [cut_name], labels, out, operating_points=points)
 
 
 def message_overhead(bundle_dir: Path, node: str = "n1", prefix: str = "tierlite") -> int:

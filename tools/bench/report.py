@@ -355,3 +355,25 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+# -- in-process profiles (tools/bench/camera.py, tools/bench/worker_profile.py) ---------------------
+def profile_parser(prog: str, doc: str):
+    """The arguments every in-process profile takes: --bundle (default models/cifar10) and --data."""
+    import argparse
+
+    from tierlite.tools.stack import reference_bundle
+
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
+    p.add_argument("--bundle", default=reference_bundle(), required=reference_bundle() is None)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    return p
+
+
+def profile_frames(args, limit: int) -> np.ndarray:
+    """A stratified sample of `limit` decoded frames of --data at the bundle's input size."""
+    from tierlite.bundle import Bundle
+    from tierlite.data import load_image_folder
+
+    size = tuple(Bundle.load(args.bundle).input_shape[1:3])
+    return load_image_folder(args.data, size, limit=limit, seed=0, progress=False).images
