@@ -1,7 +1,6 @@
 # Share of severity-3 frames a profile selector picks, fitted as the retraining job fits it
 # (1,000 corrupted test frames vs 2,000 clean training frames, <= 1 % of those picked), scored on
 # 1,000 other corrupted test frames and 1,000 other clean training frames; legacy 5 statistics vs all.
-import numpy as np
 import tierlite.conditions as C
 from tierlite.data import load_image_folder
 from tierlite.tools.bench.corruptions import corrupt
