@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tierlite.errors import TierliteError
+
 from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_jsonl, select_frames,
                              wait_until, write_yaml)
 
@@ -86,7 +88,15 @@ def test_two_brokers_bridge_carries_escalations_and_answers(site, small_bundle_d
     n_cloud = sum(r["tier"] == "cloud" for r in results)
     assert n_cloud == sum(t == 2 for t, _ in site["expected"].values()) > 0
     # every cloud-tier frame was seen on the cloud broker exactly once, and its answer on the edge broker
-    wait_until(lambda: len(at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))) == n_cloud, 20, "escalations")
+    def escalations():
+        return at_cloud.on(lambda t: t.endswith("/bridgecam/escalate"))
+
+    try:
+        wait_until(lambda: len(escalations()) == n_cloud, 20, "escalations")
+    except TierliteError:  # seen once in CI, not reproduced: say what the watcher had
+        seen = escalations()
+        pytest.fail(f"{len(seen)} escalations ({len(set(seen))} distinct) on the cloud broker "
+                    f"for {n_cloud} cloud-tier frames")
     from tierlite import wire
 
     answers = [wire.decode_answer(p) for p in at_edge.on(lambda t: t.endswith("/bridgecam/answer"))]
