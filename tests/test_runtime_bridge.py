@@ -80,7 +80,8 @@ def test_two_brokers_bridge_carries_escalations_and_answers(site, small_bundle_d
     cfg = write_yaml(work / "bridged.yaml", {
         "node_id": "bridgecam", "bundle": str(small_bundle_dir), "threshold": site["thresholds"][0],
         "broker": {"port": edge_port}, "source": {"uri": str(work / "frames"), "fps": 100}, "deadline_ms": 3000,
-        "results_file": str(work / "bridged.jsonl")})
+        "results_file": str(work / "bridged.jsonl"),
+        "audit_rate": 0})  # audits reach the cloud too: this test counts the escalations alone
     device = Proc(["device", "--config", str(cfg)], work / "bridged.log")
     assert device.wait(60) == 0, device.log()[-3000:]
     results = read_jsonl(work / "bridged.jsonl")
@@ -93,7 +94,7 @@ def test_two_brokers_bridge_carries_escalations_and_answers(site, small_bundle_d
 
     try:
         wait_until(lambda: len(escalations()) == n_cloud, 20, "escalations")
-    except TierliteError:  # seen once in CI, not reproduced: say what the watcher had
+    except TierliteError:  # say what the watcher had
         seen = escalations()
         pytest.fail(f"{len(seen)} escalations ({len(set(seen))} distinct) on the cloud broker "
                     f"for {n_cloud} cloud-tier frames")
