@@ -17,6 +17,26 @@ from pathlib import Path
 from tierlite.errors import ConfigError
 
 
+# CPU flags that compute bfloat16 in hardware. Without them TensorFlow emulates bf16 and a
+# "mixed_bfloat16" run is far slower than float32 (measured: 4 img/s vs ~100 on an AVX2-only EPYC).
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512/AMX; "bf16" is aarch64's
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when a GPU is present or every CPU flag line lists a native bfloat16 flag."""
+    if cpuinfo is None:
+        import tensorflow as tf
+        if tf.config.list_physical_devices("GPU"):
+            return True
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    lines = [line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+             if line.split(":", 1)[0].strip() in ("flags", "Features") and ":" in line]
+    return bool(lines) and all(NATIVE_BF16_FLAGS & set(flags) for flags in lines)
+
+
 def cluster_task() -> tuple[str, int] | None:
     """(task type, index) from TF_CONFIG, or None when TF_CONFIG is unset."""
     raw = os.environ.get("TF_CONFIG")

@@ -32,7 +32,7 @@ class TrainConfig:
     cutout: int = 0                   # side (pixels) of one grey square hidden per frame; 0 disables
     val_fraction: float = 0.1         # stratified validation split carved from the training folder
     limit: int | None = None          # use at most this many training images (quick runs)
-    mixed_precision: bool = False     # bfloat16 compute (AMX/AVX512-BF16 CPUs); weights stay float32
+    mixed_precision: bool = False     # bfloat16 compute where the hardware has it (GPU, AMX/AVX512-BF16, Arm BF16), else float32; weights stay float32
     calibration_frames: int = 300     # representative frames for int8 export
     max_drop: float = 0.005           # accuracy drop (fraction) allowed vs cloud-only when calibrating
     log_every_s: float = 20.0         # progress line interval

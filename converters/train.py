@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tierlite.converters.distribute import make_strategy, replica_slices, worker_dir
+from tierlite.converters.distribute import make_strategy, native_bf16, replica_slices, worker_dir
 from tierlite.converters.models import ArchConfig, _all_layers, _custom_layers, build_joint
 from tierlite.converters.presets import TrainConfig
 from tierlite.errors import BundleError, ConfigError
@@ -128,8 +128,12 @@ def train(arch: ArchConfig, tc: TrainConfig, train_images: np.ndarray, train_lab
     replicas = strategy.num_replicas_in_sync
     workdir = worker_dir(Path(workdir))
     keras.utils.set_random_seed(seed)
+    bf16 = tc.mixed_precision and native_bf16()
+    if tc.mixed_precision and not bf16:
+        log.info("mixed_precision: this machine has no native bfloat16 (GPU, AVX512-BF16, AMX or Arm BF16): "
+                 "training in float32")
     with strategy.scope():
-        if tc.mixed_precision:
+        if bf16:
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
         try:
             model = build_joint(arch)

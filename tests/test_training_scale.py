@@ -98,3 +98,18 @@ def test_two_workers_on_loopback_train_in_lockstep(digits_dir, tmp_path):
     # All-reduced gradients: both workers hold the same weights after every step.
     for a, b in zip(trained, (w.numpy() for w in other.trainable_weights)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_only_where_the_cpu_computes_it():
+    """mixed_bfloat16 on a CPU without native bf16 is emulated (4 img/s against 18 in float32 on
+    an AVX2-only EPYC): the preset's mixed precision applies only where every core has the flag."""
+    from tierlite.converters.distribute import native_bf16
+
+    epyc_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2\nprocessor\t: 1\nflags\t\t: fpu sse2 avx fma avx2\n"
+    epyc_bf16 = epyc_avx2.replace("avx2", "avx2 avx512f avx512_bf16")
+    xeon_amx = "flags\t\t: avx2 avx512f amx_tile amx_bf16\n"
+    arm_bf16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    arm_plain = "Features\t: fp asimd evtstrm\n"
+    mixed_cores = epyc_bf16 + "flags\t\t: avx2\n"
+    assert [native_bf16(s) for s in (epyc_avx2, epyc_bf16, xeon_amx, arm_bf16, arm_plain, mixed_cores, "")] == \
+        [False, True, True, True, False, False, False]
