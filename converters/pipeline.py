@@ -27,6 +27,7 @@ from tierlite.converters.datasets import representative_frames
 from tierlite.converters.models import ArchConfig
 from tierlite.converters.presets import resolve
 from tierlite.errors import BundleError
+from tierlite.policy import mirror, mirror_average
 from tierlite.wire import encoded_size
 
 log = logging.getLogger("tierlite.converters")
@@ -168,8 +169,10 @@ def export_bundle(model, out_dir: str | Path, *, arch: ArchConfig | dict, classe
     return out_dir
 
 
-def drift_reference_of(end_model: bytes, outputs, images: np.ndarray, window: int = 50, **kw) -> dict[str, Any]:
-    """tierlite.drift reference statistics of clean held-out frames through the int8 end segment."""
+def drift_reference_of(end_model: bytes, outputs, images: np.ndarray, window: int = 50,
+                       end_tta: str | None = None, **kw) -> dict[str, Any]:
+    """tierlite.drift reference statistics of clean held-out frames through the int8 end segment
+    (with its test-time augmentation: the logits the node's monitor sees)."""
     from tierlite.converters.export import run_tflite
     from tierlite.drift import reference_stats
 
@@ -177,6 +180,9 @@ def drift_reference_of(end_model: bytes, outputs, images: np.ndarray, window: in
     lo = next(o for o in outputs if o.role == "logits")
     fe = next(o for o in outputs if o.role == "feature")
     logits = _dequantize(outs[lo.index], lo).reshape(len(images), -1)
+    if end_tta:
+        mirrored = run_tflite(end_model, mirror(images.astype(np.uint8)))[lo.index]
+        logits = mirror_average(logits, _dequantize(mirrored, lo).reshape(len(images), -1))
     return reference_stats(outs[fe.index], logits, window=min(window, len(images)), **kw)
 
 
@@ -187,7 +193,8 @@ def add_drift_reference(bundle_dir: str | Path, images: np.ndarray, window: int 
     if "signature" in b.manifest:
         raise BundleError(f"{bundle_dir}: signed manifest; add the reference before signing")
     seg = b.segment("end")
-    ref = drift_reference_of(b.segment_path("end").read_bytes(), list(seg.outputs), images, window, **kw)
+    ref = drift_reference_of(b.segment_path("end").read_bytes(), list(seg.outputs), images, window,
+                             seg.test_time_augmentation, **kw)
     manifest = dict(b.manifest, drift_reference=ref)
     write_manifest(bundle_dir, manifest)
     return ref
@@ -203,8 +210,9 @@ def _dequantize(q: np.ndarray, info) -> np.ndarray:
     return (q.astype(np.float32) - info.zero_point) * info.scale
 
 
-def run_chain_segments(segs: dict, images: np.ndarray) -> list[np.ndarray]:
-    """int8 chain end -> edge -> cloud over N frames; dequantized logits (N, C) per exit."""
+def run_chain_segments(segs: dict, images: np.ndarray, end_tta: str | None = None) -> list[np.ndarray]:
+    """int8 chain end -> edge -> cloud over N frames; dequantized logits (N, C) per exit.
+    end_tta "hflip": the end exit's logits average the frame's and its mirror image's softmax."""
     from tierlite.converters.export import run_tflite
 
     x, logits = images.astype(np.uint8), []
@@ -213,20 +221,26 @@ def run_chain_segments(segs: dict, images: np.ndarray) -> list[np.ndarray]:
         outs = run_tflite(seg.model, x)
         lo = next(o for o in seg.outputs if o.role == "logits")
         logits.append(_dequantize(outs[lo.index], lo).reshape(len(images), -1))
+        if tier == "end" and end_tta:
+            mirrored = run_tflite(seg.model, mirror(x))[lo.index]
+            logits[-1] = mirror_average(logits[-1], _dequantize(mirrored, lo).reshape(len(images), -1))
         feat = next((o for o in seg.outputs if o.role == "feature"), None)
         if feat is not None:
             x = outs[feat.index]
     return logits
 
 
-def run_chain(bundle_dir: str | Path, images: np.ndarray) -> list[np.ndarray]:
-    """run_chain_segments for a bundle on disk."""
+def run_chain(bundle_dir: str | Path, images: np.ndarray, end_tta: str | None = "bundle") -> list[np.ndarray]:
+    """run_chain_segments for a bundle on disk; end_tta "bundle": the end's test-time augmentation
+    as its manifest says."""
     from tierlite.converters.export import ExportedSegment
 
     b = Bundle.load(bundle_dir)
     segs = {t: ExportedSegment(t, b.segment_path(t).read_bytes(), list(b.segment(t).inputs),
                                list(b.segment(t).outputs)) for t in TIERS}
-    return run_chain_segments(segs, images)
+    if end_tta == "bundle":
+        end_tta = b.segment("end").test_time_augmentation
+    return run_chain_segments(segs, images, end_tta)
 
 
 def evaluate_bundle(bundle_dir: str | Path, test_dir: str | Path, model=None,

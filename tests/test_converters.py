@@ -243,3 +243,57 @@ def test_cutout_hides_one_square_per_frame_and_is_validated():
     assert float(tf.reduce_max(untouched)) == 0.0
     with pytest.raises(ConfigError, match="cutout"):
         TrainConfig(cutout=-1).validate()
+
+
+def test_end_exit_mirror_tta_calibrated_served_and_refused_where_unsupported(small_bundle_dir, digits_dir,
+                                                                             tmp_path, capsys):
+    """`tierlite calibrate --end-tta hflip --write`: the end exit decides on the mean of the frame's
+    and its mirror image's softmax, in the runtime (Segment), the converters' chain and the drift
+    reference alike; the escalated feature is the frame's own; firmware and bad manifests refuse."""
+    from tierlite.tools.cli import main
+    from tierlite.converters.firmware.model import load_end_model
+    from tierlite.converters.pipeline import run_chain
+    from tierlite.data import load_image_folder
+    from tierlite.policy import mirror, mirror_average, softmax
+
+    bundle = tmp_path / "tta"
+    shutil.copytree(small_bundle_dir, bundle)
+    plain_thresholds = Bundle.load(bundle).thresholds
+    # --validation-split recovers the split `convert` held out (the small preset's 0.2): same thresholds.
+    assert main(["calibrate", str(bundle), "--images", str(digits_dir / "train"), "--validation-split", "0.2",
+                 "--report", str(tmp_path / "val")]) == 0
+    chosen = json.loads((tmp_path / "val.json").read_text())["chosen"]["thresholds"]
+    assert chosen == pytest.approx(plain_thresholds)
+    capsys.readouterr()
+    assert main(["calibrate", str(bundle), "--images", str(digits_dir / "train"), "--validation-split", "0.7"]) == 2
+    assert "--validation-split is a fraction in (0, 0.5)" in capsys.readouterr().err
+    assert main(["calibrate", str(bundle), "--images", str(digits_dir / "test"), "--end-tta", "hflip",
+                 "--write", "--report", str(tmp_path / "cal")]) == 0
+    assert "end exit with hflip test-time augmentation" in capsys.readouterr().out
+    b = Bundle.load(bundle)
+    assert b.segment("end").test_time_augmentation == "hflip" and b.thresholds != plain_thresholds
+
+    frames = load_image_folder(digits_dir / "test", (32, 32), limit=40, seed=3).images
+    plain = Segment(Bundle.load(small_bundle_dir), "end")
+    tta = Segment(b, "end")
+    expected = mirror_average(plain.run_batch(frames).logits, plain.run_batch(mirror(frames)).logits)
+    assert not np.allclose(expected, plain.run_batch(frames).logits)  # the mirror changes the prediction
+    batch = tta.run_batch(frames)
+    np.testing.assert_allclose(batch.logits, expected, atol=1e-5)
+    np.testing.assert_allclose(softmax(batch.logits).sum(1), 1.0, atol=1e-5)
+    one = tta.run(frames[:1])
+    np.testing.assert_allclose(one.logits, expected[0], atol=1e-5)
+    np.testing.assert_array_equal(one.feature, plain.run(frames[:1]).feature)  # the frame's own feature goes up
+    np.testing.assert_allclose(run_chain(bundle, frames)[0], expected, atol=1e-5)
+    np.testing.assert_allclose(run_chain(bundle, frames, None)[0], plain.run_batch(frames).logits, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="test-time augmentation, which the firmware does not run"):
+        load_end_model(bundle)
+    assert load_end_model(bundle, threshold=0.3).threshold == 0.3
+    good = (bundle / "manifest.json").read_text()
+    for tier, value, message in (("end", "vflip", "must be one of"), ("edge", "hflip", "is for the end segment")):
+        m = json.loads(good)
+        next(s for s in m["segments"] if s["tier"] == tier)["test_time_augmentation"] = value
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=message):
+            Bundle.load(bundle)

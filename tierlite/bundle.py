@@ -120,6 +120,9 @@ class SegmentInfo:
     exit_index: int
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    # "hflip": the exit decides on the mean of the frame's and its mirror image's softmax (the
+    # escalated feature is the frame's own); thresholds are calibrated that way. End segment only.
+    test_time_augmentation: str | None = None
 
     def output(self, role: str) -> TensorInfo | None:
         return next((o for o in self.outputs if o.role == role), None)
@@ -263,6 +266,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
                 exit_index=int(s.get("exit_index", TIERS.index(tier))),
                 inputs=tuple(TensorInfo.from_json(t, at) for t in s["inputs"]),
                 outputs=tuple(TensorInfo.from_json(t, at) for t in s["outputs"]),
+                test_time_augmentation=_test_time_augmentation(s, tier, at),
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"{at}: missing or bad field {e}") from None
@@ -278,6 +282,22 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
             raise BundleError(f"{where} operating_points[{i}]: needs thresholds.end, a number in [0, 1]")
     end_variants(m)  # condition variants' selectors are well formed
     return segments
+
+
+TEST_TIME_AUGMENTATIONS = ("hflip",)
+
+
+def _test_time_augmentation(entry: dict, tier: str, at: str) -> str | None:
+    tta = entry.get("test_time_augmentation")
+    if tta in (None, "none"):
+        return None
+    if tta not in TEST_TIME_AUGMENTATIONS:
+        raise BundleError(f"{at}: test_time_augmentation must be one of {('none',) + TEST_TIME_AUGMENTATIONS}, "
+                          f"got {tta!r}")
+    if tier != "end":
+        raise BundleError(f"{at}: test_time_augmentation is for the end segment (it mirrors the camera frame), "
+                          f"not {tier!r}")
+    return tta
 
 
 def _plain_relative(name: str) -> bool:

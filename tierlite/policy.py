@@ -23,6 +23,19 @@ def normalized_entropy(probs: np.ndarray, axis: int = -1) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=axis) / np.log(n_classes)
 
 
+def mirror(frames: np.ndarray) -> np.ndarray:
+    """NHWC frames mirrored left-right: the test-time augmentation "hflip"."""
+    return np.ascontiguousarray(frames[:, :, ::-1])
+
+
+def mirror_average(logits: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Logits whose softmax is the mean of the two softmaxes (flip test-time augmentation): the
+    log of the averaged probabilities, so every consumer of logits (decide, calibration, drift
+    statistics) sees the averaged prediction unchanged."""
+    a, b = softmax(logits), softmax(mirrored)
+    return np.log(np.maximum((a + b) / 2, 1e-30)).astype(np.float32)
+
+
 def decide(logits: np.ndarray, threshold: float | None) -> tuple[bool, int, float, float]:
     """One frame's exit decision: (confident, label, confidence, normalized entropy).
 

@@ -11,6 +11,7 @@ from tierlite import wire
 from tierlite.bundle import Bundle, TensorInfo
 from tierlite.conditions import end_variants
 from tierlite.errors import BundleError, RuntimeUnavailable, WireError
+from tierlite.policy import mirror, mirror_average
 from tierlite.runtimes import open_runtime
 
 __all__ = ["BatchOutput", "Segment", "SegmentOutput", "TierModel", "dequantize"]
@@ -96,9 +97,13 @@ class Segment:
             x = x.reshape(spec.shape)
         if x.dtype.name != spec.dtype:
             raise WireError(f"{self.tier} segment expects {spec.dtype}, got {x.dtype.name}")
-        outs = self._runtime_for(x).run([x])
+        rt = self._runtime_for(x)
+        outs = rt.run([x])
         lo = self._logits
         logits = dequantize(outs[lo.index], lo.scale, lo.zero_point).reshape(-1)
+        if self.info.test_time_augmentation:  # same runtime (condition variant) for the mirror image
+            mirrored = rt.run([mirror(x)])[lo.index]
+            logits = mirror_average(logits, dequantize(mirrored, lo.scale, lo.zero_point).reshape(-1))
         feature = outs[self._feature.index] if self._feature is not None else None
         return SegmentOutput(feature, logits)
 
@@ -108,13 +113,19 @@ class Segment:
         on an interpreter resized to that batch once and kept, so no frame is padded and no tensor
         reallocated per call. Per frame the int8 arithmetic is the batch-1 arithmetic (tested).
         A model that cannot take a batch dimension (or condition variants, picked per frame) runs
-        frame by frame."""
+        frame by frame. With test-time augmentation the mirror images run as a second batch."""
         spec = self.input_info
-        n = int(x.shape[0])
         if x.dtype.name != spec.dtype:
             raise WireError(f"{self.tier} segment expects {spec.dtype}, got {x.dtype.name}")
         if x.shape[1:] != tuple(spec.shape[1:]):
             raise WireError(f"{self.tier} segment expects frames of shape {spec.shape[1:]}, got {x.shape[1:]}")
+        out = self._run_batch(x)
+        if self.info.test_time_augmentation:
+            out.logits = mirror_average(out.logits, self._run_batch(mirror(x)).logits)
+        return out
+
+    def _run_batch(self, x: np.ndarray) -> BatchOutput:
+        n = int(x.shape[0])
         lo, fe = self._logits, self._feature
         logits_q, features = [], []
         start = 0

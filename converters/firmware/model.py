@@ -85,6 +85,11 @@ def load_end_model(src: str | Path, threshold: float | None = None) -> EndModel:
         raise ConfigError(f"{path}: expected one image input [1,H,W,C], got {[t.shape for t in inputs]}")
     if bundle is not None:
         seg = bundle.segment("end")
+        if seg.test_time_augmentation and threshold is None:
+            # The firmware decides on the frame alone; the bundle's threshold assumes the mirror average.
+            raise ConfigError(f"{src}: the bundle's end exit is calibrated with {seg.test_time_augmentation} "
+                              "test-time augmentation, which the firmware does not run: recalibrate a copy with "
+                              "`tierlite calibrate --end-tta none --write`, or pass --threshold")
         logits_index = seg.output("logits").index if seg.output("logits") else 0
         feature = seg.output("feature")
         feature_index = feature.index if feature else None
