@@ -44,6 +44,10 @@ def _add_publish_options(p: argparse.ArgumentParser, required_key: bool) -> None
     g.add_argument("--broker-config", help="YAML with a `broker:` section (host, port, TLS, credentials), e.g. "
                    "fleet/publisher/publisher-security.yaml from `tierlite provision`; replaces --broker")
     g.add_argument("--prefix", default="tierlite", help="MQTT topic prefix (default tierlite)")
+    g.add_argument("--site", help="publish to this site's nodes only (a site's personalised bundle), through the "
+                   "cloud broker's site bridges; the site must be in the cloud broker's folder (--fleet)")
+    g.add_argument("--fleet", help="the cloud broker's folder from `tierlite provision cloud` (its sites; default: "
+                   "the folder above --broker-config's, when it holds one)")
     g.add_argument("--full", action="store_true", help="ship every file, not a delta against --parent")
     g.add_argument("--canary", type=float, default=0.0,
                    help="share of nodes (0-1) that get the update first; the rest after they confirm it")
@@ -77,6 +81,7 @@ def publish(bundle_dir, parent, args) -> dict:
     from tierlite.cloud.signing import load_private_key
 
     key = load_private_key(args.key)
+    site = _site(bundle_dir, args)
     if getattr(args, "dry_run", False):
         data, rep = build_artifact(bundle_dir, parent=parent, full=args.full, private_key=key)
         if args.artifact_out:
@@ -90,12 +95,31 @@ def publish(bundle_dir, parent, args) -> dict:
     try:
         result = rollout(mqtt, bundle_dir, key, prefix=args.prefix, parent=parent, full=args.full,
                          canary=args.canary, canary_nodes=nodes, hold_s=args.hold, chunk_bytes=args.chunk_bytes,
-                         artifact_out=args.artifact_out)
+                         artifact_out=args.artifact_out, site=site)
     finally:
         mqtt.stop()
     print(result.artifact.summary())
-    print(f"rollout: {result.stage}" + (f" ({result.reason})" if result.reason else ""))
-    return result.to_json()
+    print(f"rollout{f' to site {site}' if site else ''}: {result.stage}"
+          + (f" ({result.reason})" if result.reason else ""))
+    return {**result.to_json(), "site": site}
+
+
+def _site(bundle_dir, args) -> str | None:
+    """--site checked against the cloud broker's folder, and against a bundle personalised for one
+    site (refused without --site or for another site); None: every site."""
+    from tierlite.bundle import Bundle
+    from tierlite.cloud.rollout import check_site, fleet_sites
+
+    site = getattr(args, "site", None)
+    fleet = getattr(args, "fleet", None)
+    config = getattr(args, "broker_config", None)
+    if site is not None and not fleet and config and (Path(config).resolve().parent.parent / "fleet.json").is_file():
+        fleet = Path(config).resolve().parent.parent  # fleet-cloud/publisher/publisher-security.yaml
+    if site is not None and not fleet:
+        raise ConfigError("--site needs the cloud broker's folder (its fleet.json lists the sites): --fleet DIR, "
+                          "or --broker-config DIR/publisher/publisher-security.yaml from `tierlite provision cloud`")
+    check_site(Bundle.load(bundle_dir), site, fleet_sites(fleet) if site is not None else None)
+    return site
 
 
 # -- retrain ------------------------------------------------------------------------------------

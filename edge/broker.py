@@ -62,8 +62,11 @@ def bridge_config(bridge: BridgeConfig, prefix: str, gateway_id: str) -> str:
         f"notification_topic {topics.bridge_notifications(prefix, gateway_id)}",
         rule(topics.node_filter(prefix, topics.ESCALATE), "out", b.qos, cloud_nodes),
         rule(topics.node_filter(prefix, topics.ANSWER), "in", b.qos, cloud_nodes),
-        # Model updates are fleet-wide: one announcement for every site, from the cloud root.
+        # Model updates: the fleet-wide ones from the cloud root, and (with a site) this site's own
+        # (`tierlite publish --site`), taken in under the same local names; subscribed after the
+        # fleet-wide ones, so on a reconnect the site's retained announcement arrives last.
         rule(topics.updates(prefix), "in", 1, cloud_root),
+        *([rule(topics.updates(prefix), "in", 1, cloud_nodes)] if b.site else []),
         # Reports and opted-in hard-case frame uploads go up under the site too: the canary gate and
         # the frame store key them by <site>/<node>, and a site may write its own nodes' only.
         rule(topics.update_reports(prefix), "out", 1, cloud_nodes),

@@ -15,6 +15,11 @@ The SuperNode is started by `tierlite federate site` (`run_site` below) with a n
   workdir    where its decoded-frame cache, personal heads and last model live
   arch-set   optional JSON object of model overrides: a site whose model differs (it is refused)
   limit      optional: use at most this many frames (quick runs)
+  region     optional: its region in a hierarchical federation (`federate server --cloud-every`)
+
+What the site received and sent in its last HISTORY_ROUNDS rounds stays in <workdir>/rounds/
+(`round-<r>-received.npz`, `round-<r>-sent.npz`): what left the site, and what the cloud (or its
+region) sent it.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ log = logging.getLogger("tierlite.edge.federated")
 
 PERSONAL_FILE = "personal.npz"
 MODEL_FILE = "site-model.npz"
+HISTORY_DIR = "rounds"
+HISTORY_ROUNDS = 3
 # Error codes of refused replies (the reason is one line, logged by the cloud as it is).
 ERR_MODEL_MISMATCH = 1001
 ERR_DATA = 1002
@@ -51,12 +58,12 @@ def write_toml(path: Path, values: dict) -> Path:
 
 def site_command(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
                  insecure: bool = False, root_certificates: str | Path | None = None,
-                 arch_set: dict | None = None, limit: int | None = None) -> list[str]:
+                 arch_set: dict | None = None, limit: int | None = None, region: str | None = None) -> list[str]:
     """The flower-supernode command line of one site (node config written to <workdir>/node-config.toml)."""
     workdir = Path(workdir).resolve()
     cfg = write_toml(workdir / "node-config.toml", {
         "data-dir": str(Path(data_dir).resolve()), "site": name, "workdir": str(workdir),
-        "arch-set": json.dumps(arch_set) if arch_set else None, "limit": limit})
+        "arch-set": json.dumps(arch_set) if arch_set else None, "limit": limit, "region": region})
     exe = Path(sys.executable).with_name("flower-supernode")
     cmd = [str(exe) if exe.exists() else "flower-supernode", "--superlink", superlink,
            "--node-config", str(cfg), "--port", str(port)]
@@ -74,7 +81,8 @@ MAX_CLIENTAPPS = 1
 
 def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
              insecure: bool = False, root_certificates: str | Path | None = None,
-             arch_set: dict | None = None, limit: int | None = None, check_every: float = 2.0) -> int:
+             arch_set: dict | None = None, limit: int | None = None, check_every: float = 2.0,
+             region: str | None = None) -> int:
     """Run the site's SuperNode and supervise it until it ends or this process is told to stop.
 
     This process leads a process group holding the SuperNode, its SuperExec and every ClientApp
@@ -87,7 +95,10 @@ def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Pat
     if not Path(data_dir).is_dir():
         from tierlite.errors import DataError
         raise DataError(f"{data_dir}: no such image folder")
-    cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit)
+    if region is not None and not region.strip():
+        from tierlite.errors import ConfigError
+        raise ConfigError("--region: give a region name (or leave it out: the site is a region of its own)")
+    cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit, region)
     from tierlite.federated import flower_command, flower_processes
 
     # the SuperNode ends with this process, even when it is SIGKILLed alone
@@ -224,11 +235,25 @@ def _train(msg, context):
     arrays = _array_record(weights)
     metrics["bytes-up"] = int(sum(len(v.data) for v in arrays.values()))
     log.info("site %s round %d: %s", name, int(prepared[0].get("server-round", 0)), metrics)
+    region = str(context.node_config.get("region", name))
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                                       "site": ConfigRecord({"name": name})}), reply_to=msg)
+                                       "site": ConfigRecord({"name": name, "region": region})}), reply_to=msg)
 
 
-def _train_prepared(run_cfg, model, arch, tc, splits, name, workdir, _global_w, bytes_down, personal, own_heads):
+def _keep_history(workdir: Path, rnd: int, received: dict, sent: dict) -> None:
+    """<workdir>/rounds/round-<r>-{received,sent}.npz for the last HISTORY_ROUNDS rounds."""
+    from tierlite.federated import dumps
+
+    folder = workdir / HISTORY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"round-{rnd}-received.npz").write_bytes(dumps(received))
+    (folder / f"round-{rnd}-sent.npz").write_bytes(dumps(sent))
+    for old in folder.glob("round-*-*.npz"):
+        if old.name.split("-")[1].isdigit() and int(old.name.split("-")[1]) <= rnd - HISTORY_ROUNDS:
+            old.unlink(missing_ok=True)
+
+
+def _train_prepared(run_cfg, model, arch, tc, splits, name, workdir, global_w, bytes_down, personal, own_heads):
     """Local training of a prepared site model: (weights to send, metrics, site name)."""
     from tierlite.converters import exit_accuracy, local_train, model_weights
     from tierlite.federated import dumps, split_personal
@@ -245,6 +270,7 @@ def _train_prepared(run_cfg, model, arch, tc, splits, name, workdir, _global_w, 
     if personal:
         (workdir / PERSONAL_FILE).write_bytes(dumps(split_personal(weights, personal)[1]))
     (workdir / MODEL_FILE).write_bytes(dumps(weights))
+    _keep_history(workdir, rnd, global_w, weights)
     val = exit_accuracy(model, splits.val.images, splits.val.labels)
     bytes_up = int(sum(np.asarray(v).nbytes for v in weights.values()))
     metrics = {"num-examples": int(res["examples"]), "loss": float(res["loss"]),

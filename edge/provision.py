@@ -277,7 +277,7 @@ def cloud_acl_text(prefix: str, sites: list[str], cloud_ids: list[str]) -> str:
         lines += ["", f"user _bridge-{site}",
                   f"topic write {topics.node_filter(here, topics.ESCALATE)}",
                   f"topic read {topics.node_filter(here, topics.ANSWER)}",
-                  f"topic read {topics.updates(p)}",
+                  f"topic read {topics.updates(p)}", f"topic read {topics.updates(here)}",  # fleet's, its own
                   # its nodes' update reports and frame uploads, under its site (keyed <site>/<node>)
                   f"topic write {topics.update_reports(here)}", f"topic write {topics.frame_uploads(here)}"]
     for cid in cloud_ids:  # the only identities that may read escalations (and so join the cloud $share)
@@ -290,6 +290,8 @@ def cloud_acl_text(prefix: str, sites: list[str], cloud_ids: list[str]) -> str:
                   f"topic read {topics.site_frame_uploads(p)}"]
     lines += ["", "user _publisher", f"topic readwrite {topics.updates(p)}",
               f"topic read {topics.site_update_reports(p)}",
+              # a site's updates (`tierlite publish --site`): announcements, chunks (not its frames)
+              f"topic readwrite {p}/+/{topics.UPDATE}/+", f"topic write {p}/+/{topics.UPDATE}/+/+/+",
               "", "# read-only: dashboards", "user _monitor", f"topic read {topics.cloud_statuses(p)}"]
     return "\n".join(lines) + "\n"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierlite.federated import (ModelMismatch, check_arrays, dumps, is_personal, loads, payload_bytes,
-                                proximal_term, server_step, split_personal, weighted_average)
+from tierlite.federated import (ModelMismatch, check_arrays, cloud_average, dumps, is_personal, loads, payload_bytes,
+                                proximal_term, region_averages, server_step, split_personal, weighted_average)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -30,6 +30,16 @@ def test_weighted_average_is_fedavg():
     assert avg["w"].dtype == np.float32 and list(avg) == ["w", "b"]
     with pytest.raises(ValueError):
         weighted_average([a, b], [0, 0])
+
+
+def test_hierarchical_average_regions_then_cloud():
+    models = [{"w": np.array([v], np.float32)} for v in (1.0, 3.0, 10.0)]
+    regional = region_averages(models, [1, 3, 4], ["north", "north", "south"])
+    assert {r: (float(m["w"][0]), n) for r, (m, n) in regional.items()} == {"north": (2.5, 4.0), "south": (10.0, 4.0)}
+    # the regions of one round, weighted by their examples: FedAvg of all the sites
+    assert float(cloud_average(regional)["w"][0]) == pytest.approx(float(weighted_average(models, [1, 3, 4])["w"][0]))
+    with pytest.raises(ValueError):
+        region_averages(models, [1, 3], ["north", "north", "south"])
 
 
 def test_model_mismatch_is_one_line():
@@ -151,6 +161,44 @@ def test_strategy_refuses_a_reply_of_another_shape_and_averages_the_rest():
     assert strategy.rounds[0]["refused"] == [lines[0]] and strategy.rounds[0]["clients"] == 2
 
 
+def test_hierfavg_sends_each_region_its_own_model_until_the_cloud_round():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from tierlite.cloud.federated.strategy import TierliteHierFAVG, from_record, to_record
+
+    lines: list[str] = []
+    strategy = TierliteHierFAVG({"w": (1,)}, cloud_every=2, num_rounds=3, say=lines.append)
+
+    def reply(node, name, region, w, n):
+        content = RecordDict({"arrays": to_record({"w": np.array([w], np.float32)}),
+                              "metrics": MetricRecord({"num-examples": n}),
+                              "site": ConfigRecord({"name": name, "region": region})})
+        return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False)
+
+    def sent(record):  # what each node is sent next (training and evaluation messages: arrays_for)
+        return {n: float(from_record(strategy.arrays_for(n, record))["w"][0]) for n in (1, 2, 3, 4)}
+
+    initial = to_record({"w": np.array([0.0], np.float32)})
+    assert sent(initial) == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}  # round 1: nobody's region known yet
+    agg, metrics = strategy.aggregate_train(1, [reply(1, "a", "north", 1.0, 1), reply(2, "b", "north", 3.0, 3),
+                                                reply(3, "c", "south", 10.0, 4)])
+    assert agg is None and metrics["clients"] == 3  # not a cloud round: the global model stays
+    assert strategy.rounds[0]["cloud"] is False
+    assert strategy.rounds[0]["regions"] == {"north": {"sites": ["a", "b"], "examples": 4.0},
+                                             "south": {"sites": ["c"], "examples": 4.0}}
+    # north's sites get north's average, south's its own; node 4 (never answered) the global model
+    assert sent(initial) == {1: 2.5, 2: 2.5, 3: 10.0, 4: 0.0}
+    # round 2 (cloud_every 2): only c answers; north counts with its round-1 model
+    agg, _ = strategy.aggregate_train(2, [reply(3, "c", "south", 12.0, 4)])
+    assert strategy.rounds[1]["cloud"] is True
+    assert float(from_record(agg)["w"][0]) == pytest.approx((4 * 2.5 + 4 * 12.0) / 8)
+    assert sent(agg) == {n: pytest.approx(7.25) for n in (1, 2, 3, 4)}  # every region starts from it
+    assert strategy.is_cloud_round(3)  # the last round always ends in the cloud
+    assert lines[0].endswith("north (a, b; 4 frames), south (c; 4 frames); next cloud round 2"), lines
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(log, "wb") as out:  # own process group: a site is killed with its ClientApp
@@ -205,23 +253,31 @@ def _run_server(tmp: Path, port: int, *args: str, tls: dict[str, Path] | None = 
                    "--local-epochs", "1", *args], tmp / "server.log")
 
 
+def _run_federation(tmp: Path, sites: dict[str, tuple], *server_args: str, timeout: float = 800) -> str:
+    """A server and its sites (name -> (data folder, *site args)) until the server ends; its log."""
+    from tierlite.tools.stack import free_port
+
+    port = free_port()
+    server = _run_server(tmp, port, *server_args)
+    procs = [_site(tmp, folder, name, port, *extra) for name, (folder, *extra) in sites.items()]
+    try:
+        rc = server.wait(timeout)
+    finally:
+        for p in (*procs, server):
+            _kill(p)
+    text = (tmp / "server.log").read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    return text
+
+
 def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_path, site_folders, digits_dir):
     from tierlite.bundle import Bundle
     from tierlite.data import load_image_folder
     from tierlite.segment import Segment
-    from tierlite.tools.stack import free_port
 
-    port = free_port()
-    server = _run_server(tmp_path, port, "--sites", "2", "--min-sites", "2", "--rounds", "2",
-                         "--calib-dir", str(digits_dir / "test"), "--export", "--personal", "end")
-    sites = [_site(tmp_path, site_folders[0], "a", port), _site(tmp_path, site_folders[1], "b", port)]
-    try:
-        rc = server.wait(800)
-    finally:
-        for p in (*sites, server):
-            _kill(p)
-    out_text = (tmp_path / "server.log").read_text(errors="replace")
-    assert rc == 0, out_text[-3000:]
+    out_text = _run_federation(tmp_path, {"a": (site_folders[0],), "b": (site_folders[1],)},
+                               "--sites", "2", "--min-sites", "2", "--rounds", "2",
+                               "--calib-dir", str(digits_dir / "test"), "--export", "--personal", "end")
     assert re.search(r"round 2: 2 site\(s\)", out_text)
 
     import json
@@ -275,6 +331,64 @@ def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_
         o3 = cloud.run(o2.feature)
         assert o3.logits.shape == (10,) and np.isfinite(o3.logits).all()
     assert (tmp_path / "out" / "report.png").is_file()
+
+    # site a's personalised bundle (the global body + the camera head a kept), for site a's nodes only
+    from tierlite.cloud.rollout import check_site
+    from tierlite.errors import ConfigError
+
+    (tmp_path / "personal-a.npz").write_bytes(dumps({**glob, **kept_a}))
+    export = _start(["federate", "export", str(tmp_path / "out"), "--calib-dir", str(digits_dir / "test"),
+                     "--weights", str(tmp_path / "personal-a.npz"), "--site", "a", "--bundle",
+                     str(tmp_path / "bundle-a"), "--version", "2"], tmp_path / "export-a.log")
+    assert export.wait(600) == 0, (tmp_path / "export-a.log").read_text()[-3000:]
+    mine = Bundle.load(tmp_path / "bundle-a")
+    assert mine.manifest["training"]["personalised_for"] == "a" and mine.name == bundle.name
+    assert mine.segment_path("end").read_bytes() != bundle.segment_path("end").read_bytes()
+    check_site(mine, "a")
+    with pytest.raises(ConfigError, match="personalised for site a: publish it with --site a"):
+        check_site(mine, None)
+
+
+def test_hierarchical_regions_average_every_round_and_the_cloud_every_second(tmp_path, site_folders):
+    """HierFAVG with real processes: sites a and b in region north, c alone in south, the cloud
+    every 2 rounds (2 rounds). Round 2 starts from each region's average of round 1 (not FedAvg's
+    one model for all), and round 2 ends in the cloud: the example-weighted average of everything."""
+    import json
+
+    def history(site: str, rnd: int, what: str) -> dict:  # what the site received/sent (its rounds/)
+        return loads((tmp_path / f"site-{site}" / "rounds" / f"round-{rnd}-{what}.npz").read_bytes())
+
+    def average(models: list[dict], weights: list[float]) -> dict:  # independent of tierlite.federated
+        w = np.asarray(weights, np.float64)
+        return {k: sum(wi * m[k].astype(np.float64) for wi, m in zip(w, models)) / w.sum() for k in models[0]}
+
+    def close(x: dict, y: dict) -> bool:
+        return all(np.allclose(x[k], y[k], rtol=1e-5, atol=1e-6) for k in x)
+
+    text = _run_federation(tmp_path, {"a": (site_folders[0], "--region", "north"),
+                                      "b": (site_folders[1], "--region", "north"),
+                                      "c": (site_folders[2], "--region", "south")},
+                           "--sites", "3", "--min-sites", "3", "--rounds", "2", "--cloud-every", "2",
+                           "--classes", ",".join(str(i) for i in range(10)))
+    assert "round 1: regions north (a, b;" in text and "round 2: cloud average of 2 region(s)" in text, text[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(r["clients"], r["cloud"]) for r in report["rounds"]] == [(3, False), (3, True)]
+    assert {r: v["sites"] for r, v in report["rounds"][0]["regions"].items()} == {"north": ["a", "b"], "south": ["c"]}
+    n = [{s["site"]: float(s["examples"]) for s in r["sites"]} for r in report["rounds"]]
+    initial = loads((tmp_path / "out" / "initial.npz").read_bytes())
+    assert all(close(history(x, 1, "received"), initial) for x in "abc")
+    sent1 = {x: history(x, 1, "sent") for x in "abc"}
+    north = average([sent1["a"], sent1["b"]], [n[0]["a"], n[0]["b"]])
+    for x in "ab":  # round 2 of north's sites starts from north's average of round 1
+        assert close(history(x, 2, "received"), north), x
+    assert close(history("c", 2, "received"), sent1["c"])  # south is c alone: its own model
+    fedavg = average([sent1[x] for x in "abc"], [n[0][x] for x in "abc"])  # what flat FedAvg would have sent
+    assert not close(north, fedavg) and not close(sent1["c"], fedavg)
+    # the cloud round: regions weighted by their examples = every site weighted by its own
+    sent2 = {x: history(x, 2, "sent") for x in "abc"}
+    glob = loads((tmp_path / "out" / "global.npz").read_bytes())
+    assert close(glob, average([sent2[x] for x in "abc"], [n[1][x] for x in "abc"]))
+    assert all(not close(glob, sent2[x]) for x in "abc")
 
 
 def test_dead_site_and_wrong_model_do_not_stop_training_over_tls(tmp_path, site_folders):
@@ -380,19 +494,9 @@ def test_secure_aggregation_equals_fedavg_within_its_quantisation(tmp_path, site
     SecAgg+'s quantisation (weights clipped to +-8, 2**22 levels, weighted by examples/10000)."""
     import json
 
-    from tierlite.tools.stack import free_port
-
-    port = free_port()
-    server = _run_server(tmp_path, port, "--secagg", "--sites", "3", "--min-sites", "3", "--rounds", "1",
-                         "--classes", ",".join(str(i) for i in range(10)))
-    sites = [_site(tmp_path, folder, name, port) for folder, name in zip(site_folders, "abc")]
-    try:
-        rc = server.wait(800)
-    finally:
-        for p in (*sites, server):
-            _kill(p)
-    text = (tmp_path / "server.log").read_text(errors="replace")
-    assert rc == 0, text[-3000:]
+    text = _run_federation(tmp_path, {name: (folder,) for folder, name in zip(site_folders, "abc")},
+                           "--secagg", "--sites", "3", "--min-sites", "3", "--rounds", "1",
+                           "--classes", ",".join(str(i) for i in range(10)))
     assert "secure aggregation (SecAgg+)" in text
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (entry,) = report["rounds"]

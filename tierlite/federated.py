@@ -9,6 +9,8 @@ orchestration apart from `aggregate.py`:
 - which names are *personal* (the exit heads a site keeps, FedPer-style) and which are shared;
 - `check_arrays`: the federation's model against a site's, refused with one clear line;
 - `weighted_average`: FedAvg's example-weighted mean (float64 accumulation);
+- `region_averages` / `cloud_average`: hierarchical FedAvg (HierFAVG, client-edge-cloud): sites
+  averaged per region every round, the regions averaged by the cloud every few rounds;
 - `proximal_term`: FedProx's mu/2 ||w - w_global||^2 (reference; the training loop has its own);
 - (de)serialisation of a named model to .npz bytes, and payload sizes;
 - the Flower processes both sides run: a longer task-claim window (`run_flower`) and finding the
@@ -96,6 +98,32 @@ def weighted_average(models: Sequence[Mapping[str, np.ndarray]], weights: Sequen
             acc += wi * np.asarray(m[name], dtype=np.float64)
         out[name] = acc.astype(np.float32)
     return out
+
+
+# HierFAVG (Liu et al. 2020, "Client-Edge-Cloud Hierarchical Federated Learning"): sites (the
+# clients) are grouped in regions (the edge aggregators). Every round each region averages its
+# own sites and sends that back to them; every few rounds the cloud averages the regions. Between
+# two cloud rounds the regions train apart, which is what makes this differ from flat FedAvg (a
+# cloud average of regions averaged over the same round *is* FedAvg of all their sites).
+Regional = dict[str, tuple[Named, float]]  # region -> (its model, its examples)
+
+
+def region_averages(models: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+                    regions: Sequence[str]) -> Regional:
+    """The regions' step: per region, the example-weighted average of its sites' models, and the
+    region's examples (its weight in the cloud's step)."""
+    if not len(models) == len(weights) == len(regions):
+        raise ValueError("one weight and one region per model")
+    groups: dict[str, list[int]] = {}
+    for i, region in enumerate(regions):
+        groups.setdefault(region, []).append(i)
+    return {r: (weighted_average([models[i] for i in idx], [weights[i] for i in idx]),
+                float(sum(weights[i] for i in idx))) for r, idx in groups.items()}
+
+
+def cloud_average(regional: Mapping[str, tuple[Mapping[str, np.ndarray], float]]) -> Named:
+    """The cloud's step: the regions' models weighted by their examples."""
+    return weighted_average([m for m, _ in regional.values()], [n for _, n in regional.values()])
 
 
 # BatchNorm running statistics are estimates of the data, not parameters a gradient moved: the

@@ -42,6 +42,9 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-evaluate", action="store_true", help="skip the sites' evaluation after each round")
     s.add_argument("--secagg", action="store_true",
                    help="secure aggregation (Flower's SecAgg+): the cloud sees only the sum of masked weights")
+    s.add_argument("--cloud-every", type=int, default=0, metavar="K",
+                   help="hierarchical FedAvg (HierFAVG): average the sites of each region (`site --region`) "
+                   "every round and the regions every K rounds and in the last (default 0: flat FedAvg)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--round-timeout", type=float, default=1800.0, help="seconds a round waits for answers")
     s.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet + Control APIs)")
@@ -63,6 +66,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     c.add_argument("--root-certificates", help="CA that signed the SuperLink's certificate")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="this site's model deviations (refused if they change shapes)")
     c.add_argument("--limit", type=int, help="use at most this many frames")
+    c.add_argument("--region", help="this site's region, for a hierarchical federation (server --cloud-every; "
+                   "default: the site's own name)")
     e = sub.add_parser("export", help="aggregated model -> int8 bundle calibrated on a held-out folder")
     e.add_argument("out", type=Path, help="the server's output folder")
     e.add_argument("--calib-dir", type=Path, required=True)
@@ -72,6 +77,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
                    "(default: recomputed on --calib-dir)")
     e.add_argument("--weights", type=Path, help="another named-weights file of the federation's model, e.g. a "
                    "personalised site's <workdir>/site-model.npz (default OUT/global.npz)")
+    e.add_argument("--site", help="the --weights are this site's personalised model: the manifest says so and "
+                   "`tierlite publish` sends the bundle to that site's nodes only (--site there too)")
 
 
 def run_federate(args) -> int:
@@ -80,11 +87,12 @@ def run_federate(args) -> int:
         if not args.insecure and not args.root_certificates:
             raise ConfigError("a site needs --root-certificates (TLS) or --insecure (loopback tests)")
         return run_site(args.superlink, args.data_dir, args.name, args.workdir or Path(f"federated-{args.name}"),
-                        args.port, args.insecure, args.root_certificates, parse_sets(args.set) or None, args.limit)
+                        args.port, args.insecure, args.root_certificates, parse_sets(args.set) or None, args.limit,
+                        region=args.region)
     from tierlite.cloud.federated.server import export_global, run_federation
     if args.role == "export":
         b = export_global(args.out, args.calib_dir, args.bundle, weights_file=args.weights, version=args.version,
-                          recompute_bn=not args.averaged_bn)
+                          recompute_bn=not args.averaged_bn, site=args.site)
         print(f"bundle {b}")
         return 0
     if args.classes:
@@ -107,7 +115,8 @@ def run_federate(args) -> int:
                             min_sites=args.min_sites, round_timeout=args.round_timeout,
                             evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,
                             insecure=args.insecure, certfile=args.certfile, keyfile=args.keyfile,
-                            ca_certfile=args.ca_certfile, init_from=args.init_from, secagg=args.secagg)
+                            ca_certfile=args.ca_certfile, init_from=args.init_from, secagg=args.secagg,
+                            cloud_every=args.cloud_every)
     for r in report["rounds"]:
         a = r.get("aggregate") or {}
         print(f"round {r['round']}: {r['clients']} site(s), loss {a.get('loss', float('nan')):.3f}, val acc "

@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from tierlite.cloud.federated.strategy import TierliteFedAvg, from_record, to_record, write_json
+from tierlite.cloud.federated.strategy import TierliteFedAvg, TierliteHierFAVG, from_record, to_record, write_json
 from tierlite.federated import dumps, loads, spec_of
 
 app = ServerApp()
@@ -62,10 +62,14 @@ def open_run(grid: Grid, context: Context, kind: str = ""):
 def main(grid: Grid, context: Context) -> None:
     cfg, out, initial, write, _ = open_run(grid, context)
     spec = spec_of(initial)
-    strategy = TierliteFedAvg(spec, report=write, min_sites=int(cfg.get("min-sites", 1)),
-                              evaluate=bool(cfg.get("evaluate", True)), say=_say,
-                              server_lr=float(cfg.get("server-lr", 1.0)),
-                              server_momentum=float(cfg.get("server-momentum", 0.0)))
+    options = dict(report=write, min_sites=int(cfg.get("min-sites", 1)), evaluate=bool(cfg.get("evaluate", True)),
+                   say=_say, server_lr=float(cfg.get("server-lr", 1.0)),
+                   server_momentum=float(cfg.get("server-momentum", 0.0)))
+    cloud_every = int(cfg.get("cloud-every", 0))
+    if cloud_every:  # hierarchical: regions every round, the cloud every `cloud-every` rounds
+        strategy = TierliteHierFAVG(spec, cloud_every, int(cfg["num-server-rounds"]), **options)
+    else:
+        strategy = TierliteFedAvg(spec, **options)
     site_cfg = ConfigRecord({k: cfg[k] for k in SITE_KEYS if k in cfg})
     t0 = time.monotonic()
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=int(cfg["num-server-rounds"]),

@@ -237,18 +237,25 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
                    port: int = 9092, superlink: str | None = None, insecure: bool = True,
                    certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
                    init_from: str | Path | None = None, timeout: float | None = None,
-                   secagg: bool = False) -> dict:
+                   secagg: bool = False, cloud_every: int = 0) -> dict:
     """Start (or join) a SuperLink, run the federation to the end; returns the report dict.
 
     lr: the sites' peak rate (default: the preset's); lr_schedule "cycle": the converters'
     one-cycle schedule laid across all rounds (each site places its local steps in it), "const":
     `lr` throughout. server_lr/server_momentum: the cloud's FedAvgM step (1/0: plain FedAvg).
     local_steps: each site trains this many steps per round instead of local_epochs epochs.
-    secagg: Flower's SecAgg+ (the cloud sees only the sum of the sites' masked weights; secagg.py)."""
+    secagg: Flower's SecAgg+ (the cloud sees only the sum of the sites' masked weights; secagg.py).
+    cloud_every: hierarchical FedAvg (HierFAVG): the sites' regions (`federate site --region`) are
+    averaged every round, the regions by the cloud every `cloud_every` rounds and in the last (0:
+    flat FedAvg)."""
     if lr_schedule not in ("cycle", "const"):
         raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
     if server_lr <= 0 or not 0 <= server_momentum < 1:
         raise ConfigError(f"server lr must be > 0 and server momentum in [0, 1), got {server_lr}, {server_momentum}")
+    if cloud_every < 0 or (cloud_every and secagg):
+        raise ConfigError("--cloud-every must be >= 1 (0: flat FedAvg)" if cloud_every < 0 else
+                          "--cloud-every with --secagg: hierarchical aggregation needs each region's sum, "
+                          "SecAgg+ gives the cloud only the sum of every site (not built)")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("report.json", "global.npz"):
@@ -263,7 +270,8 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
                   "lr-schedule": lr_schedule, "server-lr": float(server_lr), "server-momentum": float(server_momentum),
                   "proximal-mu": float(proximal_mu), "personal": personal, "seed": int(seed),
                   "out-dir": str(out), "wait-sites": int(sites), "min-sites": int(min_sites or 1),
-                  "round-timeout": float(round_timeout), "evaluate": bool(evaluate), "wait-timeout": 600.0}
+                  "round-timeout": float(round_timeout), "evaluate": bool(evaluate), "wait-timeout": 600.0,
+                  "cloud-every": int(cloud_every)}
     app = write_app(out, run_config, secagg)
     proc = None
     if superlink is None:
@@ -323,18 +331,23 @@ def plot_report(report: dict, path: Path) -> Path | None:
 
 def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | Path | None = None,
                   weights_file: str | Path | None = None, version: int = 1, name: str | None = None,
-                  max_drop: float = 0.005, recompute_bn: bool = True) -> Path:
+                  max_drop: float = 0.005, recompute_bn: bool = True, site: str | None = None) -> Path:
     """The aggregated model (<out>/global.npz) -> int8 bundle, calibrated on `calib_dir` (labelled
     frames the cloud holds, never a site's). Returns the bundle directory.
 
     recompute_bn: BatchNorm statistics recomputed on the calibration frames first: the sites'
     averaged statistics are not those of the averaged weights (docs/COTRAINING.md: +0.75 to +3.5 pt
-    on the cloud exit of four Flower runs' models)."""
+    on the cloud exit of four Flower runs' models). site: the bundle is that site's personalised
+    model (`weights_file` = the global body + its heads): the manifest says so (training.personalised_for),
+    and `tierlite publish` sends it to that site's nodes only."""
     from tierlite.converters import (build_federated_model, export_bundle, load_folder_cached,
                                      recompute_batchnorm, representative_frames, set_model_weights)
     from tierlite.federated import loads
 
     out = Path(out_dir)
+    if site is not None and weights_file is None:
+        raise ConfigError(f"a bundle for site {site} needs that site's weights (--weights: the global body "
+                          "with its personal heads)")
     meta = json.loads((out / "model.json").read_text())
     model, arch, tc = build_federated_model(meta["preset"], len(meta["classes"]), meta["seed"], **meta["overrides"])
     weights = loads(Path(weights_file or out / "global.npz").read_bytes())
@@ -357,5 +370,6 @@ def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | 
                                       if rounds else None,
                                       "calibration_folder": str(Path(calib_dir).resolve()),
                                       "batchnorm_statistics": "calibration folder" if recompute_bn
-                                      else "sites' average"}})
+                                      else "sites' average",
+                                      **({"personalised_for": site} if site else {})}})
     return bundle

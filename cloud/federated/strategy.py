@@ -12,6 +12,11 @@ receive, per round) with tierlite's checks and math (`tierlite.federated`) and a
 - personalised exit heads: the sites keep theirs (`personal` in the config); the average of the
   heads is kept as the global model's, for new sites and for the global bundle;
 - bytes: the serialised weights each way, per site and round (what Flower's ArrayRecord carries).
+
+`TierliteHierFAVG` adds a level (HierFAVG, client-edge-cloud): the sites' regions are averaged
+every round and the cloud averages the regions every `cloud_every` rounds; each site is sent
+its region's model in between (`_construct_messages`, the routing), the math is
+`tierlite.federated.region_averages` / `cloud_average`.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from tierlite.federated import ModelMismatch, check_arrays, server_step, weighted_average
+from tierlite.federated import (ModelMismatch, Named, check_arrays, cloud_average, region_averages, server_step,
+                                weighted_average)
 
 log = logging.getLogger("tierlite.cloud.federated")
 EXITS = ("end", "edge", "cloud")
@@ -88,7 +94,8 @@ class TierliteFedAvg(FedAvg):
                 entry["refused"].append(line)
                 self.say(line)
                 continue
-            name = str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{node}"
+            site = msg.content["site"] if "site" in msg.content else {}
+            name = str(site.get("name", f"node-{node}"))
             try:
                 arrays = from_record(msg.content["arrays"])
                 check_arrays(self.spec, arrays, who=f"site {name} (node {node}) refused")
@@ -106,7 +113,8 @@ class TierliteFedAvg(FedAvg):
                 continue
             models.append(arrays)
             weights.append(n)
-            entry["sites"].append({"site": name, "node": int(node), "examples": n,
+            entry["sites"].append({"site": name, "node": int(node), "region": str(site.get("region", name)),
+                                   "examples": n,
                                    "bytes_up": record_bytes(msg.content["arrays"]),
                                    "bytes_down": int(metrics.get("bytes-down", self._down_bytes)),
                                    **{k: float(v) for k, v in metrics.items()
@@ -118,9 +126,7 @@ class TierliteFedAvg(FedAvg):
             self.say(f"round {server_round}: no site answered; the global model is unchanged")
             self._emit()
             return None, None
-        agg = weighted_average(models, weights)
-        if self._current is not None:
-            agg, self._velocity = server_step(self._current, agg, self._velocity, self.server_lr, self.server_momentum)
+        agg = self._aggregate(server_round, models, weights, entry)
         total = float(sum(weights))
         summary = {"clients": len(models), "examples": int(total)}
         for key in ("loss", *(f"val-acc-{t}" for t in EXITS)):
@@ -135,7 +141,19 @@ class TierliteFedAvg(FedAvg):
                  + ", ".join(f"{s['site']} {s['bytes_up']:,}" for s in entry["sites"])
                  + (f", refused {len(entry['refused'])}" if entry["refused"] else ""))
         self._emit()
-        return to_record(agg), MetricRecord(summary)
+        return (None if agg is None else to_record(agg)), MetricRecord(summary)
+
+    # -- the math (tierlite.federated) -------------------------------------------------------
+    def _aggregate(self, server_round: int, models: list[Named], weights: list[int], entry: dict) -> Named | None:
+        """The new global model from this round's accepted models (None: unchanged this round)."""
+        return self._cloud_step(weighted_average(models, weights))
+
+    def _cloud_step(self, average: Named) -> Named:
+        if self._current is None:
+            return average
+        new, self._velocity = server_step(self._current, average, self._velocity, self.server_lr,
+                                          self.server_momentum)
+        return new
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -166,6 +184,64 @@ class TierliteFedAvg(FedAvg):
     def _emit(self) -> None:
         if self.report:
             self.report({"rounds": self.rounds})
+
+
+class TierliteHierFAVG(TierliteFedAvg):
+    """HierFAVG (client-edge-cloud): every round each region averages its sites' models (weighted
+    by examples) and its sites start the next round from that; every `cloud_every` rounds, and in
+    the last round, the cloud averages the regions (weighted by their examples), then the cloud's
+    step (FedAvg or FedAvgM) as in TierliteFedAvg, and every region starts again from that global
+    model. A site names its region (`tierlite federate site --region`; default: its own name). A
+    site the cloud has not heard from, or whose region has no model since the last cloud round,
+    is sent the global model. A region none of whose sites answered in a round keeps its last
+    model, which counts in the next cloud round with its last examples."""
+
+    def __init__(self, spec: dict[str, tuple[int, ...]], cloud_every: int, num_rounds: int, **kwargs) -> None:
+        if cloud_every < 1:
+            raise ValueError(f"cloud_every must be >= 1, got {cloud_every}")
+        super().__init__(spec, **kwargs)
+        self.cloud_every, self.num_rounds = int(cloud_every), int(num_rounds)
+        self.region_of: dict[int, str] = {}  # Flower node id -> region, from the sites' replies
+        self.regional: dict[str, tuple[Named, float]] = {}  # since the last cloud round
+        self._regional_records: dict[str, ArrayRecord] = {}
+
+    def is_cloud_round(self, server_round: int) -> bool:
+        return server_round % self.cloud_every == 0 or server_round == self.num_rounds
+
+    def _aggregate(self, server_round, models, weights, entry):
+        for s in entry["sites"]:
+            self.region_of[s["node"]] = s["region"]
+        self.regional.update(region_averages(models, weights, [s["region"] for s in entry["sites"]]))
+        entry["regions"] = {r: {"sites": sorted(s["site"] for s in entry["sites"] if s["region"] == r), "examples": n}
+                            for r, (_, n) in sorted(self.regional.items())}
+        entry["cloud"] = self.is_cloud_round(server_round)
+        if not entry["cloud"]:
+            self._regional_records = {r: to_record(m) for r, (m, _) in self.regional.items()}
+            self.say(f"round {server_round}: regions " + ", ".join(
+                f"{r} ({', '.join(v['sites']) or 'no site this round'}; {int(v['examples'])} frames)"
+                for r, v in entry["regions"].items()) + f"; next cloud round {self._next_cloud(server_round)}")
+            return None
+        glob = cloud_average(self.regional)
+        self.regional, self._regional_records = {}, {}
+        self.say(f"round {server_round}: cloud average of {len(entry['regions'])} region(s)")
+        return self._cloud_step(glob)
+
+    def _next_cloud(self, server_round: int) -> int:
+        return min(self.num_rounds, (server_round // self.cloud_every + 1) * self.cloud_every)
+
+    def arrays_for(self, node_id: int, default: ArrayRecord) -> ArrayRecord:
+        """What a site is sent: its region's model since the last cloud round, else `default` (global)."""
+        return self._regional_records.get(self.region_of.get(node_id, ""), default)
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        """Training and evaluation alike: each site gets its region's model (arrays_for)."""
+        messages = []
+        for node_id in node_ids:
+            arrays = self.arrays_for(node_id, record[self.arrayrecord_key])
+            content = record if arrays is record[self.arrayrecord_key] else RecordDict(
+                {self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages
 
 
 def write_json(path: Path, data: dict) -> None:
