@@ -123,8 +123,11 @@ class DeviceDaemon:
         new = self._load(bundle)
         old, self._model = self._model, new
         self.adaptive = LinkFollower.for_bundle(self.config.adaptive, bundle.manifest, new.threshold)
+        in_alarm = self._drift is not None and self._drift.state.alarm
         self._drift = self._drift_monitor(bundle)  # the new version's reference statistics
         log.info("model swapped: %s v%d -> %s v%d", old.bundle.name, old.bundle.version, bundle.name, bundle.version)
+        if in_alarm and self._drift is not None:  # the retained alarm was the old version's: say the new one starts clear
+            self._publish_drift()
         self.publish_status()
 
     def add_result_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
@@ -212,15 +215,20 @@ class DeviceDaemon:
         if changed is None:
             return
         st = self._drift.state
-        m = self._model
-        event = {"node": self.node, "model": m.bundle.name, "model_version": m.bundle.version, **st.to_json(),
-                 "frames": self._drift.frames, "thresholds": self._drift.thresholds, "ts": round(time.time(), 3)}
         (log.warning if changed else log.info)("node %s: drift alarm %s at frame %d (%s)", self.node,
                                                "raised" if changed else "cleared", self._drift.frames,
                                                ", ".join(f"{k} {v:.4g}" for k, v in (st.scores or {}).items()))
         if self.mqtt.connected:
-            self.mqtt.publish(self._topics[topics.DRIFT], json.dumps(event), self._qos.status, retain=True)
+            self._publish_drift()
             self.publish_status()
+
+    def _publish_drift(self) -> None:
+        """The monitor's state as the node's retained drift event."""
+        m = self._model
+        event = {"node": self.node, "model": m.bundle.name, "model_version": m.bundle.version,
+                 **self._drift.state.to_json(), "frames": self._drift.frames, "thresholds": self._drift.thresholds,
+                 "ts": round(time.time(), 3)}
+        self.mqtt.publish(self._topics[topics.DRIFT], json.dumps(event), self._qos.status, retain=True)
 
     def _fallback(self, frame_id: int, reason: str) -> None:
         with self._lock:

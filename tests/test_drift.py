@@ -335,3 +335,22 @@ def test_selectors_of_either_statistic_set_load_and_pick():
     legacy = Selector.from_json(legacy_json, "shipped bundle")
     assert legacy.picks(noisy).shape == (600,) and legacy.to_json()["stats"] == list(LEGACY_STATS)
     assert frame_stats(noisy[:2]).shape == (2, len(STATS)) and np.isfinite(frame_stats(noisy)).all()
+
+
+def test_the_live_drift_bench_streams_frames_in_the_order_given(tmp_path):
+    """`tierlite bench drift` (live) writes each node's frames for a real `tierlite device` to stream
+    from a folder: the node's folder source must see them in the bench's (shuffled) order, not class
+    by class, or the class histogram moves on clean data and the audits cover the last classes only."""
+    import cv2
+
+    from tierlite.config import SourceConfig
+    from tierlite.device.sources import FrameSource
+    from tierlite.tools.bench.drift import Fleet
+
+    labels = np.random.default_rng(0).integers(0, 10, 40)
+    # each frame's grey level names its position in the stream
+    jpegs = [cv2.imencode(".png", np.full((8, 8, 3), 5 * i, np.uint8))[1].tobytes() for i in range(len(labels))]
+    fleet = Fleet(tmp_path, tmp_path / "bundle", 1883, "tierlite", tmp_path / "key.pub", share_frames=False)
+    folder = fleet.write_frames("cam-1", "round1", jpegs, labels)
+    streamed = [int(f.image[0, 0, 0]) // 5 for f in FrameSource(SourceConfig(uri=str(folder)), (8, 8))]
+    assert streamed == list(range(len(labels)))

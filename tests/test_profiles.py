@@ -57,7 +57,8 @@ def test_manifest_rejects_bad_profile_entries(small_bundle_dir, tmp_path):
             Bundle.load(bundle)
 
 
-def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bundle_dir, digits_dir, tmp_path):
+def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bundle_dir, digits_dir, tmp_path,
+                                                                       caplog):
     from tierlite.tools.bench.drift import low_light, simulate_fleet
     from tierlite.tools.cli import main
     from tierlite.cloud.retrain import Chain
@@ -109,3 +110,41 @@ def test_retrain_builds_a_profile_that_the_node_runs_on_drifted_frames(small_bun
 
     _, art = build_artifact(out, parent=parent)
     assert entry["file"] in art.included and "end.tflite" not in art.included + art.patched, art
+    # The node's shadow check (tierlite.update.manager) on the frames it just served, drifted ones:
+    # the current end is sure and mostly wrong there, so a profile that fixes the drift disagrees
+    # with it (the old rule, agreement >= 0.5 on those frames, refused it: the live rollout of
+    # docs/DRIFT.md halted). Frames the variant's selector picks are not compared; others still are.
+    from tierlite.cloud.signing import generate_keypair
+    from tierlite.config import UpdateConfig
+    from tierlite.policy import decide
+    from tierlite.update.manager import UpdateManager
+
+    _, pub, _ = generate_keypair(tmp_path / "keys" / "update.key")
+    mgr = UpdateManager(UpdateConfig(trusted_keys=str(pub), state_dir=str(tmp_path / "state")), "cam-1", ["end"],
+                        lambda b, segs: None)
+    running = Segment(parent, "end")
+    disagrees = []  # on the frames the current end was sure of: does the candidate answer otherwise?
+    for x in drifted[:64]:
+        old = running.run(x[None]).logits
+        mgr.observe("end", x[None], old, escalated=False)
+        if decide(old, parent.thresholds["end"])[0]:
+            disagrees.append(node.run(x[None]).logits.argmax() != old.argmax())
+    assert np.mean(disagrees) > 0.5, np.mean(disagrees)  # what the old rule refused
+    import logging
+
+    update_log = logging.getLogger("tierlite.update")  # tierlite's loggers do not propagate to caplog's
+    update_log.addHandler(caplog.handler)
+    caplog.set_level("INFO", logger="tierlite.update")
+    try:
+        mgr._shadow_check(parent, cand, "end", node)  # raises UpdateError when it fails
+        by_variant = int(caplog.text.split(" run by a condition variant not compared")[0].rsplit("(", 1)[1])
+        assert by_variant >= 0.9 * 64, caplog.text  # the selector picks the drifted frames (asserted above)
+        # clean frames (the selector leaves them to the trained end): compared, and the same end agrees
+        for x in clean[:40]:
+            mgr.observe("end", x[None], running.run(x[None]).logits, escalated=False)
+        caplog.clear()
+        mgr._shadow_check(parent, cand, "end", node)
+    finally:
+        update_log.removeHandler(caplog.handler)
+    sure = int(caplog.text.split("agreement 1.00 on ")[1].split(" ")[0])
+    assert sure >= 30, caplog.text

@@ -99,3 +99,93 @@ def test_clean_drop_still_refuses_first():
     better, reason, evidence = verdict({}, {"parent": FIGS, "candidate": worse}, OPTS,
                                        labelled=_labelled(*_outcomes(25, 20, 1, 14)))
     assert not better and "clean end accuracy drops 1.00 pt" in reason and evidence == "clean validation"
+
+
+# -- the guard "teacher through the candidate's end back in distribution" (docs/DRIFT.md) -----------
+K = 10
+HARD = [3, 5]  # the classes the end confuses: on clean frames too, most of its escalations are these
+
+
+def _chain(rng, classes, sure, answers=None, teacher=None) -> dict:
+    """What a chain gives on these frames: an end exit sure (peaked logits) or not of `answers`
+    (default: the true classes), the teacher (cloud exit) answering `teacher` (default: true)."""
+    n = len(classes)
+    end = rng.normal(0, 0.1, (n, K))
+    end[np.arange(n), classes if answers is None else answers] += np.where(sure, 8.0, 0.5)
+    cloud = rng.normal(0, 0.1, (n, K))
+    cloud[np.arange(n), classes if teacher is None else teacher] += 6.0
+    return {"end_logits": end, "cloud_logits": cloud, "end_features": rng.integers(-20, 20, (n, 2, 2, 4)).astype(np.int8)}
+
+
+def _clean_reference(rng, threshold=0.5):
+    """The teacher on the clean validation frames the end is sure of: 600 frames, the end unsure of
+    most of HARD's and a few others."""
+    from tierlite.cloud.retrain.judge import teacher_reference
+
+    y = rng.integers(0, K, 600)
+    unsure = (np.isin(y, HARD) & (rng.random(600) < 0.8)) | (rng.random(600) < 0.05)
+    return teacher_reference(_chain(rng, y, ~unsure), threshold), y[~unsure]
+
+
+def _drifted_teacher(rng, ref) -> dict:
+    """The teacher's check on 40 audits through the parent's end: collapsed onto class 0 (drifted)."""
+    from tierlite.cloud.retrain.judge import teacher_drift
+
+    y = rng.integers(0, K, 40)
+    audits = _chain(rng, y, np.ones(40, bool), teacher=np.zeros(40, int))
+    check = teacher_drift(audits["end_features"], audits["cloud_logits"], ref)
+    assert check["drifted"]
+    return {"audits": 40, "check": check}
+
+
+def _held_out(rng, sure_classes):
+    """Held-out hard examples as a live round stores them: 30 audits (frames the end is sure of, the
+    clean sure frames' class mix) and 40 escalations (frames it was unsure of: HARD classes)."""
+    y = np.r_[rng.choice(sure_classes, 30), rng.choice(HARD, 40)]
+    return y, np.r_[np.ones(30, bool), np.zeros(40, bool)]
+
+
+def test_escalations_in_the_held_out_set_do_not_refuse_a_better_candidate():
+    """The guard used to test the teacher on *all* held-out frames against a reference of frames the
+    end is sure of: escalations (HARD classes) alone then make the teacher look drifted, through any
+    end, and a real fix was refused. Tested on the frames the candidate's end is sure of, like the
+    reference: accepted."""
+    from tierlite.cloud.retrain.judge import EVIDENCE_THROUGH, teacher_drift, through_candidate
+
+    rng = np.random.default_rng(0)
+    ref, sure_classes = _clean_reference(rng)
+    y, sure = _held_out(rng, sure_classes)
+    cand = _chain(rng, y, sure)  # the candidate's end: right, sure of the audits; the teacher right through it
+    parent_end = _chain(rng, y, np.ones(len(y), bool), answers=(y + 1) % K)["end_logits"]  # confidently wrong
+    through = through_candidate(parent_end, cand, ref)
+    # the old guard, all 70 frames against the sure-frame reference: "drifted" by the sampling alone
+    assert teacher_drift(cand["end_features"], cand["cloud_logits"], ref, stats=("classes",))["drifted"]
+    assert through["checked_frames"] == 30 and not through["teacher_drift"]["drifted"], through
+    holdout = {"end": {"through_candidate": through}}
+    better, reason, evidence = verdict(holdout, CLEAN, OPTS, _drifted_teacher(rng, ref))
+    assert better and evidence == EVIDENCE_THROUGH, reason
+    assert "in distribution again" in reason and "on 30 frames the candidate's end is sure of" in reason, reason
+
+
+def test_a_candidate_whose_sure_frames_the_teacher_collapses_on_is_refused():
+    """Through this candidate's end the teacher answers class 1 on most frames the end is sure of
+    (and the end agrees with it): the guard, on those frames, still refuses it; and a candidate sure
+    of too few held-out frames to check is refused too."""
+    from tierlite.cloud.retrain.judge import EVIDENCE_NONE, through_candidate
+
+    rng = np.random.default_rng(1)
+    ref, sure_classes = _clean_reference(rng)
+    y, sure = _held_out(rng, sure_classes)
+    collapsed = np.where(rng.random(len(y)) < 0.8, 1, y)
+    cand = _chain(rng, y, sure, answers=collapsed, teacher=collapsed)
+    parent_end = _chain(rng, y, np.ones(len(y), bool), answers=(y + 1) % K)["end_logits"]
+    through = through_candidate(parent_end, cand, ref)
+    assert through["candidate_agreement"] > 0.9 and through["teacher_drift"]["drifted"], through
+    better, reason, evidence = verdict({"end": {"through_candidate": through}}, CLEAN, OPTS, _drifted_teacher(rng, ref))
+    assert not better and evidence == EVIDENCE_NONE and "drifted too" in reason, reason
+    # sure of 6 held-out frames only: too few to check the teacher there
+    few = _chain(rng, y, np.arange(len(y)) < 6)
+    through = through_candidate(parent_end, few, ref)
+    assert through["teacher_drift"] is None and through["checked_frames"] == 6
+    better, reason, _ = verdict({"end": {"through_candidate": through}}, CLEAN, OPTS, _drifted_teacher(rng, ref))
+    assert not better and "6 of 70 held-out frames" in reason and "too few" in reason, reason

@@ -281,3 +281,39 @@ def test_an_operator_labelled_holdout_decides_the_verdict(fog_round, digits_dir,
                  "--labelled-holdout", str(tmp_path / "nowhere"), "--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and "--labelled-holdout: folder not found" in err and not (tmp_path / "never").exists(), err
+
+
+def test_a_bad_labelled_holdout_fails_before_anything_is_read_or_trained(small_bundle_dir, digits_dir, tmp_path,
+                                                                          capsys):
+    """--labelled-holdout is read and checked first: a class folder the bundle does not know, an
+    empty folder or a folder of one class is one clear line (exit 2), and nothing else ran. The store
+    given here is not a database at all: had the job read it (or trained) first, that would fail."""
+    import cv2
+
+    not_a_store = tmp_path / "hard.sqlite"
+    not_a_store.write_bytes(b"this is not a hard-example store")
+    frame = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+
+    def folder(name: str, classes: list[str]) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        for c in classes:
+            (root / c).mkdir()
+            (root / c / "0.jpg").write_bytes(frame)
+        return root
+
+    cases = {folder("unknown", ["3", "7", "cat"]): "class folders ['cat'] are not classes of the bundle",
+             folder("empty", []): "no images found",
+             folder("one-class", ["3"]): "need at least 2 classes"}
+    for site, why in cases.items():
+        out = tmp_path / f"never-{site.name}"
+        code = main(["retrain", "--store", str(not_a_store), "--bundle", str(small_bundle_dir),
+                     "--replay", str(digits_dir / "train"), "--labelled-holdout", str(site), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and not out.exists(), err
+        assert f"--labelled-holdout {site}" in err and why in err and len(err.splitlines()) == 1, err
+    # the same store with a good folder: now the store is what fails (the holdout passed its check)
+    good = folder("good", ["3", "7"])
+    assert main(["retrain", "--store", str(not_a_store), "--bundle", str(small_bundle_dir),
+                 "--replay", str(digits_dir / "train"), "--labelled-holdout", str(good)]) != 0
+    assert "--labelled-holdout" not in capsys.readouterr().err

@@ -94,13 +94,21 @@ def replay_and_val(opts: RetrainOptions, bundle: Bundle):
 def load_labelled_holdout(path: Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
     """An operator's labelled frames from the drifted site: <path>/<class>/*.jpg, class folders named
     as the bundle's labels (any subset of them, at least two); labels as the bundle numbers them.
+    The folder's layout and class names are checked before any frame is decoded, and the run calls
+    this before it retrains: a wrong folder is one clear error up front, not after the refit.
     Unreadable files are skipped and logged (tierlite.data)."""
-    from tierlite.data import load_image_folder
+    from tierlite.data import list_image_folder, load_image_folder
 
-    s = load_image_folder(path, tuple(bundle.input_shape[1:3]))
-    unknown = sorted(set(s.classes) - set(bundle.labels))
-    if unknown:
-        raise DataError(f"--labelled-holdout {path}: class folders {unknown} are not classes of the bundle "
-                        f"({', '.join(bundle.labels)})")
+    where = f"--labelled-holdout {path}"
+    try:
+        _, _, classes = list_image_folder(path)
+        unknown = sorted(set(classes) - set(bundle.labels))
+        if unknown:
+            raise DataError(f"{where}: class folders {unknown} are not classes of the bundle "
+                            f"({', '.join(bundle.labels)})")
+        s = load_image_folder(path, tuple(bundle.input_shape[1:3]))
+    except DataError as e:
+        msg = str(e)
+        raise DataError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     to_bundle = np.array([bundle.labels.index(c) for c in s.classes], np.int64)
     return s.images, to_bundle[s.labels]

@@ -19,9 +19,9 @@ from tierlite.cloud.retrain.chain import Chain
 from tierlite.cloud.retrain.data import load_hard_examples, load_labelled_holdout, replay_and_val, workdir
 from tierlite.cloud.retrain.distill import fit_head
 from tierlite.cloud.retrain.end_segment import build_end_profile, retrain_end_segment
-from tierlite.cloud.retrain.judge import (JUDGE_STATS, agreement, check_boundary_identical, clean_figures,
-                                          escalation, gap_middle, paired_test, teacher_drift, teacher_reference,
-                                          verdict)
+from tierlite.cloud.retrain.judge import (agreement, check_boundary_identical, clean_figures, escalation,
+                                          gap_middle, paired_test, teacher_drift, teacher_reference,
+                                          teacher_where_sure, through_candidate, verdict)
 from tierlite.cloud.retrain.options import RetrainOptions, RetrainReport
 from tierlite.errors import ConfigError, DataError
 
@@ -67,6 +67,7 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     in <out>.tmp, judged on held-out hard examples and clean validation, then renamed to <out>."""
     t0 = time.monotonic()
     parent = _load_parent(opts)
+    labelled_frames = _read_labelled(opts, parent)  # before anything is trained: a bad folder fails first
     log.info("retrain: parent %s v%d; reading hard examples from %s", parent.name, parent.version, opts.store)
     hard = load_hard_examples(opts, parent)
     n_feat, n_frames = len(hard["nodes"]), len(hard["frame_nodes"])
@@ -91,11 +92,12 @@ def retrain(opts: RetrainOptions) -> RetrainReport:
     _compare_boundary(val, cand_val, refit)
     parent_exits, cand_exits = _exits(val), _exits(cand_val)
     chosen, new_thr, fbytes = _calibrate(parent, cand_exits, vy)
-    holdout = _holdout(parent, candidate, ex, new_thr, teacher_ref, opts.seed)
+    holdout = _holdout(parent, candidate, ex, new_thr, teacher_ref, teacher_reference(cand_val, new_thr["end"]),
+                       opts.seed)
     clean = {"frames": int(len(vy)),
              "parent": clean_figures(parent_exits, vy, parent.thresholds, fbytes),
              "candidate": clean_figures(cand_exits, vy, new_thr, fbytes)}
-    labelled = _labelled(opts, parent, chain, candidate, new_thr)
+    labelled = _labelled(opts, labelled_frames, parent, chain, candidate, new_thr)
     better, reason, evidence = verdict(holdout, clean, opts, ex.teacher, labelled)
     end_scope = opts.end_scope if "end" in refit.heads else "head"
     _finish_manifest(manifest, parent, new_thr, chosen, cand_exits, vy, retrained={
@@ -129,6 +131,7 @@ def judge_candidate(opts: RetrainOptions, candidate_dir: Path) -> dict[str, Any]
     for a candidate changed after its run, or judged again on a newer store. Returns
     {better, reason, evidence, holdout, clean, teacher, labelled}."""
     parent = _load_parent(opts)
+    labelled_frames = _read_labelled(opts, parent)
     chain = Chain(parent)
     ex = _through_parent(opts, chain, load_hard_examples(opts, parent))
     _, _, vx, vy = replay_and_val(opts, parent)
@@ -138,11 +141,13 @@ def judge_candidate(opts: RetrainOptions, candidate_dir: Path) -> dict[str, Any]
     cand_bundle = Bundle.load(candidate_dir)
     candidate = Chain(cand_bundle)
     fbytes = _feature_bytes(parent)
-    holdout = _holdout(parent, candidate, ex, cand_bundle.thresholds, teacher_ref, opts.seed)
+    cand_val = candidate.from_frames(vx)
+    holdout = _holdout(parent, candidate, ex, cand_bundle.thresholds, teacher_ref,
+                       teacher_reference(cand_val, cand_bundle.thresholds["end"]), opts.seed)
     clean = {"frames": int(len(vy)),
              "parent": clean_figures(_exits(val), vy, parent.thresholds, fbytes),
-             "candidate": clean_figures(_exits(candidate.from_frames(vx)), vy, cand_bundle.thresholds, fbytes)}
-    labelled = _labelled(opts, parent, chain, candidate, cand_bundle.thresholds)
+             "candidate": clean_figures(_exits(cand_val), vy, cand_bundle.thresholds, fbytes)}
+    labelled = _labelled(opts, labelled_frames, parent, chain, candidate, cand_bundle.thresholds)
     better, reason, evidence = verdict(holdout, clean, opts, ex.teacher, labelled)
     return {"better": better, "reason": reason, "evidence": evidence, "holdout": holdout, "clean": clean,
             "teacher": ex.teacher, "labelled": labelled}
@@ -307,11 +312,13 @@ def _feature_bytes(parent: Bundle) -> tuple[int, int]:
 
 
 def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, float],
-             teacher_ref: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+             teacher_ref: dict[str, Any], cand_ref: dict[str, Any], seed: int) -> dict[str, Any]:
     """Held-out hard examples through the candidate's int8 chain: agreement with the teacher and
     how many it would still escalate, parent vs candidate, per retrained exit. For held-out frames,
     also the teacher as it answers through the candidate's end (`through_candidate`): agreement of
-    both end exits with it, and its drift check, beside the same check through the parent's end."""
+    both end exits with it, and its drift check, beside the same check through the parent's end;
+    each on the frames that end is sure of, against the teacher on the clean frames it is sure of
+    (teacher_ref: the parent's, cand_ref: the candidate's; judge.teacher_where_sure)."""
     holdout: dict[str, Any] = {}
     hold_edge, hold_end, hard = ex.hold_edge, ex.hold_end, ex.hard
     feat_hold = hold_edge[:ex.n_feat]
@@ -325,14 +332,10 @@ def _holdout(parent: Bundle, candidate: Chain, ex: HardSet, new_thr: dict[str, f
     if cand_r is not None:
         pl, pt = ex.r_out["end_logits"][hold_end], ex.r_out["cloud_logits"][hold_end]
         holdout["end"] = _agreement_figures(pl, cand_r["end_logits"], pt, parent.thresholds["end"], new_thr["end"])
-        ct = cand_r["cloud_logits"]
-        holdout["end"]["teacher_drift"] = teacher_drift(ex.r_out["end_features"][hold_end], pt, teacher_ref, seed,
-                                                        stats=JUDGE_STATS)
-        holdout["end"]["through_candidate"] = {
-            "frames": int(len(ct)), "parent_agreement": agreement(pl, ct),
-            "candidate_agreement": agreement(cand_r["end_logits"], ct),
-            "test": paired_test(pl.argmax(1) == ct.argmax(1), cand_r["end_logits"].argmax(1) == ct.argmax(1)),
-            "teacher_drift": teacher_drift(cand_r["end_features"], ct, teacher_ref, seed, stats=JUDGE_STATS)}
+        held_parent = {k: ex.r_out[k][hold_end] for k in ("end_logits", "end_features", "cloud_logits")}
+        holdout["end"]["teacher_drift"], holdout["end"]["checked_frames"] = teacher_where_sure(
+            held_parent, teacher_ref, seed)
+        holdout["end"]["through_candidate"] = through_candidate(pl, cand_r, cand_ref, seed)
     return holdout
 
 
@@ -345,16 +348,26 @@ def _agreement_figures(parent_logits: np.ndarray, cand_logits: np.ndarray, teach
             "test": paired_test(parent_logits.argmax(1) == teacher.argmax(1), cand_logits.argmax(1) == teacher.argmax(1))}
 
 
-def _labelled(opts: RetrainOptions, parent: Bundle, chain: Chain, candidate: Chain,
-              new_thr: dict[str, float]) -> dict[str, Any] | None:
-    """The operator-labelled holdout through both chains: accuracy of each exit and of the cascade
-    (each bundle at its own thresholds), parent vs candidate, with the paired test. The primary exit
-    is the end when the candidate changed it on these frames, else the edge."""
+def _read_labelled(opts: RetrainOptions, parent: Bundle) -> tuple[np.ndarray, np.ndarray] | None:
+    """The operator-labelled holdout's frames and labels (--labelled-holdout), or None."""
     if opts.labelled_holdout is None:
+        return None
+    x, y = load_labelled_holdout(Path(opts.labelled_holdout), parent)
+    log.info("retrain: %d operator-labelled frames in %d classes from %s", len(y), len(set(y.tolist())),
+             opts.labelled_holdout)
+    return x, y
+
+
+def _labelled(opts: RetrainOptions, frames: tuple[np.ndarray, np.ndarray] | None, parent: Bundle, chain: Chain,
+              candidate: Chain, new_thr: dict[str, float]) -> dict[str, Any] | None:
+    """The operator-labelled holdout (`frames`, _read_labelled) through both chains: accuracy of each
+    exit and of the cascade (each bundle at its own thresholds), parent vs candidate, with the paired
+    test. The primary exit is the end when the candidate changed it on these frames, else the edge."""
+    if frames is None:
         return None
     from tierlite.policy import chain_decisions
 
-    x, y = load_labelled_holdout(Path(opts.labelled_holdout), parent)
+    x, y = frames
     p_out, c_out = chain.from_frames(x), candidate.from_frames(x)
     out: dict[str, Any] = {"path": str(opts.labelled_holdout), "frames": int(len(y))}
     for tier in ("end", "edge"):

@@ -165,10 +165,12 @@ class RetrainReport:
         through = (self.holdout.get("end") or {}).get("through_candidate")
         if through is not None:
             d, dp = through["teacher_drift"], self.holdout["end"].get("teacher_drift")
-            psi = " ".join(f"{w} {x['scores']['classes']:.2f}" for w, x in (("parent", dp), ("candidate", d)) if x)
+            psi = ", ".join(f"{w} {x['scores']['classes']:.2f} (threshold {x['thresholds']['classes']:.2f}, {x['frames']} frames)"
+                            for w, x in (("parent", dp), ("candidate", d)) if x)
             lines.append(f"  held-out end exit vs the teacher through the candidate's end: agreement "
                          f"{through['parent_agreement'] * 100:.1f} -> {through['candidate_agreement'] * 100:.1f} % "
-                         f"({through['frames']} frames; teacher classes PSI through the {psi or '-'})")
+                         f"({through['frames']} frames; teacher classes PSI on the frames each end is sure of: "
+                         f"{psi or '-'})")
         lab = self.labelled
         if lab:
             lines.append(f"  operator-labelled holdout {lab['path']}: {lab['frames']} frames; "

@@ -409,7 +409,12 @@ class UpdateManager:
             return
         old_thr = current.thresholds.get(tier)
         new_thr = candidate.thresholds.get(tier)
-        agree, sure, esc_old, esc_new = 0, 0, 0, 0
+        # A condition variant (tierlite.conditions) is made to answer otherwise on the frames its
+        # selector picks: a drift the current model is confidently wrong about (issue 13), so its
+        # agreement with the current model there is no test. Those frames are still run (finite
+        # logits, escalation); agreement is asked of the frames the candidate's base end answers.
+        variants = [sel for sel, _ in getattr(seg, "variants", ())]
+        agree, sure, esc_old, esc_new, by_variant = 0, 0, 0, 0, 0
         for x, old_logits in recent:
             try:
                 new_logits = seg.run(x).logits
@@ -421,12 +426,15 @@ class UpdateManager:
             new_conf, new_label, _, _ = decide(new_logits, new_thr)
             esc_old += not old_conf
             esc_new += not new_conf
-            if old_conf:
+            if any(sel.picks(x)[0] for sel in variants):
+                by_variant += 1
+            elif old_conf:
                 sure += 1
                 agree += old_label == new_label
         n = len(recent)
         agreement = agree / sure if sure else 1.0
-        detail = (f"{n} frames: agreement {agreement:.2f} on {sure} the current model was sure of, "
+        detail = (f"{n} frames: agreement {agreement:.2f} on {sure} the current model was sure of"
+                  f"{f' ({by_variant} run by a condition variant not compared)' if by_variant else ''}, "
                   f"escalation {esc_old / n:.2f} -> {esc_new / n:.2f}")
         if sure and agreement < self.policy.min_agreement:
             self._reject(candidate.version)

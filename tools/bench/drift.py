@@ -25,8 +25,10 @@ and writing the same stores (quick runs, tests).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,8 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4, help="camera nodes (default 4)")
     p.add_argument("--fleet-frames", type=int, default=2000, help="drifted frames the fleet streams in round 1")
     p.add_argument("--eval-frames", type=int, default=2000, help="held-out frames for the figures")
-    p.add_argument("--live-frames", type=int, default=300, help="frames per node streamed while the update rolls out")
+    p.add_argument("--live-frames", type=int, default=300,
+                   help="frames per node streamed while the update rolls out (at most the frames loaded)")
     p.add_argument("--fps", type=float, default=50.0, help="frame rate per node (default 50)")
     p.add_argument("--gain", type=float, default=0.5, help="low-light gain on pixel values (default 0.5)")
     p.add_argument("--noise", type=float, default=8.0, help="sensor noise sigma, pixel units (default 8)")
@@ -148,12 +151,14 @@ class Fleet:
         self.procs: dict[str, TierProcess] = {}
 
     def write_frames(self, node: str, phase: str, jpegs: list[bytes], labels: np.ndarray) -> Path:
+        """One flat folder, named in the order given (the node's folder source streams sorted paths):
+        class folders would stream every 0, then every 1, ..., which moves the class histogram the
+        drift monitor tests on its own and hands the cloud audits of the last classes only."""
         root = self.work / f"{node}-{phase}"
         shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
         for i, (jpg, y) in enumerate(zip(jpegs, labels)):
-            d = root / f"{int(y):03d}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{i:06d}.jpg").write_bytes(jpg)
+            (root / f"{i:06d}-class{int(y):03d}.jpg").write_bytes(jpg)
         return root
 
     def start(self, node: str, phase: str, frames: Path, fps: float) -> Path:
@@ -365,6 +370,7 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
                cloud_extra=cloud_extra) as stack:
         fleet = Fleet(work, bundle_dir, stack.port, stack.prefix, pub, share_frames, args.audit_rate,
                       args.alarm_audit_rate)
+        drift = DriftEvents(stack.host, stack.port, stack.prefix)
         try:
             say(f"drift: round 1, {len(nodes)} nodes stream {sum(len(s) for s in shards)} drifted frames")
             paths = []
@@ -376,17 +382,21 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
             time.sleep(1.0)  # the cloud worker commits its last batch
             round1 = _read_results(paths)
             store = stack.dir / "hard-0.sqlite"
-            out["fleet_round"] = {"frames": len(round1), "per_version": live_rates(round1), **_stored(store)}
+            out["fleet_round"] = {"frames": len(round1), "per_version": live_rates(round1), **_stored(store),
+                                  "alarm_at_frame": drift.first_alarms(nodes)}
             say(f"drift: fleet round stored {out['fleet_round']['stored']} frames in the cloud "
-                f"({out['fleet_round']['escalated_to_cloud']} escalated, {out['fleet_round']['audits']} audits)")
+                f"({out['fleet_round']['escalated_to_cloud']} escalated, {out['fleet_round']['audits']} audits); "
+                f"nodes' drift alarm at frame {out['fleet_round']['alarm_at_frame']}")
+            drift.clear()
             candidate = _retrain(store, default_frames_path(store), bundle_dir, replay, work, args)
             out["retrain"] = candidate.to_json()
             out["_candidate"] = candidate
 
             say(f"drift: round 2, nodes stream {args.live_frames} new drifted frames each while the update rolls out")
-            paths = []
+            paths, expected = [], 0
             for i, node in enumerate(nodes):
-                idx = rng_choice(len(frames.labels), args.live_frames, args.seed + 100 + i)
+                idx = rng_choice(len(frames.labels), args.live_frames, args.seed + 100 + i)  # at most all frames
+                expected += len(idx)
                 _, jpegs = _drift(frames.images[idx], args, seed=args.seed + 200 + i)
                 paths.append(fleet.start(node, "round2", fleet.write_frames(node, "round2", jpegs, frames.labels[idx]),
                                          args.fps))
@@ -402,12 +412,50 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
             out["update"] = result.artifact.to_json()
             out["rollout"] = {"stage": result.stage, "reason": result.reason,
                               "nodes": {n: (r.get("last_event") or {}).get("state") for n, r in result.reports.items()}}
-            out["live_round"] = {"frames": len(round2), "expected": len(nodes) * args.live_frames,
-                                 "unanswered": len(nodes) * args.live_frames - len(round2),
-                                 "per_version": live_rates(round2)}
+            out["live_round"] = {"frames": len(round2), "expected": expected, "unanswered": expected - len(round2),
+                                 "per_version": live_rates(round2), "drift_events": drift.events}
         finally:
             fleet.stop()
+            drift.stop()
     return out
+
+
+class DriftEvents:
+    """The nodes' drift events (`<prefix>/<node>/drift`, issue 13) as the live fleet publishes them:
+    when each node's alarm went up (its frame count then: the detection delay from the stream's first
+    drifted frame) and, after the update, whether it came down."""
+
+    def __init__(self, host: str, port: int, prefix: str):
+        from tierlite import topics
+        from tierlite.config import BrokerConfig
+        from tierlite.mqtt import MqttClient
+
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+        def handle(topic: str, payload: bytes) -> None:
+            try:
+                doc = json.loads(payload)
+            except ValueError:
+                return
+            if isinstance(doc, dict):
+                with self._lock:
+                    self.events.append({k: doc.get(k) for k in ("node", "alarm", "frames", "model_version", "triggered")})
+
+        self._client = MqttClient(BrokerConfig(host=host, port=port), "tierlite-bench-drift-watch")
+        self._client.subscribe(str(topics.node_filter(prefix, topics.DRIFT)), handle, 1)
+        self._client.start()
+
+    def first_alarms(self, nodes: list[str]) -> dict[str, int | None]:
+        with self._lock:
+            return {n: next((e["frames"] for e in self.events if e["node"] == n and e["alarm"]), None) for n in nodes}
+
+    def clear(self) -> None:
+        with self._lock:
+            self.events = []
+
+    def stop(self) -> None:
+        self._client.stop(timeout=0.5)
 
 
 def _stored(store: Path) -> dict[str, int]:
@@ -469,7 +517,12 @@ def _print(r: dict[str, Any]) -> None:
         if "per_version" in r.get(key, {}):
             print(f"{key}: " + ", ".join(f"{v} escalated {x['escalated']:.1f} % of {x['frames']}"
                                          for v, x in r[key]["per_version"].items()))
+    if "alarm_at_frame" in r.get("fleet_round", {}):
+        print(f"fleet round: drift alarm at frame {r['fleet_round']['alarm_at_frame']} (per node)")
     if "live_round" in r:
         print(f"live round: {r['live_round']['unanswered']} frames without a result; rollout {r['rollout']['stage']}")
+        print("live round drift events: " + (", ".join(
+            f"{e['node']} v{e['model_version']} {'raised' if e['alarm'] else 'cleared'} at frame {e['frames']}"
+            for e in r["live_round"].get("drift_events", [])) or "none"))
     for t in r["targets"]:
         print(f"target {t['target']}: {t['goal']}, measured {t['measured']:.2f}: {t['status']}")
