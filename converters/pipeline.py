@@ -28,7 +28,7 @@ from tierlite.converters.models import ArchConfig
 from tierlite.converters.presets import resolve
 from tierlite.errors import BundleError
 from tierlite.policy import mirror, mirror_average
-from tierlite.wire import encoded_size
+from tierlite.wire import as_received, encoded_size
 
 log = logging.getLogger("tierlite.converters")
 
@@ -210,9 +210,11 @@ def _dequantize(q: np.ndarray, info) -> np.ndarray:
     return (q.astype(np.float32) - info.zero_point) * info.scale
 
 
-def run_chain_segments(segs: dict, images: np.ndarray, end_tta: str | None = None) -> list[np.ndarray]:
+def run_chain_segments(segs: dict, images: np.ndarray, end_tta: str | None = None,
+                       encoding: FeatureEncoding | None = None) -> list[np.ndarray]:
     """int8 chain end -> edge -> cloud over N frames; dequantized logits (N, C) per exit.
-    end_tta "hflip": the end exit's logits average the frame's and its mirror image's softmax."""
+    end_tta "hflip": the end exit's logits average the frame's and its mirror image's softmax.
+    encoding: the end feature crosses as the wire carries it (a uniform encoding's levels)."""
     from tierlite.converters.export import run_tflite
 
     x, logits = images.astype(np.uint8), []
@@ -227,12 +229,15 @@ def run_chain_segments(segs: dict, images: np.ndarray, end_tta: str | None = Non
         feat = next((o for o in seg.outputs if o.role == "feature"), None)
         if feat is not None:
             x = outs[feat.index]
+            if tier == "end" and encoding is not None:
+                x = as_received(x, encoding)
     return logits
 
 
-def run_chain(bundle_dir: str | Path, images: np.ndarray, end_tta: str | None = "bundle") -> list[np.ndarray]:
-    """run_chain_segments for a bundle on disk; end_tta "bundle": the end's test-time augmentation
-    as its manifest says."""
+def run_chain(bundle_dir: str | Path, images: np.ndarray, end_tta: str | None = "bundle",
+              encoding: FeatureEncoding | str | None = "bundle") -> list[np.ndarray]:
+    """run_chain_segments for a bundle on disk; "bundle": the end's test-time augmentation and
+    feature encoding as its manifest says."""
     from tierlite.converters.export import ExportedSegment
 
     b = Bundle.load(bundle_dir)
@@ -240,7 +245,7 @@ def run_chain(bundle_dir: str | Path, images: np.ndarray, end_tta: str | None = 
                                list(b.segment(t).outputs)) for t in TIERS}
     if end_tta == "bundle":
         end_tta = b.segment("end").test_time_augmentation
-    return run_chain_segments(segs, images, end_tta)
+    return run_chain_segments(segs, images, end_tta, b.encoding if encoding == "bundle" else encoding)
 
 
 def evaluate_bundle(bundle_dir: str | Path, test_dir: str | Path, model=None,

@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime_support import (Mosquitto, Proc, Watcher, check_against_offline, free_port, read_jsonl,
@@ -209,30 +210,61 @@ def test_edge_worker_killed_mid_run_every_frame_gets_one_result(tmp_path, int8_s
     assert "edge worker 0" in int8_stack["edge"].log() and "exited with code -9" in int8_stack["edge"].log()
 
 
-def test_binary_features_end_to_end(tmp_path, broker, binary_bundle_dir, digits_dir):
-    from tierlite.bundle import Bundle
-    from tierlite.wire import encoded_size
-
+def _bundle_end_to_end(tmp_path, broker, bundle_dir, digits_dir, prefix):
+    """Frames the offline chain sends to each tier, through Mosquitto + cloud, edge and device
+    processes; every result checked against the offline chain. Returns the node's results."""
     frame_dir = tmp_path / "frames"
-    thresholds, expected = select_frames(digits_dir / "test", frame_dir, binary_bundle_dir, per_tier=8)
-    bundle = Bundle.load(binary_bundle_dir)
-    assert bundle.feature_encoding["kind"] == "binary"
-    prefix = "tlbin"
-    cloud, edge, _, _ = start_stack(tmp_path, binary_bundle_dir, broker.port, prefix, thresholds, workers=1)
+    thresholds, expected = select_frames(digits_dir / "test", frame_dir, bundle_dir, per_tier=8)
+    cloud, edge, _, _ = start_stack(tmp_path, bundle_dir, broker.port, prefix, thresholds, workers=1)
     try:
         wait_stack_ready(broker.port, prefix, 1).stop()
-        cfg = device_config(tmp_path / "node.yaml", binary_bundle_dir, broker.port, frame_dir, thresholds[0], prefix)
+        cfg = device_config(tmp_path / "node.yaml", bundle_dir, broker.port, frame_dir, thresholds[0], prefix)
         device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
         assert device.wait(60) == 0, device.log()[-3000:]
     finally:
         assert edge.stop() == 0 and cloud.stop() == 0
     results = read_jsonl(tmp_path / "node.jsonl")
     check_against_offline(results, expected)
+    return results
+
+
+def test_binary_features_end_to_end(tmp_path, broker, binary_bundle_dir, digits_dir):
+    from tierlite.bundle import Bundle
+    from tierlite.wire import encoded_size
+
+    bundle = Bundle.load(binary_bundle_dir)
+    assert bundle.feature_encoding["kind"] == "binary"
+    results = _bundle_end_to_end(tmp_path, broker, binary_bundle_dir, digits_dir, "tlbin")
     feature = bundle.segment("end").output("feature")
     packed = encoded_size(feature.shape, bundle.feature_encoding)
-    assert packed * 8 >= int(__import__("numpy").prod(feature.shape)) > packed * 7
+    assert packed * 8 >= int(np.prod(feature.shape)) > packed * 7
     sizes = {r["bytes_up"] for r in results if r["tier"] != "end"}
     assert len(sizes) == 1 and packed < sizes.pop() < packed + 100  # bit-packed feature + small header
+
+
+def test_four_bit_features_and_mirror_tta_end_to_end(tmp_path, broker, small_bundle_dir, digits_dir):
+    """`tierlite calibrate --feature-bits 4 --end-tta hflip --write` on the int8 bundle: the node
+    sends half the feature bytes, the edge decodes the levels, the node decides on the mirror average,
+    and every frame ends where and as the offline chain (Segment + wire codec) says."""
+    import shutil
+
+    from tierlite.bundle import Bundle
+    from tierlite.tools.cli import main
+    from tierlite.wire import encoded_size
+
+    bundle_dir = tmp_path / "b4"
+    shutil.copytree(small_bundle_dir, bundle_dir)
+    assert main(["calibrate", str(bundle_dir), "--images", str(digits_dir / "train"), "--validation-split", "0.2",
+                 "--feature-bits", "4", "--end-tta", "hflip", "--write", "--report", str(tmp_path / "cal")]) == 0
+    bundle = Bundle.load(bundle_dir)
+    enc = bundle.encoding
+    assert (enc.kind, enc.bits) == ("uniform", 4) and -128 <= enc.low < enc.high <= 127
+    assert bundle.segment("end").test_time_augmentation == "hflip"
+    results = _bundle_end_to_end(tmp_path, broker, bundle_dir, digits_dir, "tl4b")
+    feature = bundle.segment("end").output("feature")
+    assert encoded_size(feature.shape, enc) == int(np.prod(feature.shape)) // 2
+    int8_sizes = {r["bytes_up"] - int(np.prod(feature.shape)) // 2 for r in results if r["tier"] != "end"}
+    assert len(int8_sizes) == 1 and 0 < int8_sizes.pop() < 100  # half the int8 feature + the same small header
 
 
 def test_node_without_broker_classifies_locally_then_reconnects(tmp_path, small_bundle_dir, frames):

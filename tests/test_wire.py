@@ -272,3 +272,39 @@ def test_example_configs_in_docs_are_valid(tmp_path, small_bundle_dir, monkeypat
                 holder[key] = str(tmp_path / key)
         cfg = config_from_dict(data, cls, name, tmp_path)
         assert cfg.bundle == str(small_bundle_dir)
+
+
+def test_uniform_feature_levels_are_bit_packed_and_batch_equals_single():
+    """`uniform` encoding: 2**bits levels over [low, high], `bits` bits an element; the batch
+    encoder/decoder agree byte for byte with the single-message ones; bad parameters refused."""
+    from tierlite.bundle import FeatureEncoding
+    from tierlite.errors import BundleError
+    from tierlite.wire import decode_feature, encoded_size, uniform_levels
+
+    enc = {"kind": "uniform", "low": -40, "high": 80, "bits": 4}
+    levels = uniform_levels(FeatureEncoding.of(enc))
+    assert len(levels) == 16 and levels[0] == -40 and levels[-1] == 80
+    spec = feature_spec(enc)
+    rng = np.random.default_rng(2)
+    qs = rng.integers(-128, 128, size=(5, *FEATURE.shape)).astype(np.int8)
+    logits = [quantized_logits(END_LOGITS, rng) for _ in qs]
+    singles = [wire.encode_tensor_message(spec, i, q, [lg], sent_us=7) for i, (q, lg) in enumerate(zip(qs, logits))]
+    assert len(singles[0]) == wire.TENSOR_HEADER.size + 8 + 10 + qs[0].size // 2
+    batch = wire.encode_tensor_batch(spec, list(range(5)), qs, [np.stack([lg.reshape(-1) for lg in logits])], [7] * 5)
+    assert batch == singles
+    decoded, errors = wire.decode_tensor_batch(batch, spec)
+    assert not errors
+    for q, msg, got in zip(qs, singles, decoded.tensor):
+        one = decode_feature(wire.decode_tensor_message(msg, spec).feature, FEATURE.shape, enc)
+        np.testing.assert_array_equal(one.reshape(got.shape), got)
+        # each element decodes to the level nearest its clipped value (within half a step)
+        step = (80 - (-40)) / 15
+        assert np.abs(one.astype(float) - np.clip(q, -40, 80)).max() <= step / 2 + 0.5
+        assert set(np.unique(one)) <= set(levels.tolist())
+    with pytest.raises(WireError, match="encoding"):  # an int8 tier refuses the packed levels
+        wire.decode_tensor_message(singles[0], feature_spec())
+    assert encoded_size((1, 8, 8, 8), {"kind": "uniform", "low": 0, "high": 9, "bits": 3}) == 192
+    for bad in ({"kind": "uniform", "low": 0, "high": 9}, {"kind": "uniform", "low": 5, "high": 5, "bits": 4},
+                {"kind": "uniform", "low": 0, "high": 9, "bits": 8}):
+        with pytest.raises(BundleError, match="uniform"):
+            FeatureEncoding.of(bad)

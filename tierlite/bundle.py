@@ -29,7 +29,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TIERS = ("end", "edge", "cloud")
-FEATURE_KINDS = ("int8", "binary")
+FEATURE_KINDS = ("int8", "binary", "uniform")
 
 
 def sha256_file(path: Path) -> str:
@@ -72,12 +72,15 @@ class TensorInfo:
 @dataclass(frozen=True)
 class FeatureEncoding:
     """How the end segment's feature crosses to the edge (the manifest's `feature_encoding`):
-    int8, one byte an element, or binary, one bit an element (1 = `high`, 0 = `low`).
-    tierlite.wire encodes and decodes with it; the edge->cloud boundary is always INT8."""
+    int8, one byte an element; binary, one bit an element (1 = `high`, 0 = `low`); or uniform,
+    `bits` bits an element: 2**bits evenly spaced int8 levels from `low` to `high` (values outside
+    are clipped; `tierlite calibrate --feature-bits`). tierlite.wire encodes and decodes with it;
+    the edge->cloud boundary is always INT8."""
 
-    kind: Literal["int8", "binary"] = "int8"
-    low: int | None = None  # binary only: the int8 levels a bit stands for
+    kind: Literal["int8", "binary", "uniform"] = "int8"
+    low: int | None = None  # binary / uniform: the int8 levels the codes span
     high: int | None = None
+    bits: int | None = None  # uniform only: 2..7
     INT8: ClassVar["FeatureEncoding"]
 
     @classmethod
@@ -88,9 +91,15 @@ class FeatureEncoding:
         if kind == "int8":
             return cls.INT8
         try:
-            return cls(kind, int(entry["low"]), int(entry["high"]))
+            low, high = int(entry["low"]), int(entry["high"])
+            bits = int(entry["bits"]) if kind == "uniform" else None
         except (KeyError, TypeError, ValueError):
-            raise BundleError(f"{where}: feature_encoding 'binary' needs integer 'low' and 'high'") from None
+            need = "integer 'low', 'high' and 'bits'" if kind == "uniform" else "integer 'low' and 'high'"
+            raise BundleError(f"{where}: feature_encoding {kind!r} needs {need}") from None
+        if kind == "uniform" and not (2 <= bits <= 7 and -128 <= low < high <= 127):
+            raise BundleError(f"{where}: feature_encoding 'uniform' needs 2 <= bits <= 7 and "
+                              f"-128 <= low < high <= 127, got bits {bits}, low {low}, high {high}")
+        return cls(kind, low, high, bits)
 
     @classmethod
     def of(cls, encoding: "FeatureEncoding | Mapping[str, Any]") -> "FeatureEncoding":
@@ -98,7 +107,10 @@ class FeatureEncoding:
         return encoding if isinstance(encoding, cls) else cls.from_manifest(encoding, "feature encoding")
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"kind": "int8"} if self.kind == "int8" else {"kind": self.kind, "low": self.low, "high": self.high}
+        if self.kind == "int8":
+            return {"kind": "int8"}
+        out = {"kind": self.kind, "low": self.low, "high": self.high}
+        return out if self.bits is None else {**out, "bits": self.bits}
 
 
 FeatureEncoding.INT8 = FeatureEncoding("int8")

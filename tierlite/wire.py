@@ -50,7 +50,7 @@ class Kind(IntEnum):
 
 TIER_CODES = {"end": 0, "edge": 1, "cloud": 2}
 TIER_NAMES = {v: k for k, v in TIER_CODES.items()}
-ENCODING_CODES = {"int8": 0, "binary": 1}
+ENCODING_CODES = {"int8": 0, "binary": 1, "uniform": 2}
 FLAG_END_FEATURE = 0x01  # ESCALATE: the node's end feature follows the edge feature
 FLAG_AUDIT = 0x02  # FEATURE/ESCALATE: an audit of a frame the node already answered itself (no answer wanted)
 MAX_NDIM = 6
@@ -96,34 +96,74 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-# -- boundary features: int8 raw, or bit-packed binary --------------------------------------
+# -- boundary features: int8 raw, bit-packed binary, or bit-packed uniform levels -------------
 Encoding = FeatureEncoding | Mapping[str, Any]  # typed, or a manifest's `feature_encoding` dict
 
 
-def encode_feature(q: np.ndarray, encoding: Encoding) -> bytes:
-    """int8: raw bytes. binary: 1 bit per element (1 = high), big-endian bit order (np.packbits)."""
+def uniform_levels(enc: FeatureEncoding) -> np.ndarray:
+    """The int8 value each code of a uniform encoding stands for (2**bits levels, low to high)."""
+    n = 1 << enc.bits
+    return np.round(enc.low + np.arange(n) * ((enc.high - enc.low) / (n - 1))).astype(np.int8)
+
+
+def pack_features(flat: np.ndarray, encoding: Encoding) -> np.ndarray:
+    """(N, n) int8 feature rows -> (N, encoded bytes) uint8, numpy throughout. binary: 1 bit per
+    element (1 = high), big-endian bit order (np.packbits); uniform: each element's nearest level
+    code (clipped to [low, high]) in `bits` bits, most significant first, packed the same way."""
+    enc = FeatureEncoding.of(encoding)
+    flat = np.asarray(flat)
+    if enc.kind == "binary":
+        return np.packbits(flat == enc.high, axis=1)
+    if enc.kind == "uniform":
+        top = (1 << enc.bits) - 1
+        codes = np.clip(np.round((flat.astype(np.float64) - enc.low) * (top / (enc.high - enc.low))), 0, top)
+        bits = np.unpackbits(codes.astype(np.uint8)[..., None], axis=-1)[..., 8 - enc.bits:]
+        return np.packbits(bits.reshape(len(flat), -1), axis=1)
+    return np.ascontiguousarray(flat, dtype=np.int8).view(np.uint8)
+
+
+def unpack_features(rows: np.ndarray, n: int, encoding: Encoding) -> np.ndarray:
+    """`pack_features` undone: (N, encoded bytes) uint8 -> (N, n) int8 (each code as its level)."""
     enc = FeatureEncoding.of(encoding)
     if enc.kind == "binary":
-        return np.packbits(q.reshape(-1) == enc.high).tobytes()
-    return np.ascontiguousarray(q, dtype=np.int8).tobytes()
+        bits = np.unpackbits(rows, axis=1, count=n).astype(bool)
+        return np.where(bits, np.int8(enc.high), np.int8(enc.low)).astype(np.int8)
+    if enc.kind == "uniform":
+        bits = np.unpackbits(rows, axis=1, count=n * enc.bits).reshape(len(rows), n, enc.bits)
+        codes = bits @ (1 << np.arange(enc.bits - 1, -1, -1))  # most significant bit first
+        return uniform_levels(enc)[codes]
+    return np.ascontiguousarray(rows).view(np.int8)
+
+
+def as_received(features: np.ndarray, encoding: Encoding) -> np.ndarray:
+    """int8 features (N, ...) as the next tier decodes them after the wire: the same for int8 and
+    binary (their values are the levels), each element's level for a uniform encoding. What
+    calibration and retraining feed the edge, so thresholds match the deployed chain."""
+    enc = FeatureEncoding.of(encoding)
+    if enc.kind != "uniform" or not len(features):
+        return features
+    flat = np.asarray(features).reshape(len(features), -1)
+    return unpack_features(pack_features(flat, enc), flat.shape[1], enc).reshape(np.shape(features))
+
+
+def encode_feature(q: np.ndarray, encoding: Encoding) -> bytes:
+    """One feature tensor as its wire bytes (`pack_features` of one row)."""
+    return pack_features(np.asarray(q).reshape(1, -1), encoding).tobytes()
 
 
 def encoded_size(shape: tuple[int, ...], encoding: Encoding) -> int:
-    n = int(np.prod(shape))
-    return (n + 7) // 8 if FeatureEncoding.of(encoding).kind == "binary" else n
+    n, enc = int(np.prod(shape)), FeatureEncoding.of(encoding)
+    return {"binary": (n + 7) // 8, "uniform": (n * (enc.bits or 8) + 7) // 8}.get(enc.kind, n)
 
 
 def decode_feature(payload: bytes | memoryview, shape: tuple[int, ...], encoding: Encoding) -> np.ndarray:
-    """The int8 tensor back (binary: each bit as its level, `high` or `low`)."""
+    """The int8 tensor back (binary: each bit as its level, `high` or `low`; uniform: each code's level)."""
     enc = FeatureEncoding.of(encoding)
     expected = encoded_size(shape, enc)
     if len(payload) != expected:
         raise WireError(f"feature payload is {len(payload)} bytes, shape {shape} needs {expected}")
-    if enc.kind == "binary":
-        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=int(np.prod(shape)))
-        q = np.where(bits.astype(bool), np.int8(enc.high), np.int8(enc.low))
-        return q.astype(np.int8).reshape(shape)
-    return np.frombuffer(payload, dtype=np.int8).reshape(shape).copy()
+    row = np.frombuffer(payload, dtype=np.uint8).reshape(1, -1)
+    return unpack_features(row, int(np.prod(shape)), enc).reshape(shape).copy()
 
 
 # -- logits blocks: each exit's raw output quantization (int8 -> 1 byte per class) ----------
@@ -295,11 +335,7 @@ def encode_tensor_batch(spec: BoundarySpec, frame_ids: list[int], features_q: np
         raise ValueError(f"{spec.kind.name} carries {len(spec.exits)} exits' logits, got {len(exit_logits)}")
     f = spec.feature
     cols = [codec.encode_rows(lg) for codec, lg in zip(spec.exits, exit_logits)]
-    flat = np.asarray(features_q).reshape(n, -1)
-    if spec.encoding.kind == "binary":
-        cols.append(np.packbits(flat == spec.encoding.high, axis=1))
-    else:
-        cols.append(np.ascontiguousarray(flat, dtype=np.int8).view(np.uint8))
+    cols.append(pack_features(np.asarray(features_q).reshape(n, -1), spec.encoding))
     body = np.concatenate(cols, axis=1)
     dims = struct.pack(f"<{len(f.shape)}H", *f.shape)
     pack = TENSOR_HEADER.pack
@@ -451,12 +487,7 @@ def decode_tensor_batch(payloads: list[bytes | memoryview], spec: BoundarySpec
     for codec, lg in zip(spec.exits, logits):
         if not codec.quantized:
             bad |= ~np.isfinite(lg).all(axis=1)
-    feat = rows[:, col:]
-    if spec.encoding.kind == "binary":
-        bits = np.unpackbits(feat, axis=1, count=int(np.prod(shape))).astype(bool)
-        tensor = np.where(bits, np.int8(spec.encoding.high), np.int8(spec.encoding.low)).astype(np.int8)
-    else:
-        tensor = np.ascontiguousarray(feat).view(np.int8)
+    tensor = unpack_features(rows[:, col:], int(np.prod(shape)), spec.encoding)
     tensor = tensor.reshape(len(rows), *shape[1:]) if shape[:1] == (1,) else tensor.reshape(len(rows), *shape)
     features = [memoryview(payloads[i])[off + spec.exits_size: off + body] for i in index]
     if bad.any():  # rare: drop the rows with non-finite float logits

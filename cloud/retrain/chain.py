@@ -7,6 +7,8 @@ import numpy as np
 
 from tierlite.bundle import TIERS, Bundle
 from tierlite.cloud.retrain.head import Head
+from tierlite.policy import mirror, mirror_average
+from tierlite.wire import as_received
 
 
 class Chain:
@@ -35,7 +37,7 @@ class Chain:
         cloud = np.stack([self.cloud.run(f[None]).logits for f in edge_feats]) if len(feats) else np.zeros((0, 0))
         return {"edge_pooled": pooled, "edge_logits": edge_logits, "cloud_logits": cloud.astype(np.float64)}
 
-    def from_frames(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def _end(self, images: np.ndarray):
         pooled, outs = self.heads["end"].run(images)
         for selector, head in self.variants:  # as Segment does on the node: per frame
             picked = selector.picks(images) if len(images) else np.zeros(0, bool)
@@ -44,9 +46,17 @@ class Chain:
                 pooled[picked] = p_pooled
                 for o, po in zip(outs, p_outs):
                     o[picked] = po
+        return pooled, outs
+
+    def from_frames(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        pooled, outs = self._end(images)
         info = self.info["end"]
         feats = outs[info.output("feature").index]
-        out = self.from_end_features(feats)
-        out.update(end_pooled=pooled, end_logits=self._logits("end", outs[info.output("logits").index]),
-                   end_features=feats)
+        end_logits = self._logits("end", outs[info.output("logits").index])
+        if info.test_time_augmentation:  # the exit decides on the frame and its mirror image, as on the node
+            mirrored = self._logits("end", self._end(mirror(images))[1][info.output("logits").index])
+            end_logits = mirror_average(end_logits, mirrored).astype(np.float64)
+        # The edge gets the feature as the wire carries it (a uniform encoding's levels), as deployed.
+        out = self.from_end_features(as_received(feats, self.bundle.encoding))
+        out.update(end_pooled=pooled, end_logits=end_logits, end_features=feats)
         return out

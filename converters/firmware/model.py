@@ -90,6 +90,10 @@ def load_end_model(src: str | Path, threshold: float | None = None) -> EndModel:
             raise ConfigError(f"{src}: the bundle's end exit is calibrated with {seg.test_time_augmentation} "
                               "test-time augmentation, which the firmware does not run: recalibrate a copy with "
                               "`tierlite calibrate --end-tta none --write`, or pass --threshold")
+        if bundle.encoding.kind not in ("int8", "binary"):
+            raise ConfigError(f"{src}: the bundle sends its feature as {bundle.encoding.kind} "
+                              f"{bundle.encoding.bits}-bit levels, which the firmware does not encode: recalibrate "
+                              "a copy with `tierlite calibrate --feature-bits 8 --write`")
         logits_index = seg.output("logits").index if seg.output("logits") else 0
         feature = seg.output("feature")
         feature_index = feature.index if feature else None
