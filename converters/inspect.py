@@ -93,6 +93,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         d = describe_tflite(b.segment_path(tier))
         feat = info.output("feature")
         segs.append({"tier": tier, "exit_index": info.exit_index, **d,
+                     "test_time_augmentation": info.test_time_augmentation,
                      "manifest_inputs": [t.to_json() for t in info.inputs],
                      "manifest_outputs": [t.to_json() for t in info.outputs],
                      "feature_bytes": (encoded_size(feat.shape, enc if tier == "end" else FeatureEncoding.INT8)
@@ -129,14 +130,18 @@ def format_text(info: dict) -> str:
     enc = info["feature_encoding"]
     labels = info["labels"]
     parent = f" (parent v{info['parent_version']})" if info.get("parent_version") else ""
-    binary = f" (low {enc['low']}, high {enc['high']})" if enc["kind"] == "binary" else ""
+    levels = {"binary": f" (low {enc.get('low')}, high {enc.get('high')})",
+              "uniform": f" ({enc.get('bits')} bits: {2 ** (enc.get('bits') or 0)} levels from {enc.get('low')} to "
+                         f"{enc.get('high')})"}.get(enc["kind"], "")
     lines = [f"bundle {info['name']} v{info['version']}{parent}" + ("  signed" if info["signed"] else ""),
              f"  labels ({len(labels)}): {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}",
              f"  input: {info['input'].get('shape')} {info['input'].get('dtype')} {info['input'].get('color', '')}",
-             f"  boundary feature: {enc['kind']}{binary}",
+             f"  boundary feature: {enc['kind']}{levels}",
              "  thresholds (normalized entropy): " + ", ".join(f"{k} {v:.4f}" for k, v in info["thresholds"].items())]
     for s in info["segments"]:
-        lines.append(f"  [{s['tier']}] {Path(s['file']).name} exit {s['exit_index']}")
+        tta = f"  (exit decides on the frame and its {s['test_time_augmentation']} image)" \
+            if s.get("test_time_augmentation") not in (None, "none") else ""
+        lines.append(f"  [{s['tier']}] {Path(s['file']).name} exit {s['exit_index']}{tta}")
         lines += _fmt_model(s, "      ")
     for e in info.get("files", []):  # Edge TPU-compiled segments, condition profiles
         kind = e.get("role") or f"{e.get('runtime', 'extra')} build"
