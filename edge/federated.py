@@ -58,8 +58,10 @@ def write_toml(path: Path, values: dict) -> Path:
 
 def site_command(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
                  insecure: bool = False, root_certificates: str | Path | None = None,
-                 arch_set: dict | None = None, limit: int | None = None, region: str | None = None) -> list[str]:
-    """The flower-supernode command line of one site (node config written to <workdir>/node-config.toml)."""
+                 arch_set: dict | None = None, limit: int | None = None, region: str | None = None,
+                 key: str | Path | None = None) -> list[str]:
+    """The flower-supernode command line of one site (node config written to <workdir>/node-config.toml).
+    key: the site's private key (SuperNode authentication: the SuperLink knows its public key)."""
     workdir = Path(workdir).resolve()
     cfg = write_toml(workdir / "node-config.toml", {
         "data-dir": str(Path(data_dir).resolve()), "site": name, "workdir": str(workdir),
@@ -71,19 +73,28 @@ def site_command(superlink: str, data_dir: str | Path, name: str, workdir: str |
         cmd.append("--insecure")
     elif root_certificates:
         cmd += ["--root-certificates", str(root_certificates)]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(key).resolve())]
     return cmd
 
 
 # At most this many flwr-clientapp processes per site: older ones hold expired claims (Flower
 # launched a newer one for the same task, see tierlite.federated.FLOWER_CLAIM_SECONDS): stopped.
 MAX_CLIENTAPPS = 1
+# A site with a key whose SuperNode exits (Flower's SuperNode gives up at once when the SuperLink
+# does not know its key) starts it again this many times, this many seconds apart: the cloud
+# registers the sites' keys just after its SuperLink comes up, and a site that reached it in
+# between is refused once. A key the cloud never registered ends the site after the last try.
+KEY_RETRIES, KEY_RETRY_SECONDS = 3, 10.0
 
 
 def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Path, port: int,
              insecure: bool = False, root_certificates: str | Path | None = None,
              arch_set: dict | None = None, limit: int | None = None, check_every: float = 2.0,
-             region: str | None = None) -> int:
+             region: str | None = None, key: str | Path | None = None) -> int:
     """Run the site's SuperNode and supervise it until it ends or this process is told to stop.
+    key: the site's private key; the cloud's SuperLink (`federate server --site-keys`) accepts
+    only sites whose public key it holds, and refuses this one otherwise (the SuperNode exits).
 
     This process leads a process group holding the SuperNode, its SuperExec and every ClientApp
     they launch: a signal to the group (or SIGTERM/SIGINT to this process) stops all of them,
@@ -98,7 +109,14 @@ def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Pat
     if region is not None and not region.strip():
         from tierlite.errors import ConfigError
         raise ConfigError("--region: give a region name (or leave it out: the site is a region of its own)")
-    cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit, region)
+    if key is not None:
+        if insecure:
+            from tierlite.errors import ConfigError
+            raise ConfigError("--key needs TLS (--root-certificates): Flower authenticates SuperNodes only over TLS")
+        from tierlite.federated import check_site_key
+        check_site_key(key)
+    cmd = site_command(superlink, data_dir, name, workdir, port, insecure, root_certificates, arch_set, limit,
+                       region, key)
     from tierlite.federated import flower_command, flower_processes
 
     # the SuperNode ends with this process, even when it is SIGKILLed alone
@@ -115,21 +133,22 @@ def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Pat
     sys.stdout.flush()
     sys.stderr.flush()
     proc = subprocess.Popen(cmd, env=env)
-    stale = 0
+    retries = KEY_RETRIES if key is not None else 0
     try:
-        while proc.poll() is None and not stop:
-            time.sleep(check_every)
-            apps = flower_processes(b"flwr-clientapp", os.getpgrp())
-            for _, pid in apps[:max(0, len(apps) - MAX_CLIENTAPPS)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    stale += 1
-                except ProcessLookupError:
-                    pass
-            if len(apps) > MAX_CLIENTAPPS:
-                log.warning("site %s: stopped %d stale flwr-clientapp process(es) (%d so far): Flower "
-                            "relaunched a task whose ClientApp had not started in time", name,
-                            len(apps) - MAX_CLIENTAPPS, stale)
+        while True:
+            _supervise(proc, name, stop, check_every)
+            if stop or not proc.returncode or retries <= 0:
+                break
+            log.warning("site %s: flower-supernode exited with status %d; starting it again in %.0f s (the cloud "
+                        "may not have registered this site's key yet; %d more tries)", name, proc.returncode,
+                        KEY_RETRY_SECONDS, retries)
+            retries -= 1
+            deadline = time.monotonic() + KEY_RETRY_SECONDS
+            while not stop and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if stop:
+                break
+            proc = subprocess.Popen(cmd, env=env)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
@@ -144,7 +163,34 @@ def run_site(superlink: str, data_dir: str | Path, name: str, workdir: str | Pat
                 pass
         if proc.poll() is None:
             proc.kill()
+    if not stop and proc.returncode:
+        log.error("site %s: flower-supernode exited with status %d%s", name, proc.returncode,
+                  f" (refused by the SuperLink? the cloud must hold this site's public key: {Path(key).stem}.pub "
+                  "in its --site-keys folder)" if key is not None else "")
     return 0 if stop else (proc.returncode or 0)
+
+
+def _supervise(proc, name: str, stop: list, check_every: float) -> None:
+    """Until the SuperNode ends or a stop signal came: stop ClientApps beyond MAX_CLIENTAPPS."""
+    import signal
+    import time
+
+    from tierlite.federated import flower_processes
+
+    stale = 0
+    while proc.poll() is None and not stop:
+        time.sleep(check_every)
+        apps = flower_processes(b"flwr-clientapp", os.getpgrp())
+        for _, pid in apps[:max(0, len(apps) - MAX_CLIENTAPPS)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stale += 1
+            except ProcessLookupError:
+                pass
+        if len(apps) > MAX_CLIENTAPPS:
+            log.warning("site %s: stopped %d stale flwr-clientapp process(es) (%d so far): Flower "
+                        "relaunched a task whose ClientApp had not started in time", name,
+                        len(apps) - MAX_CLIENTAPPS, stale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,13 +253,16 @@ def _run_server(tmp: Path, port: int, *args: str, tls: dict[str, Path] | None = 
                    "--local-epochs", "1", *args], tmp / "server.log")
 
 
-def _run_federation(tmp: Path, sites: dict[str, tuple], *server_args: str, timeout: float = 800) -> str:
-    """A server and its sites (name -> (data folder, *site args)) until the server ends; its log."""
+def _run_federation(tmp: Path, sites: dict[str, tuple], *server_args: str, timeout: float = 800,
+                    tls: dict[str, Path] | None = None) -> str:
+    """A server and its sites (name -> (data folder, *site args)) until the server ends; its log.
+    tls: over TLS with these certificates (`_superlink_certificates`), else --insecure."""
     from tierlite.tools.stack import free_port
 
     port = free_port()
-    server = _run_server(tmp, port, *server_args)
-    procs = [_site(tmp, folder, name, port, *extra) for name, (folder, *extra) in sites.items()]
+    server = _run_server(tmp, port, *server_args, tls=tls)
+    procs = [_site(tmp, folder, name, port, *extra, ca=tls["ca"] if tls else None)
+             for name, (folder, *extra) in sites.items()]
     try:
         rc = server.wait(timeout)
     finally:
@@ -430,6 +433,80 @@ def test_dead_site_and_wrong_model_do_not_stop_training_over_tls(tmp_path, site_
     assert (tmp_path / "out" / "global.npz").is_file()
     # the SuperLink served over TLS (the sites had only --root-certificates, no --insecure)
     assert "running on https://127.0.0.1" in (tmp_path / "out" / "superlink.log").read_text(errors="replace")
+
+
+def test_site_key_files_are_checked_before_anything_starts(tmp_path):
+    """SuperNode authentication's key files: generated, and every bad one (or TLS missing) refused
+    in one line before a process starts."""
+    from tierlite.cloud.federated.server import run_federation
+    from tierlite.edge.federated import run_site
+    from tierlite.errors import ConfigError
+    from tierlite.federated import SiteKeyError, check_site_key, generate_site_key, site_public_keys
+
+    key, pub = generate_site_key(tmp_path / "keys", "a")
+    assert key.stat().st_mode & 0o777 == 0o600 and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert check_site_key(key) == key and site_public_keys(tmp_path / "keys") == {"a": pub}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.pub").write_text(pub.read_text())  # a's key under another name
+    (tmp_path / "junk.key").write_text("not a key\n")
+    (tmp_path / "ed").mkdir()  # an SSH key, but not on a NIST curve (Flower refuses it)
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "ed" / "c.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+    for call, expected in [
+            (lambda: generate_site_key(tmp_path / "keys", "a"), "a.key: already exists; not overwritten"),
+            (lambda: check_site_key(tmp_path / "none.key"), "none.key: no such site key file"),
+            (lambda: check_site_key(tmp_path / "junk.key"), "junk.key: not an OpenSSH EC private key"),
+            (lambda: check_site_key(pub), "a.pub: not an OpenSSH EC private key"),
+            (lambda: site_public_keys(tmp_path / "nowhere"), "nowhere: no such folder of site public keys"),
+            (lambda: site_public_keys(tmp_path / "ed"), "c.pub: not an OpenSSH EC public key on a NIST curve"),
+            (lambda: site_public_keys(tmp_path / "empty-dir"), "empty-dir: no site public keys"),
+    ]:
+        with pytest.raises(SiteKeyError) as e:
+            call()
+        assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+    (tmp_path / "other" / "a.pub").write_text(pub.read_text())
+    with pytest.raises(SiteKeyError, match=r"b.pub: the same key as a.pub; each site needs its own"):
+        site_public_keys(tmp_path / "other")
+    with pytest.raises(ConfigError, match="--site-keys needs TLS"):
+        run_federation(tmp_path / "out", classes=["0", "1"], insecure=True, site_keys=tmp_path / "keys")
+    with pytest.raises(ConfigError, match="--key needs TLS"):
+        run_site("127.0.0.1:1", tmp_path, "a", tmp_path / "w", 0, insecure=True, key=key)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
+
+
+def test_only_sites_with_a_registered_key_join(tmp_path, site_folders):
+    """SuperNode authentication over TLS: the SuperLink knows site a's public key only; a site
+    with another key (never given to the cloud) is refused and never contributes."""
+    import json
+    import shutil
+
+    from tierlite.federated import generate_site_key
+
+    a_key, a_pub = generate_site_key(tmp_path / "site-a-key", "a")  # each site makes its own pair
+    rogue_key, _ = generate_site_key(tmp_path / "rogue-key", "rogue")
+    (tmp_path / "cloud-keys").mkdir()
+    shutil.copy(a_pub, tmp_path / "cloud-keys")  # the cloud holds a's public key only
+    text = _run_federation(tmp_path, {"a": (site_folders[0], "--key", str(a_key)),
+                                      "rogue": (site_folders[1], "--key", str(rogue_key))},
+                           "--sites", "1", "--rounds", "1", "--site-keys", str(tmp_path / "cloud-keys"),
+                           "--classes", ",".join(str(i) for i in range(10)), tls=_superlink_certificates(tmp_path))
+    assert "sites authenticated by key: a" in text, text[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["registered_sites"] == ["a"]
+    assert [[s["site"] for s in r["sites"]] for r in report["rounds"]] == [["a"]]
+    # the aggregate is a's model alone: FedAvg of the one registered site
+    glob = loads((tmp_path / "out" / "global.npz").read_bytes())
+    a = loads((tmp_path / "site-a" / "site-model.npz").read_bytes())
+    initial = loads((tmp_path / "out" / "initial.npz").read_bytes())
+    assert set(glob) == set(a) and all(np.array_equal(glob[k], a[k]) for k in glob)
+    assert any(not np.allclose(glob[k], initial[k]) for k in glob)
+    # the rogue was refused by the SuperLink (its key unknown) and never received a model
+    link = (tmp_path / "out" / "superlink.log").read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in link
+    assert len(set(re.findall(r"\[Fleet.ActivateNode\] Activated node_id=(\d+)", link))) == 1  # a's node only
+    rogue = (tmp_path / "site-rogue.log").read_text(errors="replace")
+    assert "Failed to activate SuperNode" in rogue and "starting it again" in rogue, rogue[-2000:]
+    assert not (tmp_path / "site-rogue" / "rounds").exists() and not (tmp_path / "site-rogue" / "site-model.npz").exists()
 
 
 def test_superlink_ends_with_a_killed_server_and_a_stale_one_is_stopped_on_the_next_start(tmp_path):

@@ -13,6 +13,8 @@ orchestration apart from `aggregate.py`:
   averaged per region every round, the regions averaged by the cloud every few rounds;
 - `proximal_term`: FedProx's mu/2 ||w - w_global||^2 (reference; the training loop has its own);
 - (de)serialisation of a named model to .npz bytes, and payload sizes;
+- the sites' authentication keys (Flower SuperNode authentication): `generate_site_key`, the
+  cloud's `site_public_keys`, the site's `check_site_key` (files checked before any process starts);
 - the Flower processes both sides run: a longer task-claim window (`run_flower`) and finding the
   ClientApp/ServerApp processes Flower launched (`flower_processes`, from /proc), for supervision.
 """
@@ -189,6 +191,111 @@ def loads(data: bytes) -> Named:
     z = np.load(io.BytesIO(data), allow_pickle=False)
     names = [str(n) for n in z["__order__"]]
     return {n: z[f"a{i}"] for i, n in enumerate(names)}
+
+
+# -- SuperNode authentication (the sites' keys) -------------------------------------------------
+# Flower 1.42: a SuperLink started with --enable-supernode-auth (TLS only) activates a SuperNode
+# only if its public key was registered (`flwr supernode register`), and checks every Fleet request
+# is signed by the matching private key. Keys are EC on a NIST curve, in OpenSSH format (what
+# `ssh-keygen -t ecdsa -b 384` writes too): a site keeps <name>.key, the cloud holds <name>.pub.
+SITE_KEY_SUFFIX, SITE_PUB_SUFFIX = ".key", ".pub"
+
+
+class SiteKeyError(TierliteError):
+    """A site key file is missing, unreadable or not an OpenSSH EC key on a NIST curve."""
+
+
+def _nist_ec(key) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return False
+    try:  # the very check the SuperLink applies when a key is registered
+        from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+    except ImportError:  # pragma: no cover - flwr absent: the curves it accepts
+        return key.curve.name in ("secp192r1", "secp224r1", "secp256r1", "secp384r1", "secp521r1")
+    return uses_nist_ec_curve(key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key)
+
+
+def _read_key_file(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SiteKeyError(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise SiteKeyError(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
+def generate_site_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """A new P-384 key pair for site `name`: <out_dir>/<name>.key (private, mode 0600, stays at the
+    site) and <name>.pub (its public key, for the cloud's --site-keys folder). Existing files are
+    never overwritten (a key the cloud registered would silently stop working)."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not name or "/" in name or name.startswith("."):
+        raise SiteKeyError(f"site name {name!r}: give a plain name (it names the key files)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out / f"{name}{SITE_KEY_SUFFIX}", out / f"{name}{SITE_PUB_SUFFIX}"
+    for p in (key_path, pub_path):
+        if p.exists():
+            raise SiteKeyError(f"{p}: already exists; not overwritten (delete it first to replace the key)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+    pub_path.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
+                         + f" tierlite-site-{name}\n".encode())
+    return key_path, pub_path
+
+
+def check_site_key(path: str | Path) -> Path:
+    """The site's private key file, checked as the SuperNode will read it (OpenSSH, EC, NIST
+    curve, no passphrase); SiteKeyError (one line) otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization as ser
+
+    data = _read_key_file(Path(path), "site key")
+    try:
+        key = ser.load_ssh_private_key(data, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
+    if key is None or not _nist_ec(key):
+        raise SiteKeyError(f"{path}: not an OpenSSH EC private key on a NIST curve without passphrase "
+                           "(`tierlite federate keygen` writes one)")
+    return Path(path)
+
+
+def site_public_keys(folder: str | Path) -> dict[str, Path]:
+    """site name -> its public key file, for every <name>.pub in `folder`, each checked (OpenSSH,
+    EC, NIST curve) and no key listed twice; SiteKeyError (one line) otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization as ser
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiteKeyError(f"{folder}: no such folder of site public keys")
+    keys: dict[str, Path] = {}
+    seen: dict[bytes, str] = {}
+    for path in sorted(folder.glob(f"*{SITE_PUB_SUFFIX}")):
+        data = _read_key_file(path, "site public key")
+        try:
+            key = ser.load_ssh_public_key(data.strip().split(b"\n")[0])
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            key = None
+        if key is None or not _nist_ec(key):
+            raise SiteKeyError(f"{path}: not an OpenSSH EC public key on a NIST curve "
+                               "(`tierlite federate keygen` writes one)")
+        raw = key.public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+        if raw in seen:
+            raise SiteKeyError(f"{path}: the same key as {seen[raw]}{SITE_PUB_SUFFIX}; each site needs its own")
+        seen[raw] = path.stem
+        keys[path.stem] = path
+    if not keys:
+        raise SiteKeyError(f"{folder}: no site public keys (<site>{SITE_PUB_SUFFIX}) in it "
+                           "(`tierlite federate keygen` writes them)")
+    return keys
 
 
 # -- Flower processes (the cloud's SuperLink, the sites' SuperNodes) ---------------------------

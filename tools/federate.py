@@ -1,9 +1,10 @@
-"""`tierlite federate server|site|export`: co-training across sites on Flower (docs/COTRAINING.md).
+"""`tierlite federate server|site|export|keygen`: co-training across sites on Flower (docs/COTRAINING.md).
 
     tierlite federate server OUT --sites 2 --rounds 5 --calib-dir HELD_OUT [--proximal-mu 0.01]
-                             [--personal end,edge] [--port 9092] [--insecure] [--export]
-    tierlite federate site DATA_DIR --superlink HOST:PORT --name shop-1 --workdir W [--insecure]
+                             [--personal end,edge] [--port 9092] [--insecure] [--export] [--site-keys DIR]
+    tierlite federate site DATA_DIR --superlink HOST:PORT --name shop-1 --workdir W [--insecure] [--key K]
     tierlite federate export OUT --calib-dir HELD_OUT [--bundle B] [--version N]
+    tierlite federate keygen DIR --site shop-1 [--site shop-2]    # DIR/<site>.key + DIR/<site>.pub
 
 The server runs Flower's SuperLink with tierlite's ServerApp (cloud); each site runs a SuperNode
 with tierlite's ClientApp (edge gateway) that trains on DATA_DIR. Only weights travel.
@@ -51,6 +52,9 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
     s.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     s.add_argument("--certfile"); s.add_argument("--keyfile"); s.add_argument("--ca-certfile")
+    s.add_argument("--site-keys", type=Path, metavar="DIR",
+                   help="SuperNode authentication (TLS only): accept only sites whose public key <site>.pub is "
+                   "in DIR (`federate keygen`); any other SuperNode is refused")
     s.add_argument("--init-from", help="checkpoint workdir of a pretrained model of the same architecture")
     s.add_argument("--export", action="store_true", help="export the aggregated model as a bundle (needs --calib-dir)")
     s.add_argument("--averaged-bn", action="store_true", help="export with the sites' averaged BatchNorm "
@@ -64,10 +68,18 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     c.add_argument("--port", type=int, default=9094, help="the SuperNode's local ClientApp API port")
     c.add_argument("--insecure", action="store_true")
     c.add_argument("--root-certificates", help="CA that signed the SuperLink's certificate")
+    c.add_argument("--key", type=Path, help="this site's private key (`federate keygen`), for a SuperLink that "
+                   "authenticates its sites (`server --site-keys`)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="this site's model deviations (refused if they change shapes)")
     c.add_argument("--limit", type=int, help="use at most this many frames")
     c.add_argument("--region", help="this site's region, for a hierarchical federation (server --cloud-every; "
                    "default: the site's own name)")
+    k = sub.add_parser("keygen", help="a key pair per site for SuperNode authentication (server --site-keys, "
+                       "site --key)")
+    k.add_argument("dir", type=Path, help="writes <site>.key (private, 0600: to that site only) and <site>.pub "
+                   "(to the cloud's --site-keys folder)")
+    k.add_argument("--site", action="append", required=True, help="site name (repeatable); the .pub's name is "
+                   "the name the cloud registers it under")
     e = sub.add_parser("export", help="aggregated model -> int8 bundle calibrated on a held-out folder")
     e.add_argument("out", type=Path, help="the server's output folder")
     e.add_argument("--calib-dir", type=Path, required=True)
@@ -82,13 +94,20 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
 
 
 def run_federate(args) -> int:
+    if args.role == "keygen":
+        from tierlite.federated import generate_site_key
+        for name in args.site:
+            key, pub = generate_site_key(args.dir, name)
+            print(f"site {name}: private key {key} (keep at the site: federate site --key), "
+                  f"public key {pub} (to the cloud: federate server --site-keys {args.dir})")
+        return 0
     if args.role == "site":
         from tierlite.edge.federated import run_site
         if not args.insecure and not args.root_certificates:
             raise ConfigError("a site needs --root-certificates (TLS) or --insecure (loopback tests)")
         return run_site(args.superlink, args.data_dir, args.name, args.workdir or Path(f"federated-{args.name}"),
                         args.port, args.insecure, args.root_certificates, parse_sets(args.set) or None, args.limit,
-                        region=args.region)
+                        region=args.region, key=args.key)
     from tierlite.cloud.federated.server import export_global, run_federation
     if args.role == "export":
         b = export_global(args.out, args.calib_dir, args.bundle, weights_file=args.weights, version=args.version,
@@ -116,7 +135,7 @@ def run_federate(args) -> int:
                             evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,
                             insecure=args.insecure, certfile=args.certfile, keyfile=args.keyfile,
                             ca_certfile=args.ca_certfile, init_from=args.init_from, secagg=args.secagg,
-                            cloud_every=args.cloud_every)
+                            cloud_every=args.cloud_every, site_keys=args.site_keys)
     for r in report["rounds"]:
         a = r.get("aggregate") or {}
         print(f"round {r['round']}: {r['clients']} site(s), loss {a.get('loss', float('nan')):.3f}, val acc "
@@ -124,6 +143,8 @@ def run_federate(args) -> int:
               f"bytes per site down {r['bytes_down_per_site']:,} up "
               + ", ".join(f"{s['site']} {s['bytes_up']:,}" for s in r["sites"])
               + "".join(f"\n  {line}" for line in r.get("refused", [])))
+    if "registered_sites" in report:
+        print(f"sites authenticated by key: {', '.join(report['registered_sites'])} (any other SuperNode was refused)")
     print(f"report {args.out / 'report.json'} (+ report.png), global model {args.out / 'global.npz'}")
     if args.export:
         b = export_global(args.out, args.calib_dir, version=args.version, recompute_bn=not args.averaged_bn)

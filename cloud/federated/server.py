@@ -5,7 +5,8 @@
 1. the initial model (converters' joint model, seeded, or a checkpoint's) -> <out>/initial.npz;
 2. a Flower app directory <out>/app (pyproject.toml: components are tierlite's installed modules,
    `tierlite.cloud.federated.app:app` and `tierlite.edge.federated:app`; the run config);
-3. `flower-superlink` (unless an address of a running one is given), then `flwr run <out>/app`;
+3. `flower-superlink` (unless an address of a running one is given); with site keys it accepts
+   only the SuperNodes whose public keys it was given (`register_sites`); then `flwr run <out>/app`;
    the ServerApp writes <out>/report.json every round and <out>/global.npz at the end;
 4. export_global: the aggregated weights -> converters' int8 export, boundary check, calibration
    on a held-out folder the cloud holds -> <out>/bundle (versioned; signing and rollout are the
@@ -105,8 +106,10 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> 
 
 
 def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str | None = None,
-                    keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1"):
+                    keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1",
+                    node_auth: bool = False):
     """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log.
+    node_auth: it activates only SuperNodes whose public keys are registered (`register_sites`).
 
     It ends with this process, even when this process is SIGKILLed (`with_parent`); a SuperLink
     an earlier run left in <out>/superlink.pid (one started before that, or whose parent the
@@ -125,6 +128,8 @@ def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str |
         cmd += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile)]
         if ca_certfile:
             cmd += ["--ssl-ca-certfile", str(ca_certfile)]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
     logf = open(out / "superlink.log", "ab")
     home = out / "flwr-home-superlink"  # the apps it installs and their state stay in the output folder
     home.mkdir(parents=True, exist_ok=True)
@@ -209,6 +214,20 @@ def stop_superlink(proc: subprocess.Popen, port: int, out: Path | None = None) -
         (out / SUPERLINK_PID_FILE).unlink(missing_ok=True)
 
 
+def register_sites(keys: dict[str, Path], env: dict) -> list[str]:
+    """Register each site's public key at the SuperLink of the connection in env's FLWR_HOME
+    (`flwr supernode register`, over its Control API); the names registered, in order."""
+    for name, pub in keys.items():
+        r = subprocess.run([_exe("flwr"), "supernode", "register", str(pub), "tierlite", "--name", name],
+                           env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            why = [l.strip() for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+            raise TierliteError(f"site {name}: the SuperLink did not register {pub} (flwr supernode register "
+                                f"status {r.returncode}): {why[-1] if why else 'no output'}")
+        log.info("site %s: public key %s registered at the SuperLink", name, pub)
+    return list(keys)
+
+
 def _flwr_run(cmd: list[str], env: dict, log_path: Path, timeout: float | None) -> int:
     """`flwr run --stream`: every line to log_path, the ServerApp's "[tierlite]" progress lines
     (one per round and site: accuracy, loss, bytes, clients, refusals) to this process's log."""
@@ -237,7 +256,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
                    port: int = 9092, superlink: str | None = None, insecure: bool = True,
                    certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
                    init_from: str | Path | None = None, timeout: float | None = None,
-                   secagg: bool = False, cloud_every: int = 0) -> dict:
+                   secagg: bool = False, cloud_every: int = 0, site_keys: str | Path | None = None) -> dict:
     """Start (or join) a SuperLink, run the federation to the end; returns the report dict.
 
     lr: the sites' peak rate (default: the preset's); lr_schedule "cycle": the converters'
@@ -247,7 +266,9 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     secagg: Flower's SecAgg+ (the cloud sees only the sum of the sites' masked weights; secagg.py).
     cloud_every: hierarchical FedAvg (HierFAVG): the sites' regions (`federate site --region`) are
     averaged every round, the regions by the cloud every `cloud_every` rounds and in the last (0:
-    flat FedAvg)."""
+    flat FedAvg).
+    site_keys: a folder of the sites' public keys (<site>.pub, `tierlite federate keygen`): the
+    SuperLink (TLS only) accepts only SuperNodes holding one of their private keys."""
     if lr_schedule not in ("cycle", "const"):
         raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
     if server_lr <= 0 or not 0 <= server_momentum < 1:
@@ -256,6 +277,16 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
         raise ConfigError("--cloud-every must be >= 1 (0: flat FedAvg)" if cloud_every < 0 else
                           "--cloud-every with --secagg: hierarchical aggregation needs each region's sum, "
                           "SecAgg+ gives the cloud only the sum of every site (not built)")
+    keys = None
+    if site_keys is not None:  # checked before anything starts
+        from tierlite.federated import site_public_keys
+        if insecure or not (certfile and keyfile and ca_certfile):
+            raise ConfigError("--site-keys needs TLS: Flower authenticates SuperNodes only over TLS (give "
+                              "--certfile, --keyfile and --ca-certfile, not --insecure)")
+        if superlink is not None:
+            raise ConfigError("--site-keys registers the sites at the SuperLink this command starts; register "
+                              "them at a running one (--superlink) with `flwr supernode register`")
+        keys = site_public_keys(site_keys)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("report.json", "global.npz"):
@@ -275,12 +306,13 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     app = write_app(out, run_config, secagg)
     proc = None
     if superlink is None:
-        proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile)
+        proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile, node_auth=keys is not None)
         superlink = f"127.0.0.1:{port}"
     home = write_flwr_home(out, superlink, insecure, ca_certfile)
     env = {**os.environ, "FLWR_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
     t0 = time.monotonic()
     try:
+        registered = register_sites(keys, env) if keys else None
         rc = _flwr_run([_exe("flwr"), "run", str(app), "tierlite", "--stream"], env, out / "flwr-run.log", timeout)
     finally:
         if proc is not None:
@@ -292,6 +324,8 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
                             + " | ".join(tail))
     report = json.loads(report_file.read_text())
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
+    if registered is not None:  # who could join: a SuperNode with any other key was refused
+        report["registered_sites"] = registered
     report_file.write_text(json.dumps(report, indent=2) + "\n")
     plot_report(report, out / "report.png")
     return report
