@@ -51,7 +51,7 @@ class CloudWorker(TierWorker):
         self.retrain = None  # co-updating (tierlite.cloud.retrain), with a `retrain:` section
         if config.retrain is not None:
             from tierlite.cloud.retrain import RetrainScheduler
-            self.retrain = RetrainScheduler(config, self.mqtt)
+            self.retrain = RetrainScheduler(config, self.mqtt, self.store)
 
     def _load(self, bundle: Bundle) -> TierModel:
         model = TierModel.load(bundle, "cloud", self.config.runtime, {"threads": self.config.threads})
@@ -178,13 +178,17 @@ class CloudWorker(TierWorker):
                 self.retrain.request(f"node {node}: drift alarm ({', '.join(event.get('triggered') or [])})")
 
     def _status_fields(self) -> dict:
-        return {"audits": {n: w.estimate() for n, w in list(self.audits.items())},
-                "drift": {n: {k: e.get(k) for k in ("alarm", "scores", "triggered", "model_version")}
-                          for n, e in list(self.drift.items())}}
+        fields = {"audits": {n: w.estimate() for n, w in list(self.audits.items())},
+                  "drift": {n: {k: e.get(k) for k in ("alarm", "scores", "triggered", "model_version")}
+                            for n, e in list(self.drift.items())}}
+        if self.retrain is not None:  # a requested run waiting for hard examples says so here
+            fields["retrain"] = self.retrain.status()
+        return fields
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if now >= self._status_due and (self.audits or self.drift) and self.mqtt.connected:
+        waiting = self.retrain is not None and self.retrain.pending is not None
+        if now >= self._status_due and (self.audits or self.drift or waiting) and self.mqtt.connected:
             self._status_due = now + 5.0
             self._on_connect()  # the retained status, with the audit and drift figures
         if self.store is not None:

@@ -7,6 +7,7 @@ streams fogged frames its end exit is sure about, audits a share of them, raises
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import time
@@ -163,7 +164,11 @@ def test_audits_and_drift_alarm_over_mqtt(small_bundle_dir, digits_dir, tmp_path
     for i, img in enumerate(fogged):
         (frames / "x").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(frames / "x" / f"{i:05d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    with Stack(bundle, edge_workers=1, cloud_workers=1) as stack:
+    # The cloud worker retrains on request, on a job minimum (60) above what a node can send before
+    # its first alarm (at most 50 frames): the drift's run must wait for audits, then start.
+    retrain = {"replay": str(digits_dir / "train"), "every_examples": None, "collect_frames": False,
+               "min_interval_seconds": 0, "args": ["--min-examples", "60"]}
+    with Stack(bundle, edge_workers=1, cloud_workers=1, log_level="info", cloud_extra={"retrain": retrain}) as stack:
         w = Watcher(stack.port, [f"{stack.prefix}/+/drift", f"{stack.prefix}/+/status", f"{stack.prefix}/_cloud/+/status"])
         try:
             results = tmp_path / "results.jsonl"
@@ -199,13 +204,36 @@ def test_audits_and_drift_alarm_over_mqtt(small_bundle_dir, digits_dir, tmp_path
             with HardExampleStore.open_readonly(stack.dir / "hard-0.sqlite") as store:
                 audits = store.count(node="cam-a", audit=True)
             assert audits == sent  # stored as audits, apart: retraining starts without escalations
+            cloud = stack.procs["cloud-0"]
+            wait_until(lambda: "retrain: starting run 1" in cloud.log(), 60, "the requested retraining run")
+            log = cloud.log()
+            waited = re.search(r"requested run waits for hard examples: (\d+) of 60 usable stored", log)
+            assert waited and int(waited[1]) < 60, log[-3000:]
+            assert log.index(waited[0]) < log.index("retrain: starting run 1 (node cam-a: drift alarm")
+            assert "--min-examples 60" in log and "dropped" not in log
+            doc = wait_until(lambda: [d for d in w.json_on("bench-cloud-0/status")
+                                      if (d.get("retrain") or {}).get("runs") == 1], 20, "the cloud status after the run")
+            assert doc[-1]["retrain"]["pending"] is None, doc[-1]["retrain"]
         finally:
             w.stop()
 
 
+def _store_rows(store, n: int, bundle_name: str, end_feature: bool = True, end_size: int = 4) -> None:
+    """n audited rows for `bundle_name`, committed; without an end feature the job cannot use them."""
+    for i in range(n):
+        store.add(node="cam-a", frame_id=store.written + i, bundle_name=bundle_name, bundle_version=1, sent_us=None,
+                  feature=b"\x00" * 4, feature_shape=(1, 2, 2, 1), feature_scale=0.1, feature_zero_point=0,
+                  logits={t: np.zeros(10, np.float32) for t in ("end", "edge", "cloud")}, label=0, confidence=1.0,
+                  entropy=0.0, audit=True, **({"end_feature": b"\x00" * end_size, "end_feature_shape": (1, end_size),
+                                               "end_feature_encoding": {"kind": "int8"}, "end_feature_scale": 0.1,
+                                               "end_feature_zero_point": 0} if end_feature else {}))
+    store.flush()
+
+
 def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_dir, digits_dir, tmp_path):
-    """Issue 13, step 3: the scheduler starts a run on request (a drift alarm, an agreement fall)
-    with no new hard examples at all; the cloud worker asks on a node's retained drift event."""
+    """Issue 13, step 3: a drift alarm or an agreement fall asks for a run with no new escalations
+    at all; the run waits until the store holds the job's --min-examples (50) usable hard examples,
+    so it is not spent on a store that is still too small (the live digits run: 16 stored)."""
     from tierlite.cloud.retrain import RetrainScheduler
     from tierlite.cloud.worker import CloudWorker
     from tierlite.config import CloudConfig, config_from_dict
@@ -223,11 +251,19 @@ def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_di
         assert started == []  # nothing new, no period: no run
         worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True,
                                                            "triggered": ["feature"]}).encode())
-        worker.retrain.tick(0)
+        _store_rows(worker.store, 16, worker._model.bundle.name)  # what the live run had stored
+        worker.retrain.tick(worker.store.written)
+        assert started == []  # 16 of 50: a run now would stop at --min-examples and spend the request
+        pending = worker._status_fields()["retrain"]["pending"]
+        assert (pending["have"], pending["need"], pending["waiting_for"]) == (16, 50, "hard examples"), pending
+        assert "cam-z" in pending["why"] and "drift" in pending["why"]
+        _store_rows(worker.store, 34, worker._model.bundle.name)
+        worker.retrain.tick(worker.store.written)
         assert len(started) == 1 and "cam-z" in started[0] and "drift" in started[0]
+        assert worker._status_fields()["retrain"]["pending"] is None
         assert worker._status_fields()["drift"]["cam-z"]["alarm"] is True
         worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True}).encode())
-        worker.retrain.tick(0)
+        worker.retrain.tick(worker.store.written)
         assert len(started) == 1  # the same alarm asks once
         # A teacher collapsed onto one class (suspect): the node disagreeing with it is no evidence
         # about the camera, so its agreement falling asks for nothing (issue 13 follow-up).
@@ -235,15 +271,95 @@ def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_di
             worker._score_audit("cam-x", False, 3)
         est = worker._status_fields()["audits"]["cam-x"]
         assert est["high"] < cfg.audit_min_agreement and est["teacher"]["suspect"] is True, est
-        worker.retrain.tick(0)
+        worker.retrain.tick(worker.store.written)
         assert len(started) == 1, started
         for i in range(40):  # a teacher answering all classes: the node disagrees with it on every frame
             worker._score_audit("cam-y", False, i % 10)
         assert worker._status_fields()["audits"]["cam-y"]["teacher"]["suspect"] is False
-        worker.retrain.tick(0)
+        worker.retrain.tick(worker.store.written)  # the store holds 50 usable examples: it runs at once
         assert len(started) == 2 and "cam-y" in started[1] and "agreement" in started[1]
     finally:
         worker.store.close()
+
+
+def test_a_requested_run_expires_and_one_that_stops_for_too_few_examples_is_put_back(
+        small_bundle_dir, digits_dir, tmp_path, caplog):
+    """The waiting request on a fake clock: it expires with one warning; a real `tierlite retrain`
+    child that still stops for too few examples (rows without the node's end feature, which the
+    scheduler's count cannot tell apart) puts it back, request_retries times at most."""
+    import logging
+
+    from tierlite.bundle import Bundle
+    from tierlite.cloud.retrain import RetrainScheduler
+    from tierlite.cloud.store import HardExampleStore
+    from tierlite.config import CloudConfig, config_from_dict
+    from tierlite.errors import ConfigError
+
+    def config(args, **retrain):
+        return config_from_dict({"bundle": str(bundle), "store": {"path": str(tmp_path / "hard.sqlite")},
+                                 "metrics_port": None,
+                                 "retrain": {"replay": str(digits_dir / "train"), "every_examples": None,
+                                             "collect_frames": False, "min_interval_seconds": 0,
+                                             "request_expiry_seconds": 100, "request_retries": 1,
+                                             "args": args, **retrain}}, CloudConfig)
+
+    bundle = tmp_path / "bundle"  # the run's candidate goes beside its parent: not in pytest's cache
+    shutil.copytree(small_bundle_dir, bundle)
+    b = Bundle.load(bundle)
+    name, end_size = b.name, int(np.prod(b.segment("edge").inputs[0].shape[1:]))
+    now = [0.0]
+    store = HardExampleStore(tmp_path / "hard.sqlite")
+    with pytest.raises(ConfigError, match="--min-examples must be a whole number"):
+        RetrainScheduler(config(["--min-examples", "many"]), None, store)
+    for bad in ({"request_retries": -1}, {"request_expiry_seconds": 0}, {"request_expiry": 10}):
+        with pytest.raises(ConfigError, match="request_"):
+            config([], **bad)
+    sched = RetrainScheduler(config(["--min-examples", "5"]), None, store, clock=lambda: now[0])
+    counts = []
+    store_count = store.count
+    store.count = lambda **kw: counts.append(kw) or store_count(**kw)
+    try:
+        with caplog.at_level(logging.INFO, "tierlite.cloud.retrain"):
+            sched.request("node cam-a: drift alarm (feature)")
+            _store_rows(store, 3, name, end_size=end_size)
+            for _ in range(3):
+                sched.tick(store.written)
+            assert sched._proc is None and len(counts) == 1  # no new rows, no recount: no polling
+            assert caplog.text.count("requested run waits for hard examples: 3 of 5 usable stored") == 1
+            now[0] = 101.0
+            sched.tick(store.written)
+            assert "requested run dropped after 101 s: 3 of 5 usable hard examples stored" in caplog.text
+            assert sched.status()["pending"] is None and sched.status()["expired_requests"] == 1
+            # The next alarm; 2 rows the job cannot use make the scheduler's count 5.
+            sched.request("node cam-a: drift alarm (feature)")
+            _store_rows(store, 2, name, end_feature=False)
+            sched.tick(store.written)
+            assert sched._proc is not None and "starting run 1 (node cam-a: drift alarm" in caplog.text
+            assert _wait_for(lambda: sched._proc.poll() is not None, 120)
+            sched.tick(store.written)
+            assert "only 3 stored hard examples and 0 usable frames" in caplog.text
+            assert "request put back (1 of 1 retries): waits for 2 more hard examples" in caplog.text
+            p = sched.status()["pending"]
+            assert (p["have"], p["need"], p["retries"]) == (5, 7, 1), p
+            _store_rows(store, 2, name, end_feature=False)  # still none the job can use
+            sched.tick(store.written)
+            assert sched._proc is not None and "starting run 2" in caplog.text
+            assert _wait_for(lambda: sched._proc.poll() is not None, 120)
+            sched.tick(store.written)
+            assert "requested run dropped: 2 run(s) stopped for too few hard examples" in caplog.text
+            assert sched.status()["pending"] is None and sched.status()["expired_requests"] == 2
+    finally:
+        sched.close()
+        store.close()
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_store_marks_audits_and_migrates_a_schema_1_file(tmp_path):

@@ -305,6 +305,12 @@ class RetrainTriggerConfig(Section):
     frames_path: RelPath | None = None  # default: <store stem>.frames.sqlite beside the store
     args: list[Text] = Field(default_factory=list)  # more `tierlite retrain` options
     min_interval_seconds: float = 60.0  # never start two runs closer than this
+    # A run asked for by a drift alarm or an agreement fall waits until the store holds the job's
+    # `--min-examples` usable hard examples (a run on fewer stops and would spend the request); it
+    # is dropped, with one warning, if they have not arrived this long after the request.
+    request_expiry_seconds: Positive = 3600.0
+    # ... and a requested run that still stops for too few examples puts the request back this often.
+    request_retries: Annotated[int, Field(ge=0)] = 3
 
 
 # -- device -----------------------------------------------------------------------------------
