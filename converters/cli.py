@@ -178,6 +178,9 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, default=0.005, help="max accuracy drop vs cloud-only (fraction)")
     p.add_argument("--report", type=Path, help="report path prefix (default: <bundle>-work/calibration-<folder>)")
     p.add_argument("--write", action="store_true", help="write the chosen thresholds into the bundle's manifest")
+    p.add_argument("--camera-slack", type=float, default=0.0, metavar="FRACTION",
+                   help="give up at most this share of frames decided on the camera for the fewest uplink bytes "
+                        "(camera->edge + edge->cloud); default 0: the most frames on the camera")
     p.add_argument("--feature-bits", type=int, choices=range(2, 9), metavar="{2..8}",
                    help="send the camera's int8 feature in this many bits an element: 2**bits levels spread over "
                         "the 0.5-99.5 percentile range of these frames' features (uniform encoding; 4 bits: half "
@@ -214,8 +217,11 @@ def run_calibrate(args) -> int:
     logits = run_chain(args.bundle, data.images, end_tta, encoding)
     fbytes = (encoded_size(b.segment("end").output("feature").shape, encoding),
               encoded_size(b.segment("edge").output("feature").shape, FeatureEncoding.INT8))
-    points, table = calibrate.sweep(logits, data.labels, fbytes)
-    chosen = calibrate.search_thresholds(logits, data.labels, fbytes, args.max_drop, table=table)
+    if not 0.0 <= args.camera_slack < 1.0:
+        raise ConfigError(f"--camera-slack is a fraction in [0, 1), got {args.camera_slack}")
+    points, table = calibrate.sweep(logits, data.labels, fbytes, camera_slack=args.camera_slack)
+    chosen = calibrate.search_thresholds(logits, data.labels, fbytes, args.max_drop, table=table,
+                                         camera_slack=args.camera_slack)
     prefix = args.report or default_workdir(args.bundle) / f"calibration-{args.images.name}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     calibrate.write_report(prefix.with_suffix(".json"), {
@@ -234,6 +240,7 @@ def run_calibrate(args) -> int:
         manifest = dict(b.manifest)
         manifest["thresholds"] = chosen.thresholds
         manifest.setdefault("calibration", {}).update(
+            camera_slack=args.camera_slack,
             split=args.images.name if args.validation_split is None else
             f"validation ({args.validation_split:g} of {args.images.name}, seed {args.seed})",
             frames=len(data.labels), max_drop=args.max_drop,

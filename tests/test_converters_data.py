@@ -111,6 +111,29 @@ def test_calibration_respects_max_drop_and_maximizes_camera_exits():
     assert loose.camera_fraction > strict.camera_fraction > 0.0
 
 
+def test_camera_slack_trades_camera_share_for_fewer_uplink_bytes():
+    from tierlite.converters import calibrate
+
+    logits, y = _synthetic()
+    fbytes = (256, 8192)
+    table = calibrate.frontier(logits, y, fbytes, grid=101)
+    total = table["camera_uplink_bytes"] + table["edge_uplink_bytes"]
+    for drop in (0.005, 0.02):
+        tight = calibrate.search_thresholds(logits, y, fbytes, drop, table=table)
+        for slack in (0.01, 0.05):
+            loose = calibrate.search_thresholds(logits, y, fbytes, drop, table=table, camera_slack=slack)
+            assert loose.accuracy >= (logits[2].argmax(1) == y).mean() - drop - 1e-12
+            assert tight.camera_fraction - slack - 1e-12 <= loose.camera_fraction <= tight.camera_fraction + 1e-12
+            loose_bytes = loose.camera_uplink_bytes + loose.edge_uplink_bytes
+            assert loose_bytes <= tight.camera_uplink_bytes + tight.edge_uplink_bytes + 1e-9
+            # nothing feasible within the slack sends fewer bytes
+            cloud_only = (logits[2].argmax(1) == y).mean()
+            allowed = (table["accuracy"] >= cloud_only - drop - 1e-12) & (table["end"] >= tight.camera_fraction - slack - 1e-12)
+            assert np.isclose(loose_bytes, total[allowed].min())
+    assert calibrate.search_thresholds(logits, y, fbytes, 0.02, table=table, camera_slack=0.05).edge_uplink_bytes < \
+        calibrate.search_thresholds(logits, y, fbytes, 0.02, table=table).edge_uplink_bytes
+
+
 def test_calibration_frontier_matches_brute_force():
     from tierlite.converters import calibrate
     from tierlite.policy import chain_decisions
