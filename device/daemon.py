@@ -140,8 +140,7 @@ class DeviceDaemon:
         t0 = time.perf_counter()
         out = m.segment.run(image[None] if image.ndim == 3 else image)
         follower = self.adaptive
-        threshold = m.threshold if follower is None or m.spec_out is None else follower.threshold
-        confident, label, conf, entropy = decide(out.logits, threshold)
+        confident, label, conf, entropy = decide(out.logits, self._threshold(m))
         decision_s = time.perf_counter() - t0
         if self.updates is not None:
             self.updates.observe("end", image, out.logits, escalated=not confident)
@@ -185,6 +184,20 @@ class DeviceDaemon:
         except (KeyError, TypeError, ValueError) as e:
             log.warning("bundle %s v%d: unusable drift reference (%s); no drift monitor", bundle.name, bundle.version, e)
             return None
+
+    @property
+    def threshold_in_use(self) -> float:
+        return self._threshold(self._model)
+
+    def _threshold(self, m: TierModel) -> float:
+        """The camera exit's threshold now: the link follower's or the bundle's, times
+        `drift.alarm_threshold_scale` while the drift monitor is in alarm (issue 13: frames the camera
+        may be confidently wrong about get the deeper tiers' answer)."""
+        follower = self.adaptive
+        threshold = m.threshold if follower is None or m.spec_out is None else follower.threshold
+        if self._drift is not None and self._drift.state.alarm and m.spec_out is not None:
+            threshold *= self.config.drift.alarm_threshold_scale
+        return threshold
 
     @property
     def audit_rate(self) -> float:
@@ -350,7 +363,8 @@ class DeviceDaemon:
     def status(self, state: str = "online") -> dict[str, Any]:
         m, s = self._model, self.stats
         return {"node": self.node, "state": state, "model": m.bundle.name, "model_version": m.bundle.version,
-                "runtime": getattr(m.segment.runtime, "key", "?"), "threshold": m.threshold, "pid": os.getpid(),
+                "runtime": getattr(m.segment.runtime, "key", "?"), "threshold": m.threshold,
+                "threshold_in_use": self.threshold_in_use, "pid": os.getpid(),
                 "frames": s.frames, "by_tier": dict(s.by_tier), "fallbacks": dict(s.fallbacks),
                 "bytes_up": s.bytes_up, "late_answers": s.late_answers, "bad_answers": s.bad_answers,
                 "audits": {"rate": self.audit_rate, "sent": s.audits, "bytes": s.audit_bytes},

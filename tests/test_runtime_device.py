@@ -82,3 +82,38 @@ def test_offline_node_answers_every_frame_locally_and_swaps_models(tmp_path, dig
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert lines == events
     assert daemon.status()["frames"] == 21
+
+
+def test_drift_alarm_lowers_the_camera_threshold_by_the_configured_scale(tmp_path, digits_dir, small_bundle_dir):
+    """`drift.alarm_threshold_scale`: once the node's own drift monitor raises an alarm (a real
+    one: the low-light corruption of the drift bench), the camera exit's threshold is scaled, so
+    more frames go on to the deeper tiers; before the alarm, and at scale 1, nothing changes."""
+    from tierlite.bundle import Bundle
+    from tierlite.data import load_image_folder
+    from tierlite.device.daemon import DeviceDaemon
+    from tierlite.tools.bench.corruptions import corrupt
+
+    frames = corrupt(load_image_folder(digits_dir / "test", (32, 32), limit=200, seed=4).images, "low_light", 3)
+    threshold = Bundle.load(small_bundle_dir).thresholds["end"]
+    runs = {}
+    for scale in (1.0, 0.25):
+        (tmp_path / str(scale)).mkdir()
+        cfg = _device_config(tmp_path / str(scale), small_bundle_dir, digits_dir / "test",
+                             drift={"alarm_threshold_scale": scale})
+        daemon = DeviceDaemon(cfg)
+        events, in_use = [], []
+        daemon.add_result_listener(events.append)
+        daemon.start()
+        for img in frames:
+            in_use.append((daemon.status()["drift"]["alarm"], daemon.threshold_in_use))
+            daemon.process_frame(img)
+        daemon.shutdown()
+        runs[scale] = (events, in_use)
+    (plain, plain_use), (scaled, scaled_use) = runs[1.0], runs[0.25]
+    first = next(i for i, (alarm, _) in enumerate(scaled_use) if alarm)  # frames decided while in alarm
+    assert 0 < first < 150, "the low-light stream raises the node's drift alarm"
+    assert all(t == pytest.approx(threshold) for _, t in plain_use)
+    assert all(t == pytest.approx(threshold * (0.25 if alarm else 1.0)) for alarm, t in scaled_use)
+    sent_on = [sum(e["reason"] == "offline" for e in ev[first:]) for ev in (plain, scaled)]
+    assert [e["reason"] for e in plain[:first]] == [e["reason"] for e in scaled[:first]]
+    assert sent_on[1] > sent_on[0], sent_on  # frames that would have gone to the edge (offline here: answered locally)

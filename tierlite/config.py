@@ -337,6 +337,9 @@ class DriftConfig(Section):
     clear_checks: AtLeastOne = 4  # checks in a row below every threshold before an alarm clears
     threshold_scale: Positive = 1.0  # x the reference's thresholds
     alarm_audit_rate: Share = 0.25  # audit share of confident frames while in alarm
+    # x the camera exit's threshold while in alarm: < 1 sends more frames on for the deeper tiers'
+    # answer (bounded by max_pending and the edge's per-node budget); 1 = unchanged
+    alarm_threshold_scale: Share = 1.0
 
 
 class AdaptiveConfig(Section):
