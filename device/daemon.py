@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,7 +24,7 @@ from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import DeviceConfig
 from tierlite.drift import DriftMonitor
-from tierlite.errors import WireError
+from tierlite.errors import ConfigError, WireError
 from tierlite.homeassistant import HomeAssistantOptions, HomeAssistantPublisher
 from tierlite.linkstate import LinkFollower
 from tierlite.metrics import NodeMetrics
@@ -81,7 +82,7 @@ class DeviceDaemon:
         self.stop_event = threading.Event()
         self.stats = DeviceStats()
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._results_file = open(config.results_file, "a", buffering=1) if config.results_file else None
+        self._results_file = _open_results(config.results_file) if config.results_file else None
         bundle = bundle or Bundle.load(config.bundle)
         self.updates = None  # signed model updates (tierlite.update), with an `update:` section
         if config.update is not None and config.update.enabled:
@@ -440,3 +441,12 @@ class DeviceDaemon:
             self._results_file = None
         if self.updates is not None:
             self.updates.close()
+
+
+def _open_results(path) -> Any:
+    """The results file, appended to line by line; its folder is made if missing."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", buffering=1)
+    except OSError as e:
+        raise ConfigError(f"results_file {path}: cannot append to it ({e.strerror or e})") from None

@@ -117,3 +117,17 @@ def test_drift_alarm_lowers_the_camera_threshold_by_the_configured_scale(tmp_pat
     sent_on = [sum(e["reason"] == "offline" for e in ev[first:]) for ev in (plain, scaled)]
     assert [e["reason"] for e in plain[:first]] == [e["reason"] for e in scaled[:first]]
     assert sent_on[1] > sent_on[0], sent_on  # frames that would have gone to the edge (offline here: answered locally)
+
+
+def test_results_file_folder_is_made_and_an_unwritable_one_is_one_line(tmp_path, small_bundle_dir, digits_dir):
+    from tierlite.device.daemon import DeviceDaemon
+    from tierlite.errors import ConfigError
+
+    cfg = _device_config(tmp_path, small_bundle_dir, digits_dir / "test" / "5")
+    nested = tmp_path / "new" / "deeper" / "results.jsonl"
+    daemon = DeviceDaemon(cfg.model_copy(update={"results_file": nested}))
+    daemon.shutdown()
+    assert nested.parent.is_dir()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="results_file .*: cannot append to it"):
+        DeviceDaemon(cfg.model_copy(update={"results_file": tmp_path / "file" / "results.jsonl"}))
