@@ -204,6 +204,7 @@ class CloudWorker(TierWorker):
                     self._events_reported[event] = n
         if self.retrain is not None:
             self.retrain.tick(self.store.written if self.store is not None else 0)
+            self.metrics.retrain(self.retrain.status())
 
     def run(self) -> int:
         from tierlite.service import wait_for_stop

@@ -252,14 +252,18 @@ def test_drift_alarm_starts_a_retraining_run_without_escalations(small_bundle_di
         worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True,
                                                            "triggered": ["feature"]}).encode())
         _store_rows(worker.store, 16, worker._model.bundle.name)  # what the live run had stored
-        worker.retrain.tick(worker.store.written)
+        worker._housekeeping()  # the worker's own loop: the scheduler's tick, then its metrics
         assert started == []  # 16 of 50: a run now would stop at --min-examples and spend the request
+        sample = worker.metrics.registry.get_sample_value
+        assert sample("tierlite_retrain_pending") == 1.0 and sample("tierlite_retrain_running") == 0.0
+        assert [sample("tierlite_retrain_pending_examples", {"count": c}) for c in ("have", "need")] == [16, 50]
         pending = worker._status_fields()["retrain"]["pending"]
         assert (pending["have"], pending["need"], pending["waiting_for"]) == (16, 50, "hard examples"), pending
         assert "cam-z" in pending["why"] and "drift" in pending["why"]
         _store_rows(worker.store, 34, worker._model.bundle.name)
-        worker.retrain.tick(worker.store.written)
+        worker._housekeeping()
         assert len(started) == 1 and "cam-z" in started[0] and "drift" in started[0]
+        assert sample("tierlite_retrain_pending") == 0.0
         assert worker._status_fields()["retrain"]["pending"] is None
         assert worker._status_fields()["drift"]["cam-z"]["alarm"] is True
         worker.on_drift("tierlite/cam-z/drift", json.dumps({"node": "cam-z", "alarm": True}).encode())
@@ -294,6 +298,7 @@ def test_a_requested_run_expires_and_one_that_stops_for_too_few_examples_is_put_
     from tierlite.cloud.store import HardExampleStore
     from tierlite.config import CloudConfig, config_from_dict
     from tierlite.errors import ConfigError
+    from tierlite.metrics import TierMetrics
 
     def config(args, **retrain):
         return config_from_dict({"bundle": str(bundle), "store": {"path": str(tmp_path / "hard.sqlite")},
@@ -348,6 +353,10 @@ def test_a_requested_run_expires_and_one_that_stops_for_too_few_examples_is_put_
             sched.tick(store.written)
             assert "requested run dropped: 2 run(s) stopped for too few hard examples" in caplog.text
             assert sched.status()["pending"] is None and sched.status()["expired_requests"] == 2
+            metrics = TierMetrics("cloud")
+            for _ in range(2):  # reported twice: counted once
+                metrics.retrain(sched.status())
+            assert metrics.registry.get_sample_value("tierlite_retrain_expired_requests_total") == 2
     finally:
         sched.close()
         store.close()

@@ -83,6 +83,14 @@ class TierMetrics:
         self.audit_agreement = Gauge("tierlite_audit_agreement", "Audited frames: node end exit agrees with the "
                                      "cloud exit (sliding window; bound estimate|low|high)", ["node", "bound"], registry=r)
         self.drift_alarm = Gauge("tierlite_drift_alarm", "1 while the node reports a drift alarm", ["node"], registry=r)
+        self.retrain_running = Gauge("tierlite_retrain_running", "1 while a retraining job runs", registry=r)
+        self.retrain_pending = Gauge("tierlite_retrain_pending", "1 while a requested retraining run waits "
+                                     "(for hard examples or min_interval_seconds)", registry=r)
+        self.retrain_examples = Gauge("tierlite_retrain_pending_examples", "The waiting run's usable hard "
+                                      "examples: stored (have) and needed (need)", ["count"], registry=r)
+        self.retrain_expired = Counter("tierlite_retrain_expired_requests", "Requested runs dropped for want "
+                                       "of hard examples", registry=r)
+        self._expired_reported = 0
 
     def configure_labels(self, nodes: list[str] | None, max_nodes: int = 256) -> None:
         """Per-node labels only for `nodes` (the provisioned ones) or, without a list, for the first
@@ -146,6 +154,20 @@ class TierMetrics:
     def drift(self, node: str, alarm: bool) -> None:
         if self.enabled:
             self.drift_alarm.labels(self.node_label(node)).set(1.0 if alarm else 0.0)
+
+    def retrain(self, status: dict[str, Any]) -> None:
+        """The retraining scheduler's status (RetrainScheduler.status): running, a waiting request."""
+        if not self.enabled:
+            return
+        pending = status.get("pending")
+        self.retrain_running.set(1.0 if status.get("running") else 0.0)
+        self.retrain_pending.set(0.0 if pending is None else 1.0)
+        for count in ("have", "need"):
+            self.retrain_examples.labels(count).set(0 if pending is None else pending[count])
+        expired = int(status.get("expired_requests", 0))
+        if expired > self._expired_reported:
+            self.retrain_expired.inc(expired - self._expired_reported)
+            self._expired_reported = expired
 
     def store_event(self, event: str, n: int = 1) -> None:
         if self.enabled and n > 0:
