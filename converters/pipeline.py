@@ -173,16 +173,10 @@ def drift_reference_of(end_model: bytes, outputs, images: np.ndarray, window: in
                        end_tta: str | None = None, **kw) -> dict[str, Any]:
     """tierlite.drift reference statistics of clean held-out frames through the int8 end segment
     (with its test-time augmentation: the logits the node's monitor sees)."""
-    from tierlite.converters.export import run_tflite
     from tierlite.drift import reference_stats
 
-    outs = run_tflite(end_model, images.astype(np.uint8))
-    lo = next(o for o in outputs if o.role == "logits")
+    outs, logits = _segment_exit(end_model, outputs, images.astype(np.uint8), end_tta)
     fe = next(o for o in outputs if o.role == "feature")
-    logits = _dequantize(outs[lo.index], lo).reshape(len(images), -1)
-    if end_tta:
-        mirrored = run_tflite(end_model, mirror(images.astype(np.uint8)))[lo.index]
-        logits = mirror_average(logits, _dequantize(mirrored, lo).reshape(len(images), -1))
     return reference_stats(outs[fe.index], logits, window=min(window, len(images)), **kw)
 
 
@@ -210,22 +204,30 @@ def _dequantize(q: np.ndarray, info) -> np.ndarray:
     return (q.astype(np.float32) - info.zero_point) * info.scale
 
 
+def _segment_exit(model: bytes, outputs, x: np.ndarray, tta: str | None = None) -> tuple[list, np.ndarray]:
+    """One int8 segment over N frames: its raw outputs and its exit's dequantized logits (N, C).
+    tta "hflip": the logits average the frames' and their mirror images' softmax."""
+    from tierlite.converters.export import run_tflite
+
+    outs = run_tflite(model, x)
+    lo = next(o for o in outputs if o.role == "logits")
+    logits = _dequantize(outs[lo.index], lo).reshape(len(x), -1)
+    if tta:
+        mirrored = run_tflite(model, mirror(x))[lo.index]
+        logits = mirror_average(logits, _dequantize(mirrored, lo).reshape(len(x), -1))
+    return outs, logits
+
+
 def run_chain_segments(segs: dict, images: np.ndarray, end_tta: str | None = None,
                        encoding: FeatureEncoding | None = None) -> list[np.ndarray]:
     """int8 chain end -> edge -> cloud over N frames; dequantized logits (N, C) per exit.
     end_tta "hflip": the end exit's logits average the frame's and its mirror image's softmax.
     encoding: the end feature crosses as the wire carries it (a uniform encoding's levels)."""
-    from tierlite.converters.export import run_tflite
-
     x, logits = images.astype(np.uint8), []
     for tier in TIERS:
         seg = segs[tier]
-        outs = run_tflite(seg.model, x)
-        lo = next(o for o in seg.outputs if o.role == "logits")
-        logits.append(_dequantize(outs[lo.index], lo).reshape(len(images), -1))
-        if tier == "end" and end_tta:
-            mirrored = run_tflite(seg.model, mirror(x))[lo.index]
-            logits[-1] = mirror_average(logits[-1], _dequantize(mirrored, lo).reshape(len(images), -1))
+        outs, exit_logits = _segment_exit(seg.model, seg.outputs, x, end_tta if tier == "end" else None)
+        logits.append(exit_logits)
         feat = next((o for o in seg.outputs if o.role == "feature"), None)
         if feat is not None:
             x = outs[feat.index]

@@ -11,13 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from runtime_support import Mosquitto, Proc, Watcher, free_port, wait_until, write_yaml
-from test_sites_security import identity, site_broker
+from runtime_support import Proc, Watcher, wait_until, write_yaml
+from test_sites_security import SITES, identity, provisioned_cloud_broker, site_broker
 from test_update_e2e import make_version
 
 pytestmark = pytest.mark.timeout(420)
 P = "tierlite"
-SITES = ("north", "south")
 NODES = {"north": ("cam1", "cam2"), "south": ("cam1",)}
 FAST = {"reconnect_min": 0.1, "reconnect_max": 1.0}
 
@@ -35,15 +34,9 @@ def personalised(bundle, site: str):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, small_bundle_dir, digits_dir):
     from tierlite.cloud.signing import generate_keypair
-    from tierlite.edge.provision import CloudFleet
 
-    work = tmp_path_factory.mktemp("site-rollout")
-    fleet = CloudFleet(work / "fleet")
-    fleet.init(P, ["127.0.0.1"], free_port(), ["cloud"], list(SITES))
-    broker = Mosquitto(work / "broker", fleet.state["port"])
-    broker.settings = {k: v for k, v in fleet.mosquitto_settings().items() if k in ("acl_file", "tls")}
-    broker.start()
-    cloud = {"work": work, "fleet": fleet, "broker": broker}
+    cloud = provisioned_cloud_broker(tmp_path_factory.mktemp("site-rollout"))
+    work, fleet, broker = cloud["work"], cloud["fleet"], cloud["broker"]
     priv, pub, _ = generate_keypair(work / "keys" / "update.key")
     v1 = work / "v1"
     shutil.copytree(small_bundle_dir, v1)

@@ -20,16 +20,22 @@ SITES = ("north", "south")
 SETTLE = 0.8  # seconds after a positive control arrived, for anything denied that was sent before it
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cloud-fleet")
+def provisioned_cloud_broker(work) -> dict:
+    """`tierlite provision cloud` for SITES in `work`, and its Mosquitto started with the generated
+    certificate-only settings and ACL. The caller stops ["broker"]."""
     fleet = CloudFleet(work / "fleet")
     fleet.init(P, ["127.0.0.1"], free_port(), ["cloud"], list(SITES))
     broker = Mosquitto(work / "broker", fleet.state["port"])
     broker.settings = {k: v for k, v in fleet.mosquitto_settings().items() if k in ("acl_file", "tls")}
     broker.start()
-    yield {"work": work, "fleet": fleet, "broker": broker}
-    broker.stop()
+    return {"work": work, "fleet": fleet, "broker": broker}
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    cloud = provisioned_cloud_broker(tmp_path_factory.mktemp("cloud-fleet"))
+    yield cloud
+    cloud["broker"].stop()
 
 
 def identity(fleet: CloudFleet, folder: str, stem: str) -> BrokerConfig:

@@ -20,7 +20,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from enum import IntEnum
 from typing import Any, Mapping
 
@@ -100,10 +100,13 @@ def now_us() -> int:
 Encoding = FeatureEncoding | Mapping[str, Any]  # typed, or a manifest's `feature_encoding` dict
 
 
+@lru_cache(maxsize=16)  # one table per encoding: the edge decodes every message with it
 def uniform_levels(enc: FeatureEncoding) -> np.ndarray:
-    """The int8 value each code of a uniform encoding stands for (2**bits levels, low to high)."""
+    """The int8 value each code of a uniform encoding stands for (2**bits levels, low to high); read-only."""
     n = 1 << enc.bits
-    return np.round(enc.low + np.arange(n) * ((enc.high - enc.low) / (n - 1))).astype(np.int8)
+    levels = np.round(enc.low + np.arange(n) * ((enc.high - enc.low) / (n - 1))).astype(np.int8)
+    levels.setflags(write=False)
+    return levels
 
 
 def pack_features(flat: np.ndarray, encoding: Encoding) -> np.ndarray:
