@@ -598,3 +598,68 @@ def test_secure_aggregation_equals_fedavg_within_its_quantisation(tmp_path, site
         lines = [json.loads(l) for l in (tmp_path / f"site-{n}" / "traffic.jsonl").read_text().splitlines()]
         assert [l["stage"] for l in lines] == ["setup", "share_keys", "collect_masked_vectors", "unmask"], lines
         assert lines[2]["bytes_up"] > sum(v.nbytes for v in sent[n].values())
+
+
+def test_superlink_serves_other_hosts_its_fleet_api_only(tmp_path):
+    """`federate server --host 0.0.0.0`: Flower 1.42 serves its Control API (`flwr run`, key
+    registration) and the ServerApp's runtime API on the Fleet port without account
+    authentication, so a host on the network gets the Fleet API (what SuperNodes call) and a 403
+    for anything else. A real SuperLink in a network namespace of its own, probed from a second
+    namespace over a veth link (another host) and from its own loopback."""
+    import json
+
+    from tierlite.cloud.federated.server import check_superlink_host
+    from tierlite.errors import ConfigError
+    from tierlite.federated import flower_command
+    from tierlite.tools.bench.partition import GW_ADDR, Namespaces
+
+    for host, insecure, superlink, expected in [
+            ("10.0.0.5", False, None, "give a loopback address, or 0.0.0.0 / ::"),
+            ("0.0.0.0", True, None, "with --insecure: the sites' weights would cross the network in plain HTTP"),
+            ("0.0.0.0", False, "127.0.0.1:9092", "not to a running one (--superlink)")]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            check_superlink_host(host, insecure, superlink)
+    check_superlink_host("127.0.0.1", True)  # loopback: --insecure is fine (tests, one machine)
+    check_superlink_host("::1", True)
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    port = 9712
+    probe = ("import json, sys, urllib.request, urllib.error\n"
+             "out = {}\n"
+             "for path in sys.argv[2:]:\n"
+             "    req = urllib.request.Request(sys.argv[1] + path, data=b'' if path != '/health' else None)\n"
+             "    try:\n"
+             "        with urllib.request.urlopen(req, timeout=10) as r: out[path] = [r.status, r.read().decode(errors='replace')]\n"
+             "    except urllib.error.HTTPError as e: out[path] = [e.code, e.read().decode(errors='replace')]\n"
+             "print(json.dumps(out))\n")
+    paths = ["/health", "/v1/control/list-runs", "/v1/runtime/pull-messages", "/v1/fleet/get-run"]
+    with Namespaces() as ns:
+        link = subprocess.Popen(ns.prefix("gw") + flower_command("flwr.superlink.cli:flower_superlink", "flower-superlink")
+                                + ["--host", "0.0.0.0", "--port", str(port), "--insecure",
+                                   "--disable-runtime-dependency-installation"],
+                                stdout=open(tmp_path / "superlink.log", "wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}, start_new_session=True)
+        try:
+            def answers(where: str, base: str) -> dict:
+                run = subprocess.run(ns.prefix(where) + [sys.executable, "-c", probe, base, *paths],
+                                     capture_output=True, text=True, timeout=60)
+                assert run.returncode == 0, run.stderr[-2000:]
+                return json.loads(run.stdout)
+
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    local = answers("gw", f"http://127.0.0.1:{port}")
+                    break
+                except AssertionError:
+                    assert time.monotonic() < deadline and link.poll() is None, \
+                        (tmp_path / "superlink.log").read_text(errors="replace")[-3000:]
+                    time.sleep(1)
+            remote = answers("node", f"http://{GW_ADDR}:{port}")
+        finally:
+            _kill(link)
+    refusal = "tierlite: only the Fleet API (/v1/fleet/) is served to other hosts"
+    assert local["/health"][0] == 200 and all(refusal not in body for _, body in local.values()), local
+    assert all(remote[p] == [403, refusal + "\n"] for p in paths[:3]), remote
+    assert remote["/v1/fleet/get-run"][0] != 403 and refusal not in remote["/v1/fleet/get-run"][1], remote
+    assert remote["/v1/fleet/get-run"] == local["/v1/fleet/get-run"]  # the Fleet API answers both alike

@@ -323,15 +323,66 @@ def die_with_parent(parent_pid: int) -> None:
         raise SystemExit(f"parent process {parent_pid} is gone")
 
 
+# What a SuperNode calls on the SuperLink (flwr 1.42 supernode/fleet_http_client.py). The same
+# HTTP port also serves the Control API (`flwr run`, `flwr supernode register`) and the ServerApp's
+# runtime API, without account authentication in open-source Flower: other hosts get only this.
+FLEET_API_PREFIX = "/v1/fleet/"
+SUPERLINK_WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a client address is this machine's loopback (IPv4-mapped IPv6 included)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address((host or "").split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class FleetOnlyForRemoteClients:
+    """ASGI middleware for the SuperLink: a client not on this machine reaches the Fleet API (what
+    SuperNodes use) and nothing else; every other path answers 403. The cloud's own processes (the
+    ServerApp, key registration) connect over loopback and are not affected."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].startswith(FLEET_API_PREFIX):
+            client = scope.get("client")
+            if not is_loopback(client[0] if client else None):
+                body = b"tierlite: only the Fleet API (/v1/fleet/) is served to other hosts\n"
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _limit_superlink_to_fleet_for_remote_clients() -> None:
+    """Install FleetOnlyForRemoteClients through Flower's extension-middleware hook
+    (flwr.superlink.extensions.get_middleware, read when the SuperLink builds its app)."""
+    from flwr.superlink import extensions
+    from starlette.middleware import Middleware
+
+    extensions.get_middleware = lambda: (Middleware(FleetOnlyForRemoteClients),)
+
+
 def run_flower(entry: str, argv0: str, parent_pid: int | None = None) -> None:
     """Run a Flower command-line entry point ("module:function") in this process with the longer
     claim window. Used as `python -c "...run_flower(...)" ARGS` in place of the Flower script.
-    parent_pid: end with that parent, however it ends (`die_with_parent`)."""
+    parent_pid: end with that parent, however it ends (`die_with_parent`). A SuperLink serves
+    other hosts its Fleet API only (`FleetOnlyForRemoteClients`)."""
     import importlib
     import sys
 
     if parent_pid is not None:
         die_with_parent(parent_pid)
+    if entry.startswith("flwr.superlink."):
+        _limit_superlink_to_fleet_for_remote_clients()
     from flwr.supercore.corestate import in_memory_corestate
 
     if hasattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL"):

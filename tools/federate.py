@@ -49,6 +49,8 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--round-timeout", type=float, default=1800.0, help="seconds a round waits for answers")
     s.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet + Control APIs)")
+    s.add_argument("--host", default="127.0.0.1", help="SuperLink address: loopback (default), or 0.0.0.0 / :: "
+                   "for sites on other machines (TLS only; other hosts reach the Fleet API and nothing else)")
     s.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
     s.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     s.add_argument("--certfile"); s.add_argument("--keyfile"); s.add_argument("--ca-certfile")
@@ -135,7 +137,7 @@ def run_federate(args) -> int:
                             evaluate=not args.no_evaluate, port=args.port, superlink=args.superlink,
                             insecure=args.insecure, certfile=args.certfile, keyfile=args.keyfile,
                             ca_certfile=args.ca_certfile, init_from=args.init_from, secagg=args.secagg,
-                            cloud_every=args.cloud_every, site_keys=args.site_keys)
+                            cloud_every=args.cloud_every, site_keys=args.site_keys, host=args.host)
     for r in report["rounds"]:
         a = r.get("aggregate") or {}
         print(f"round {r['round']}: {r['clients']} site(s), loss {a.get('loss', float('nan')):.3f}, val acc "

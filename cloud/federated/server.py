@@ -105,10 +105,27 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> 
     raise TierliteError(f"{what} did not listen on port {port} within {timeout:.0f}s")
 
 
+def check_superlink_host(host: str, insecure: bool, superlink: str | None = None) -> None:
+    """One line for a --host the SuperLink cannot serve safely or at all."""
+    from tierlite.federated import SUPERLINK_WILDCARD_HOSTS, is_loopback
+
+    if is_loopback(host):
+        return
+    if host not in SUPERLINK_WILDCARD_HOSTS:
+        raise ConfigError(f"--host {host}: give a loopback address, or 0.0.0.0 / :: for sites on other machines "
+                          "(the ServerApp and the key registration reach the SuperLink on 127.0.0.1)")
+    if superlink is not None:
+        raise ConfigError("--host applies to the SuperLink this command starts, not to a running one (--superlink)")
+    if insecure:
+        raise ConfigError(f"--host {host} with --insecure: the sites' weights would cross the network in plain "
+                          "HTTP; give --certfile, --keyfile and --ca-certfile")
+
+
 def start_superlink(out: Path, port: int, insecure: bool = True, certfile: str | None = None,
                     keyfile: str | None = None, ca_certfile: str | None = None, host: str = "127.0.0.1",
                     node_auth: bool = False):
-    """flower-superlink (Fleet + Control APIs on host:port); its log in <out>/superlink.log.
+    """flower-superlink (Fleet + Control APIs on host:port; clients on other hosts reach only the
+    Fleet API, tierlite.federated.FleetOnlyForRemoteClients); its log in <out>/superlink.log.
     node_auth: it activates only SuperNodes whose public keys are registered (`register_sites`).
 
     It ends with this process, even when this process is SIGKILLed (`with_parent`); a SuperLink
@@ -256,7 +273,8 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
                    port: int = 9092, superlink: str | None = None, insecure: bool = True,
                    certfile: str | None = None, keyfile: str | None = None, ca_certfile: str | None = None,
                    init_from: str | Path | None = None, timeout: float | None = None,
-                   secagg: bool = False, cloud_every: int = 0, site_keys: str | Path | None = None) -> dict:
+                   secagg: bool = False, cloud_every: int = 0, site_keys: str | Path | None = None,
+                   host: str = "127.0.0.1") -> dict:
     """Start (or join) a SuperLink, run the federation to the end; returns the report dict.
 
     lr: the sites' peak rate (default: the preset's); lr_schedule "cycle": the converters'
@@ -268,7 +286,9 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     averaged every round, the regions by the cloud every `cloud_every` rounds and in the last (0:
     flat FedAvg).
     site_keys: a folder of the sites' public keys (<site>.pub, `tierlite federate keygen`): the
-    SuperLink (TLS only) accepts only SuperNodes holding one of their private keys."""
+    SuperLink (TLS only) accepts only SuperNodes holding one of their private keys.
+    host: where the SuperLink listens: loopback, or 0.0.0.0 / :: for sites on other machines (TLS
+    only; other hosts then reach its Fleet API and nothing else)."""
     if lr_schedule not in ("cycle", "const"):
         raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
     if server_lr <= 0 or not 0 <= server_momentum < 1:
@@ -277,6 +297,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
         raise ConfigError("--cloud-every must be >= 1 (0: flat FedAvg)" if cloud_every < 0 else
                           "--cloud-every with --secagg: hierarchical aggregation needs each region's sum, "
                           "SecAgg+ gives the cloud only the sum of every site (not built)")
+    check_superlink_host(host, insecure, superlink)
     keys = None
     if site_keys is not None:  # checked before anything starts
         from tierlite.federated import site_public_keys
@@ -306,7 +327,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     app = write_app(out, run_config, secagg)
     proc = None
     if superlink is None:
-        proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile, node_auth=keys is not None)
+        proc = start_superlink(out, port, insecure, certfile, keyfile, ca_certfile, host, node_auth=keys is not None)
         superlink = f"127.0.0.1:{port}"
     home = write_flwr_home(out, superlink, insecure, ca_certfile)
     env = {**os.environ, "FLWR_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
