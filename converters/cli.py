@@ -170,7 +170,15 @@ def run_convert(args) -> int:
 # -- calibrate -------------------------------------------------------------------------------
 def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
-    p.add_argument("--images", type=Path, required=True, help="labelled held-out folder <dir>/<class>/*.jpg")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="labelled held-out folder <dir>/<class>/*.jpg")
+    src.add_argument("--site-stats", type=Path, nargs="+", metavar="FILE",
+                     help="calibrate on the sites' statistics instead of frames (each site: `tierlite calibrate "
+                          "BUNDLE --images ITS_VALIDATION_FRAMES --statistics-out FILE`); no frame leaves a site")
+    p.add_argument("--statistics-out", type=Path, metavar="FILE",
+                   help="with --images, also write this folder's summable exit statistics (counts by end and edge "
+                        "entropy bin and which exits are right; no frames, no per-frame rows) for --site-stats")
+    p.add_argument("--site", help="the site name written into --statistics-out")
     p.add_argument("--validation-split", type=float, metavar="FRACTION",
                    help="--images is the training folder: calibrate on the stratified validation split that "
                         "`tierlite convert` held out of it (its val_fraction, e.g. 0.1, and --seed)")
@@ -201,6 +209,10 @@ def run_calibrate(args) -> int:
     from tierlite.wire import encoded_size
 
     b = Bundle.load(args.bundle)
+    if args.site_stats:
+        return _calibrate_from_site_statistics(b, args)
+    if args.statistics_out is not None and (args.feature_bits is not None or args.end_tta != "bundle"):
+        raise ConfigError("--statistics-out measures the bundle as it is: no --feature-bits or --end-tta")
     _check_dir(args.images)
     data = load_image_folder(args.images, tuple(b.input_shape[1:3]))
     if args.validation_split is not None:
@@ -236,6 +248,10 @@ def run_calibrate(args) -> int:
           f"{chosen.accuracy * 100:.2f}% (cloud-only {chosen.cloud_only_accuracy * 100:.2f}%), camera "
           f"{chosen.camera_fraction * 100:.1f}%, {chosen.camera_uplink_bytes:.1f} B/frame up")
     print(f"report: {prefix.with_suffix('.json')}  plot: {prefix.with_suffix('.png')}")
+    if args.statistics_out is not None:
+        stats = calibrate.exit_statistics(logits, data.labels, **_statistics_identity(b), site=args.site)
+        _write_json(args.statistics_out, stats)
+        print(f"site statistics: {len(stats['cells'])} cells of {stats['frames']} frames -> {args.statistics_out}")
     if args.write:
         manifest = dict(b.manifest)
         manifest["thresholds"] = chosen.thresholds
@@ -254,6 +270,73 @@ def run_calibrate(args) -> int:
             manifest["drift_reference"] = drift_reference_of(
                 b.segment_path("end").read_bytes(), list(b.segment("end").outputs), data.images,
                 int(manifest["drift_reference"].get("window", 50)), end_tta)
+        write_manifest(b.root, manifest)
+        print(f"thresholds written to {b.root / 'manifest.json'}")
+    return 0
+
+
+def _statistics_identity(b) -> dict:
+    """What site statistics were measured with: merged only with statistics of the same."""
+    return {"bundle": b.name, "version": b.version, "classes": list(b.labels),
+            "segments": {s["tier"]: s.get("sha256") for s in b.manifest["segments"]},
+            "feature_encoding": b.encoding.to_manifest(),
+            "test_time_augmentation": b.segment("end").test_time_augmentation or "none"}
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc) + "\n")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def _calibrate_from_site_statistics(b, args) -> int:
+    """`tierlite calibrate BUNDLE --site-stats FILE...`: thresholds from the sum of the sites'
+    statistics (converters.calibrate.search_thresholds_from_statistics)."""
+    from tierlite.bundle import FeatureEncoding, write_manifest
+    from tierlite.converters import calibrate
+    from tierlite.wire import encoded_size
+
+    for flag, given in (("--feature-bits", args.feature_bits is not None), ("--end-tta", args.end_tta != "bundle"),
+                        ("--validation-split", args.validation_split is not None),
+                        ("--statistics-out", args.statistics_out is not None)):
+        if given:
+            raise ConfigError(f"{flag} needs frames; --site-stats calibrates the bundle as the sites measured it")
+    reports = []
+    for path in args.site_stats:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except OSError as e:
+            raise DataError(f"{path}: cannot read site statistics ({e.strerror})") from None
+        except ValueError:
+            raise DataError(f"{path}: not JSON (site statistics are `--statistics-out` files)") from None
+    try:
+        stats = calibrate.merge_statistics(reports, [str(p) for p in args.site_stats])
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    mine = _statistics_identity(b)
+    for key, value in mine.items():
+        if stats.get(key) != value:
+            raise DataError(f"the site statistics were measured with {key} {stats.get(key)!r}; "
+                            f"this bundle has {value!r}")
+    if not 0.0 <= args.max_drop < 1.0 or not 0.0 <= args.camera_slack < 1.0:
+        raise ConfigError("--max-drop and --camera-slack are fractions in [0, 1)")
+    fbytes = (encoded_size(b.segment("end").output("feature").shape, b.encoding),
+              encoded_size(b.segment("edge").output("feature").shape, FeatureEncoding.INT8))
+    chosen, points = calibrate.search_thresholds_from_statistics(stats, fbytes, args.max_drop, args.camera_slack)
+    print(f"site statistics: {', '.join(map(str, stats['sites']))}: {stats['frames']} frames")
+    print(f"thresholds end {chosen.thresholds['end']:.4f} edge {chosen.thresholds['edge']:.4f}: system "
+          f"{chosen.accuracy * 100:.2f}% (cloud-only {chosen.cloud_only_accuracy * 100:.2f}%), camera "
+          f"{chosen.camera_fraction * 100:.1f}%, {chosen.camera_uplink_bytes:.1f} B/frame up")
+    if args.write:
+        manifest = dict(b.manifest)
+        manifest["thresholds"] = chosen.thresholds
+        manifest.setdefault("calibration", {}).update(
+            camera_slack=args.camera_slack, split=f"site statistics ({', '.join(map(str, stats['sites']))})",
+            frames=stats["frames"], max_drop=args.max_drop, statistics_bins=stats["bins"],
+            system_accuracy=chosen.accuracy, fractions=chosen.fractions,
+            operating_points=[{"max_drop": p.max_drop, "thresholds": p.thresholds} for p in points])
         write_manifest(b.root, manifest)
         print(f"thresholds written to {b.root / 'manifest.json'}")
     return 0

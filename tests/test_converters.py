@@ -297,3 +297,64 @@ def test_end_exit_mirror_tta_calibrated_served_and_refused_where_unsupported(sma
         (bundle / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match=message):
             Bundle.load(bundle)
+
+
+def test_thresholds_from_the_sites_statistics_without_their_frames(small_bundle_dir, digits_dir, tmp_path, capsys):
+    """Calibration where the cloud holds no labelled frames (issue 14, "per-site validation
+    statistics"): each site runs `calibrate --statistics-out` on its own frames and sends only
+    counts by entropy bins; the cloud's `calibrate --site-stats` sums them. The thresholds it
+    picks score on the sites' frames exactly what the statistics said (exact on bin edges), and
+    close to calibrating on the union of the frames."""
+    import json
+    import shutil
+
+    from tierlite.bundle import Bundle
+    from tierlite.converters import calibrate
+    from tierlite.converters.pipeline import run_chain
+    from tierlite.data import load_image_folder
+    from tierlite.tools.cli import main
+    from tierlite.wire import encoded_size
+
+    frames = sorted((digits_dir / "test").rglob("*.jpg"))
+    for i, f in enumerate(frames):  # two sites, every other frame
+        d = tmp_path / ("site-a" if i % 2 else "site-b") / f.parent.name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f.name).symlink_to(f)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle_dir, bundle)
+    for site in "ab":
+        assert main(["calibrate", str(bundle), "--images", str(tmp_path / f"site-{site}"), "--site", site,
+                     "--statistics-out", str(tmp_path / f"{site}.json"), "--report", str(tmp_path / f"r{site}")]) == 0
+    stats = [json.loads((tmp_path / f"{s}.json").read_text()) for s in "ab"]
+    assert [s["site"] for s in stats] == ["a", "b"] and sum(s["frames"] for s in stats) == len(frames)
+    assert all(len(c) == 4 for s in stats for c in s["cells"]) and "images" not in stats[0]  # counts only
+    assert main(["calibrate", str(bundle), "--site-stats", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--write"]) == 0
+    manifest = Bundle.load(bundle).manifest
+    assert manifest["calibration"]["split"] == "site statistics (a, b)"
+    assert manifest["calibration"]["frames"] == len(frames)
+
+    union = load_image_folder(digits_dir / "test", (32, 32))
+    logits = run_chain(small_bundle_dir, union.images)
+    b = Bundle.load(bundle)
+    fbytes = (encoded_size(b.segment("end").output("feature").shape, b.encoding),
+              encoded_size(b.segment("edge").output("feature").shape, b.encoding))
+    said = manifest["calibration"]
+    measured = calibrate.evaluate(logits, union.labels, manifest["thresholds"], fbytes)
+    assert measured.accuracy == pytest.approx(said["system_accuracy"], abs=1e-12)
+    assert measured.fractions == pytest.approx(said["fractions"], abs=1e-12)
+    on_frames = calibrate.search_thresholds(logits, union.labels, fbytes, 0.005)
+    assert measured.accuracy >= measured.cloud_only_accuracy - 0.005 - 1e-12
+    assert abs(measured.camera_fraction - on_frames.camera_fraction) <= 0.03, (measured, on_frames)
+
+    # refused in one line: statistics of another bundle, not statistics, mixed bin counts
+    other = dict(stats[0], segments=dict(stats[0]["segments"], end="0" * 64))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    (tmp_path / "bins.json").write_text(json.dumps(dict(stats[1], bins=50)))
+    for files, expected in [(["other.json"], "measured with segments"), (["junk.json"], "not tierlite exit statistics"),
+                            (["a.json", "bins.json"], "measured with bins 50"), (["none.json"], "cannot read")]:
+        capsys.readouterr()
+        assert main(["calibrate", str(bundle), "--site-stats", *(str(tmp_path / f) for f in files)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
