@@ -247,6 +247,13 @@ def prepare_bundle(train_dir: Path, bundle_dir: Path, retrain: bool = False, bin
 
 
 # -- an edge gateway and cloud workers -------------------------------------------------------------
+def _merged(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `config`, a section (dict) merged key by key: a caller's store: {frames_per_node_rate}
+    keeps the generated store path."""
+    return {**config, **{k: {**config[k], **v} if isinstance(config.get(k), dict) and isinstance(v, dict) else v
+                         for k, v in extra.items()}}
+
+
 class Stack:
     """`tierlite edge` (its managed Mosquitto on a free port, N edge workers on a shared
     subscription, no zeroconf, no metrics port) and `tierlite cloud` worker(s), each a process
@@ -299,7 +306,7 @@ class Stack:
                 "discovery": {"advertise": False}, "workers": self.edge_workers, "metrics_port": None}
         if self.edge_threshold is not None:
             edge["threshold"] = self.edge_threshold
-        self._spawn("edge", "edge", {**edge, **self.edge_extra})
+        self._spawn("edge", "edge", _merged(edge, self.edge_extra))
         self._wait(lambda: port_open(self.host, self.port), "the edge gateway's Mosquitto")
         self._watch = MqttClient(BrokerConfig(host=self.host, port=self.port), "tierlite-bench-watch")
         self._watch.subscribe(topics.gateway_status(self.prefix, "bench-edge"), self._on_status("gateway"), 1)
@@ -308,7 +315,7 @@ class Stack:
         for i in range(self.cloud_workers):
             cloud = {"bundle": self.bundle, "prefix": self.prefix, "worker_id": f"bench-cloud-{i}", "broker": broker,
                      "store": {"path": str(self.dir / f"hard-{i}.sqlite")}, "metrics_port": None}
-            self._spawn(f"cloud-{i}", "cloud", {**cloud, **self.cloud_extra})
+            self._spawn(f"cloud-{i}", "cloud", _merged(cloud, self.cloud_extra))
         self._wait(self._ready, f"{self.edge_workers} edge worker(s) and {self.cloud_workers} cloud worker(s)")
 
     def _on_status(self, key: str | None):
