@@ -614,7 +614,8 @@ def test_superlink_serves_other_hosts_its_fleet_api_only(tmp_path):
     from tierlite.tools.bench.partition import GW_ADDR, Namespaces
 
     for host, insecure, superlink, expected in [
-            ("10.0.0.5", False, None, "give a loopback address, or 0.0.0.0 / ::"),
+            ("10.0.0.5", False, None, "give a loopback address, or 0.0.0.0 for sites"),
+            ("::", False, None, "give a loopback address, or 0.0.0.0 for sites"),
             ("0.0.0.0", True, None, "with --insecure: the sites' weights would cross the network in plain HTTP"),
             ("0.0.0.0", False, "127.0.0.1:9092", "not to a running one (--superlink)")]:
         with pytest.raises(ConfigError, match=re.escape(expected)):

@@ -327,7 +327,7 @@ def die_with_parent(parent_pid: int) -> None:
 # HTTP port also serves the Control API (`flwr run`, `flwr supernode register`) and the ServerApp's
 # runtime API, without account authentication in open-source Flower: other hosts get only this.
 FLEET_API_PREFIX = "/v1/fleet/"
-SUPERLINK_WILDCARD_HOSTS = ("0.0.0.0", "::")
+SUPERLINK_WILDCARD_HOSTS = ("0.0.0.0",)  # "::" binds IPv6 only here: 127.0.0.1 (the ServerApp) is refused
 
 
 def is_loopback(host: str | None) -> bool:

@@ -49,7 +49,7 @@ def configure_federate(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--round-timeout", type=float, default=1800.0, help="seconds a round waits for answers")
     s.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet + Control APIs)")
-    s.add_argument("--host", default="127.0.0.1", help="SuperLink address: loopback (default), or 0.0.0.0 / :: "
+    s.add_argument("--host", default="127.0.0.1", help="SuperLink address: loopback (default), or 0.0.0.0 "
                    "for sites on other machines (TLS only; other hosts reach the Fleet API and nothing else)")
     s.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
     s.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")

@@ -112,7 +112,7 @@ def check_superlink_host(host: str, insecure: bool, superlink: str | None = None
     if is_loopback(host):
         return
     if host not in SUPERLINK_WILDCARD_HOSTS:
-        raise ConfigError(f"--host {host}: give a loopback address, or 0.0.0.0 / :: for sites on other machines "
+        raise ConfigError(f"--host {host}: give a loopback address, or 0.0.0.0 for sites on other machines "
                           "(the ServerApp and the key registration reach the SuperLink on 127.0.0.1)")
     if superlink is not None:
         raise ConfigError("--host applies to the SuperLink this command starts, not to a running one (--superlink)")
@@ -287,7 +287,7 @@ def run_federation(out_dir: str | Path, *, classes: list[str], sites: int = 2, r
     flat FedAvg).
     site_keys: a folder of the sites' public keys (<site>.pub, `tierlite federate keygen`): the
     SuperLink (TLS only) accepts only SuperNodes holding one of their private keys.
-    host: where the SuperLink listens: loopback, or 0.0.0.0 / :: for sites on other machines (TLS
+    host: where the SuperLink listens: loopback, or 0.0.0.0 for sites on other machines (TLS
     only; other hosts then reach its Fleet API and nothing else)."""
     if lr_schedule not in ("cycle", "const"):
         raise ConfigError(f"lr schedule must be 'cycle' or 'const', got {lr_schedule!r}")
