@@ -199,11 +199,12 @@ def test_hierfavg_sends_each_region_its_own_model_until_the_cloud_round():
     assert lines[0].endswith("north (a, b; 4 frames), south (c; 4 frames); next cloud round 2"), lines
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, prefix: tuple | list = ()) -> subprocess.Popen:
+    """prefix: e.g. `ip netns exec NS` (it execs the command: same process, same group)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(log, "wb") as out:  # own process group: a site is killed with its ClientApp
-        return subprocess.Popen([sys.executable, "-m", "tierlite", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen([*prefix, sys.executable, "-m", "tierlite", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -215,22 +216,24 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def _site(tmp: Path, data: Path, name: str, link_port: int, *extra: str, ca: Path | None = None) -> subprocess.Popen:
+def _site(tmp: Path, data: Path, name: str, link_port: int, *extra: str, ca: Path | None = None,
+          link_host: str = "127.0.0.1", prefix: tuple | list = ()) -> subprocess.Popen:
     """A site; with `ca`, over TLS to a SuperLink whose certificate that CA signed."""
     from tierlite.tools.stack import free_port
 
     security = ["--root-certificates", str(ca)] if ca else ["--insecure"]
-    return _start(["federate", "site", str(data), "--superlink", f"127.0.0.1:{link_port}", "--name", name,
+    return _start(["federate", "site", str(data), "--superlink", f"{link_host}:{link_port}", "--name", name,
                    "--workdir", str(tmp / f"site-{name}"), "--port", str(free_port()), *security, *extra],
-                  tmp / f"site-{name}.log")
+                  tmp / f"site-{name}.log", prefix)
 
 
-def _superlink_certificates(tmp: Path) -> dict[str, Path]:
-    """A fleet CA (tierlite provision's) and the SuperLink's server certificate for 127.0.0.1."""
+def _superlink_certificates(tmp: Path, *addresses: str) -> dict[str, Path]:
+    """A fleet CA (tierlite provision's) and the SuperLink's server certificate for 127.0.0.1 (and
+    `addresses`)."""
     from tierlite.edge.provision import _pem_cert, _pem_key, issue, make_ca
 
     ca_cert, ca_key = make_ca("federation test CA")
-    cert, key = issue(ca_cert, ca_key, "superlink", ["127.0.0.1", "localhost"])
+    cert, key = issue(ca_cert, ca_key, "superlink", ["127.0.0.1", "localhost", *addresses])
     files = {"ca": tmp / "ca.crt", "cert": tmp / "superlink.crt", "key": tmp / "superlink.key"}
     files["ca"].write_bytes(_pem_cert(ca_cert))
     files["cert"].write_bytes(_pem_cert(cert))
@@ -246,22 +249,29 @@ def site_folders(digits_dir, tmp_path_factory):
     return split_sites(digits_dir / "train", tmp_path_factory.mktemp("sites"), 3, None, seed=0, limit=450)
 
 
-def _run_server(tmp: Path, port: int, *args: str, tls: dict[str, Path] | None = None) -> subprocess.Popen:
+def _run_server(tmp: Path, port: int, *args: str, tls: dict[str, Path] | None = None,
+                prefix: tuple | list = ()) -> subprocess.Popen:
     security = (["--certfile", str(tls["cert"]), "--keyfile", str(tls["key"]), "--ca-certfile", str(tls["ca"])]
                 if tls else ["--insecure"])
     return _start(["federate", "server", str(tmp / "out"), *security, "--port", str(port), "--no-evaluate",
-                   "--local-epochs", "1", *args], tmp / "server.log")
+                   "--local-epochs", "1", *args], tmp / "server.log", prefix)
 
 
 def _run_federation(tmp: Path, sites: dict[str, tuple], *server_args: str, timeout: float = 800,
-                    tls: dict[str, Path] | None = None) -> str:
+                    tls: dict[str, Path] | None = None, hosts=None) -> str:
     """A server and its sites (name -> (data folder, *site args)) until the server ends; its log.
-    tls: over TLS with these certificates (`_superlink_certificates`), else --insecure."""
+    tls: over TLS with these certificates (`_superlink_certificates`), else --insecure.
+    hosts: a tierlite.tools.bench.partition.Namespaces: the cloud in one network namespace
+    (`--host 0.0.0.0`), the sites in the other, reaching it over the veth link (two machines)."""
+    from tierlite.tools.bench.partition import GW_ADDR
     from tierlite.tools.stack import free_port
 
     port = free_port()
-    server = _run_server(tmp, port, *server_args, tls=tls)
-    procs = [_site(tmp, folder, name, port, *extra, ca=tls["ca"] if tls else None)
+    if hosts is not None:
+        server_args += ("--host", "0.0.0.0")
+    server = _run_server(tmp, port, *server_args, tls=tls, prefix=hosts.prefix("gw") if hosts else ())
+    procs = [_site(tmp, folder, name, port, *extra, ca=tls["ca"] if tls else None,
+                   link_host=GW_ADDR if hosts else "127.0.0.1", prefix=hosts.prefix("node") if hosts else ())
              for name, (folder, *extra) in sites.items()]
     try:
         rc = server.wait(timeout)
@@ -476,21 +486,30 @@ def test_site_key_files_are_checked_before_anything_starts(tmp_path):
 
 def test_only_sites_with_a_registered_key_join(tmp_path, site_folders):
     """SuperNode authentication over TLS: the SuperLink knows site a's public key only; a site
-    with another key (never given to the cloud) is refused and never contributes."""
+    with another key (never given to the cloud) is refused and never contributes. As root, the
+    cloud and the sites are two hosts (network namespaces joined by a veth link): the SuperLink
+    listens on 0.0.0.0 and the sites reach its Fleet API across the link, as from another machine."""
+    import contextlib
     import json
     import shutil
 
     from tierlite.federated import generate_site_key
+    from tierlite.tools.bench.partition import GW_ADDR, Namespaces
 
     a_key, a_pub = generate_site_key(tmp_path / "site-a-key", "a")  # each site makes its own pair
     rogue_key, _ = generate_site_key(tmp_path / "rogue-key", "rogue")
     (tmp_path / "cloud-keys").mkdir()
     shutil.copy(a_pub, tmp_path / "cloud-keys")  # the cloud holds a's public key only
-    text = _run_federation(tmp_path, {"a": (site_folders[0], "--key", str(a_key)),
-                                      "rogue": (site_folders[1], "--key", str(rogue_key))},
-                           "--sites", "1", "--rounds", "1", "--site-keys", str(tmp_path / "cloud-keys"),
-                           "--classes", ",".join(str(i) for i in range(10)), tls=_superlink_certificates(tmp_path))
+    hosts = Namespaces() if os.geteuid() == 0 else None
+    with hosts or contextlib.nullcontext():
+        text = _run_federation(tmp_path, {"a": (site_folders[0], "--key", str(a_key)),
+                                          "rogue": (site_folders[1], "--key", str(rogue_key))},
+                               "--sites", "1", "--rounds", "1", "--site-keys", str(tmp_path / "cloud-keys"),
+                               "--classes", ",".join(str(i) for i in range(10)),
+                               tls=_superlink_certificates(tmp_path, GW_ADDR), hosts=hosts)
     assert "sites authenticated by key: a" in text, text[-3000:]
+    if hosts is not None:  # site a federated from the other host, through the SuperLink's Fleet-only filter
+        assert f"--superlink {GW_ADDR}:" in (tmp_path / "site-a.log").read_text(errors="replace")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["registered_sites"] == ["a"]
     assert [[s["site"] for s in r["sites"]] for r in report["rounds"]] == [["a"]]
