@@ -272,6 +272,8 @@ def test_end_exit_mirror_tta_calibrated_served_and_refused_where_unsupported(sma
     assert "end exit with hflip test-time augmentation" in capsys.readouterr().out
     b = Bundle.load(bundle)
     assert b.segment("end").test_time_augmentation == "hflip" and b.thresholds != plain_thresholds
+    # schema 2: a node older than this reads schema 1 only and refuses it (it would ignore the mirror)
+    assert b.manifest["schema"] == 2 and Bundle.load(small_bundle_dir).manifest["schema"] == 1
 
     frames = load_image_folder(digits_dir / "test", (32, 32), limit=40, seed=3).images
     plain = Segment(Bundle.load(small_bundle_dir), "end")

@@ -26,7 +26,12 @@ __all__ = [
     "write_archive", "write_manifest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what a bundle is written as unless it needs a newer reader
+# A bundle whose end exit decides on test-time-augmented logits is written as schema 2: a node of a
+# tierlite before it reads only schema 1, ignores keys it does not know, and would decide on the
+# plain logits with thresholds calibrated on augmented ones; schema 2 makes it refuse the bundle.
+SCHEMA_TEST_TIME_AUGMENTATION = 2
+READ_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 TIERS = ("end", "edge", "cloud")
 FEATURE_KINDS = ("int8", "binary", "uniform")
@@ -249,11 +254,19 @@ class Bundle:
         return write_archive(self.root, dest)
 
 
+def required_schema(m: dict) -> int:
+    """The oldest schema whose readers run this manifest as meant (see SCHEMA_TEST_TIME_AUGMENTATION)."""
+    augmented = any(isinstance(s, dict) and s.get("test_time_augmentation") not in (None, "none")
+                    for s in m.get("segments") or [])
+    return SCHEMA_TEST_TIME_AUGMENTATION if augmented else SCHEMA_VERSION
+
+
 def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, SegmentInfo]:
     if not isinstance(m, dict):
         raise BundleError(f"{where}: manifest must be a JSON object")
-    if m.get("schema") != SCHEMA_VERSION:
-        raise BundleError(f"{where}: unsupported schema {m.get('schema')!r} (this tierlite reads {SCHEMA_VERSION})")
+    if m.get("schema") not in READ_SCHEMAS:
+        raise BundleError(f"{where}: unsupported schema {m.get('schema')!r} (this tierlite reads "
+                          f"{', '.join(map(str, READ_SCHEMAS))})")
     for key, typ in (("name", str), ("version", int), ("labels", list), ("input", dict),
                      ("segments", list), ("feature_encoding", dict)):
         if not isinstance(m.get(key), typ):
@@ -326,7 +339,8 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
         if not _plain_relative(str(e.get("file", ""))):
             raise BundleError(f"{root / MANIFEST} files: {e.get('file')!r} is not a plain relative name")
         e["sha256"] = sha256_file(root / e["file"])
-    manifest.setdefault("schema", SCHEMA_VERSION)
+    schema = manifest.get("schema", SCHEMA_VERSION)
+    manifest["schema"] = max(schema, required_schema(manifest)) if isinstance(schema, int) else schema
     validate_manifest(manifest, str(root / MANIFEST))
     out = root / MANIFEST
     out.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
