@@ -5,6 +5,7 @@
     tierlite convert TRAIN_DIR --out BUNDLE [--workdir W] [--test-dir TEST]   (train + export)
     tierlite calibrate BUNDLE --images DIR [--max-drop 0.005] [--write]
     tierlite inspect BUNDLE_OR_TFLITE
+    tierlite recover BUNDLE --images TRAIN_DIR [--workdir W]   (a checkpoint rebuilt from the int8 segments)
 
 TensorFlow is imported only inside run_* (and `inspect` needs none: it uses LiteRT).
 """
@@ -368,6 +369,42 @@ def run_inspect(args) -> int:
     from tierlite.converters.inspect import describe, format_text
     info = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+# -- recover ---------------------------------------------------------------------------------
+def configure_recover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle directory (int8 segments, manifest with model and training)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="the training folder the bundle was trained on (<dir>/<class>/*.jpg): its split is "
+                        "regenerated and checked, BatchNorm statistics are measured on its training frames")
+    p.add_argument("--workdir", type=Path, help="where checkpoint/ is written (default: <bundle>-work, where "
+                                                "`tierlite retrain` looks); never overwrites a checkpoint")
+    p.add_argument("--frames", type=int, default=5000, help="clean training frames for the BatchNorm statistics")
+    p.add_argument("--verify-frames", type=int, default=2000,
+                   help="validation frames the recovered model is compared on with the int8 bundle")
+
+
+def run_recover(args) -> int:
+    from tierlite.converters.pipeline import default_workdir
+    from tierlite.converters.recover import recover_checkpoint
+
+    if args.frames < 100 or args.verify_frames < 1:
+        raise ConfigError("--frames must be >= 100 and --verify-frames >= 1")
+    workdir = args.workdir or default_workdir(args.bundle)
+    rep = recover_checkpoint(args.bundle, workdir, args.images, stat_frames=args.frames,
+                             verify_frames=args.verify_frames)
+    tiers = ("end", "edge", "cloud")
+    print(f"recovered from {rep['recovered']['name']} v{rep['recovered']['version']}; BatchNorm statistics of "
+          f"{rep['recovered']['statistics_frames']} training frames; checked on {rep['frames']} validation frames")
+    print("float ~ int8 agreement " + "  ".join(f"{t} {rep['agreement'][t] * 100:.2f}%" for t in tiers))
+    print("float top-1            " + "  ".join(f"{t} {rep['float_accuracy'][t] * 100:.2f}%" for t in tiers))
+    print("bundle int8 top-1      " + "  ".join(f"{t} {rep['int8_accuracy'][t] * 100:.2f}%" for t in tiers))
+    r = rep["re_export_end"]
+    print(f"end re-exported to int8: feature within one step {r['feature']['within_one_step'] * 100:.2f}% "
+          f"(identical {r['feature']['identical'] * 100:.2f}%), logits top-1 agreement "
+          f"{r['logits']['top1_agreement'] * 100:.2f}%")
+    print(f"checkpoint: {rep['checkpoint']}  report: {Path(workdir) / 'recovery.json'}  ({rep['seconds']:.0f} s)")
     return 0
 
 

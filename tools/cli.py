@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("tierlite.converters.cli", "export a trained checkpoint as int8/binarized TFLite segments and a bundle"),
     "calibrate": ("tierlite.converters.cli", "choose exit thresholds on validation data; JSON report and PNG plot"),
     "inspect": ("tierlite.converters.cli", "print a bundle's or any .tflite file's segments, ops, quantization, sizes"),
+    "recover": ("tierlite.converters.cli", "rebuild a trainable Keras checkpoint from a bundle's int8 segments (lost checkpoint)"),
     "profile": ("tierlite.converters.partition", "per-block latency, int8 cut sizes and exit statistics of a checkpoint (JSON)"),
     "plan": ("tierlite.converters.partition", "choose the cut and the exit operating point for a link from a profile"),
     "firmware": ("tierlite.converters.firmware", "emit TFLite Micro sources for a microcontroller board, checking it fits"),
