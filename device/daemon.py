@@ -23,7 +23,7 @@ import numpy as np
 from tierlite import topics, wire
 from tierlite.bundle import Bundle
 from tierlite.config import DeviceConfig
-from tierlite.drift import DriftMonitor
+from tierlite.drift import AuditSampler, DriftMonitor
 from tierlite.errors import ConfigError, WireError
 from tierlite.homeassistant import HomeAssistantOptions, HomeAssistantPublisher
 from tierlite.linkstate import LinkFollower
@@ -95,6 +95,8 @@ class DeviceDaemon:
         # Exit threshold that follows the link (tierlite.linkstate), when `adaptive` is enabled.
         self.adaptive = LinkFollower.for_bundle(config.adaptive, bundle.manifest, self._model.threshold)
         self._rng = random.Random()
+        d = config.drift
+        self._audits = AuditSampler(config.audit_rate, d.alarm_audit_rate, d.alarm_audit_floor)
         self._drift = self._drift_monitor(bundle)
         self._topics = {k: topics.node_topic(self.prefix, self.node, k) for k in topics.NODE_SUFFIXES}
         qos = config.broker.qos
@@ -143,6 +145,7 @@ class DeviceDaemon:
         follower = self.adaptive
         confident, label, conf, entropy = decide(out.logits, self._threshold(m))
         decision_s = time.perf_counter() - t0
+        self._audits.observe(confident)
         if self.updates is not None:
             self.updates.observe("end", image, out.logits, escalated=not confident)
         with self._lock:
@@ -203,10 +206,7 @@ class DeviceDaemon:
     @property
     def audit_rate(self) -> float:
         """Share of confident frames audited now (raised while the drift monitor is in alarm)."""
-        rate = self.config.audit_rate
-        if self._drift is not None and self._drift.state.alarm:
-            rate = max(rate, self.config.drift.alarm_audit_rate)
-        return rate
+        return self._audits.rate_now(self._drift is not None and self._drift.state.alarm)
 
     def _after_confident(self, m: TierModel, frame_id: int, out, image: np.ndarray) -> None:
         if self._drift is not None:

@@ -479,3 +479,34 @@ def test_the_live_drift_bench_streams_frames_in_the_order_given(tmp_path):
     folder = fleet.write_frames("cam-1", "round1", jpegs, labels)
     streamed = [int(f.image[0, 0, 0]) // 5 for f in FrameSource(SourceConfig(uri=str(folder)), (8, 8))]
     assert streamed == list(range(len(labels)))
+
+
+def test_audits_reach_a_floor_share_of_frames_in_alarm_when_confident_frames_are_rare():
+    """drift.alarm_audit_floor: under a drift that escalates nearly everything (fog 5 on CIFAR-10:
+    1.2 % of frames confident) 25 % of the confident frames gave the cloud 6 audits in 2,000
+    frames, under the 10 its teacher check needs; in alarm the node audits enough of them to make
+    the floor share of all frames. Outside an alarm, and where confident frames are common, the
+    rates are as before."""
+    from tierlite.drift import AuditSampler
+
+    rng = np.random.default_rng(0)
+
+    def audits(confident_share: float, alarm: bool, floor: float, frames: int = 2000) -> int:
+        sampler, n = AuditSampler(0.02, 0.25, floor), 0
+        for confident in rng.random(frames) < confident_share:
+            sampler.observe(confident)
+            n += bool(confident and rng.random() < sampler.rate_now(alarm))
+        return n
+
+    assert audits(0.012, True, 0.0) < 10 <= audits(0.012, True, 0.02)  # fog 5: every confident frame
+    assert audits(0.012, True, 0.02) <= 0.02 * 2000 + 10
+    sampler = AuditSampler(0.02, 0.25, 0.02)
+    for confident in [True] * 150 + [False] * 50:  # 75 % confident: the floor is far below 25 % of them
+        sampler.observe(confident)
+    assert sampler.rate_now(True) == 0.25 and sampler.rate_now(False) == 0.02
+    for confident in [True] + [False] * 199:
+        sampler.observe(confident)
+    assert sampler.rate_now(True) == 1.0  # one confident frame in the window: all of them audited
+    for _ in range(200):
+        sampler.observe(False)
+    assert sampler.rate_now(True) == 0.25  # none confident: nothing to audit, no division by zero

@@ -337,6 +337,9 @@ class DriftConfig(Section):
     clear_checks: AtLeastOne = 4  # checks in a row below every threshold before an alarm clears
     threshold_scale: Positive = 1.0  # x the reference's thresholds
     alarm_audit_rate: Share = 0.25  # audit share of confident frames while in alarm
+    # ... and while in alarm at least this share of all frames, as far as confident frames allow
+    # (tierlite.drift.AuditSampler: the cloud needs audits to check its teacher; 0 = off)
+    alarm_audit_floor: Share = 0.02
     # x the camera exit's threshold while in alarm: < 1 sends more frames on for the deeper tiers'
     # answer (bounded by max_pending and the edge's per-node budget); 1 = unchanged
     alarm_threshold_scale: Share = 1.0

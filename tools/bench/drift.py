@@ -76,6 +76,9 @@ def configure_drift(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-rate", type=float, default=0.02,
                    help="--offline: nodes' audit share of confident frames (0 = as before issue 13; live nodes use their config)")
     p.add_argument("--alarm-audit-rate", type=float, default=0.25, help="audit share while a node's drift alarm is up")
+    p.add_argument("--alarm-audit-floor", type=float, default=0.02,
+                   help="while a node's drift alarm is up, audits are at least this share of all its frames, as far "
+                        "as its confident frames allow (drift.alarm_audit_floor)")
     p.add_argument("--out", default="bench-out", help="output folder (results.json, drift.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -144,10 +147,10 @@ class Fleet:
     """Camera-node processes (`python -m tierlite device`), each streaming a folder of JPEGs."""
 
     def __init__(self, work: Path, bundle: Path, port: int, prefix: str, public_key: Path, share_frames: bool,
-                 audit_rate: float = 0.02, alarm_audit_rate: float = 0.25):
+                 audit_rate: float = 0.02, alarm_audit_rate: float = 0.25, alarm_audit_floor: float = 0.02):
         self.work, self.bundle, self.port, self.prefix = work, bundle, port, prefix
         self.public_key, self.share_frames = public_key, share_frames
-        self.audit_rate, self.alarm_audit_rate = audit_rate, alarm_audit_rate
+        self.audit_rate, self.alarm_audit_rate, self.alarm_audit_floor = audit_rate, alarm_audit_rate, alarm_audit_floor
         self.procs: dict[str, TierProcess] = {}
 
     def write_frames(self, node: str, phase: str, jpegs: list[bytes], labels: np.ndarray) -> Path:
@@ -166,7 +169,8 @@ class Fleet:
         cfg = {"node_id": node, "bundle": str(self.bundle), "prefix": self.prefix,
                "broker": {"port": self.port, "reconnect_min": 0.1, "reconnect_max": 1.0},
                "source": {"uri": str(frames), "fps": fps}, "deadline_ms": 3000, "results_file": str(results),
-               "audit_rate": self.audit_rate, "drift": {"alarm_audit_rate": self.alarm_audit_rate},
+               "audit_rate": self.audit_rate, "drift": {"alarm_audit_rate": self.alarm_audit_rate,
+                                                                 "alarm_audit_floor": self.alarm_audit_floor},
                "update": {"trusted_keys": str(self.public_key), "state_dir": str(self.work / f"{node}-models"),
                           "share_frames": self.share_frames,
                           # the benchmark streams hours of a camera's escalations in seconds: no upload cap
@@ -205,7 +209,8 @@ def live_rates(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store_path: Path, share_frames: bool,
-                   audit_rate: float = 0.0, alarm_audit_rate: float = 0.25, seed: int = 0) -> dict[str, Any]:
+                   audit_rate: float = 0.0, alarm_audit_rate: float = 0.25, seed: int = 0,
+                   alarm_audit_floor: float = 0.0) -> dict[str, Any]:
     """--offline: what the live fleet round stores, computed by the same int8 chain in-process."""
     import cv2
 
@@ -222,21 +227,20 @@ def simulate_fleet(bundle_dir: Path, frames: np.ndarray, nodes: list[str], store
     to_cloud = end_esc & (normalized_entropy(softmax(r["edge_logits"])) > bundle.thresholds["edge"])
     # Issue 13: each node audits a share of its confident frames (more while its drift monitor is in
     # alarm, tierlite.drift as the device runs it); audits reach the cloud and its store too.
-    from tierlite.drift import DriftMonitor
+    from tierlite.drift import AuditSampler, DriftMonitor
 
     audited = np.zeros(len(frames), bool)
     alarms: dict[str, int | None] = {}
     rng = np.random.default_rng(seed + 7)
     for k, node in enumerate(nodes):
         mon = DriftMonitor.from_bundle(bundle.manifest) if audit_rate > 0 else None
+        sampler = AuditSampler(audit_rate, alarm_audit_rate, alarm_audit_floor)
         alarms[node] = None
         for i in range(k, len(frames), len(nodes)):
-            rate = audit_rate
-            if mon is not None:
-                if mon.update(r["end_features"][i:i + 1], r["end_logits"][i]) and alarms[node] is None:
-                    alarms[node] = mon.frames
-                if mon.state.alarm:
-                    rate = max(rate, alarm_audit_rate)
+            sampler.observe(not end_esc[i])
+            if mon is not None and mon.update(r["end_features"][i:i + 1], r["end_logits"][i]) and alarms[node] is None:
+                alarms[node] = mon.frames
+            rate = sampler.rate_now(mon is not None and mon.state.alarm)
             audited[i] = not end_esc[i] and rng.random() < rate
     enc, info = bundle.feature_encoding, bundle.segment("end").output("feature")
     store, fstore = HardExampleStore(store_path), FrameStore(default_frames_path(store_path))
@@ -313,7 +317,8 @@ def run_drift(args: argparse.Namespace) -> int:
         store_path = work / "hard.sqlite"
         fleet_drift, _ = _drift(frames.images[fleet_idx], args, seed=args.seed + 1)
         results["fleet_round"] = simulate_fleet(bundle_dir, fleet_drift, nodes, store_path, share_frames,
-                                                args.audit_rate, args.alarm_audit_rate, args.seed)
+                                                args.audit_rate, args.alarm_audit_rate, args.seed,
+                                                args.alarm_audit_floor)
         say(f"drift: fleet round reached the cloud with {results['fleet_round']['reached_cloud']} frames "
             f"({results['fleet_round']['escalated_to_cloud']} escalated, {results['fleet_round']['audits']} audits); "
             f"drift alarm at frame {results['fleet_round']['alarm_at_frame']}")
@@ -363,13 +368,15 @@ def _live(args, bundle_dir, parent, frames, shards, nodes, work, key, pub, repla
     update = {"trusted_keys": str(pub), "state_dir": str(work / "edge-models")}
     # The cloud worker keeps frames from opted-in nodes; this benchmark runs the retraining itself, so
     # the worker's own scheduler must not start a second run when the nodes' drift alarms ask for one.
+    # The bench streams a camera's hour in seconds: no per-node cap on the frames the cloud keeps.
     cloud_extra = {"retrain": {"replay": str(replay.resolve()), "every_examples": None, "every_seconds": None,
-                               "min_interval_seconds": 1e9}}
+                               "min_interval_seconds": 1e9},
+                   "store": {"frames_per_node_rate": 1000.0, "frames_per_node_burst": 10_000}}
     say("drift: starting the edge gateway and cloud worker")
     with Stack(bundle_dir, edge_workers=1, cloud_workers=1, edge_extra={"update": update},
                cloud_extra=cloud_extra) as stack:
         fleet = Fleet(work, bundle_dir, stack.port, stack.prefix, pub, share_frames, args.audit_rate,
-                      args.alarm_audit_rate)
+                      args.alarm_audit_rate, args.alarm_audit_floor)
         drift = DriftEvents(stack.host, stack.port, stack.prefix)
         try:
             say(f"drift: round 1, {len(nodes)} nodes stream {sum(len(s) for s in shards)} drifted frames")
