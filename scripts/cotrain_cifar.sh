@@ -8,18 +8,22 @@
 # e.g. SETS_EXTRA="batch_size=16"; SERVER_LR / SERVER_MOMENTUM: FedAvgM; STEPS: local steps per round
 # (instead of EPOCHS); SECAGG=1: Flower's SecAgg+. The export recomputes BatchNorm statistics on the
 # cloud's held-out frames (AVERAGED_BN=1: keep the sites' average).
+# PUBLIC=N: also link the next N frames (after CALIB + LIMIT: no site's, calibration or test frame) to
+# OUT/public, the cloud's own labelled data for a shared pretrained body; INIT_FROM=WORKDIR: start the
+# federation from that checkpoint (`tierlite federate server --init-from`); SPLIT_ONLY=1: split, then stop.
 set -euo pipefail
 DATA=${DATA:-/work/shared/datasets/cifar10-jpeg}
 OUT=${OUT:?set OUT}; SITES=${SITES:-4}; ALPHA=${ALPHA:-0.5}; LIMIT=${LIMIT:-10000}; CALIB=${CALIB:-1000}
 ROUNDS=${ROUNDS:-3}; EPOCHS=${EPOCHS:-1}; MU=${MU:-0}; PERSONAL=${PERSONAL:-}; PRESET=${PRESET:-small}
 PORT=${PORT:-9520}; LR=${LR:-}; SCHEDULE=${SCHEDULE:-cycle}; SERVER_LR=${SERVER_LR:-1}; SERVER_MOMENTUM=${SERVER_MOMENTUM:-0}
 mkdir -p "$OUT"
-python3 - "$DATA/train" "$OUT" "$SITES" "$ALPHA" "$LIMIT" "$CALIB" <<'PY'
+python3 - "$DATA/train" "$OUT" "$SITES" "$ALPHA" "$LIMIT" "$CALIB" "${PUBLIC:-0}" <<'PY'
 import sys, numpy as np
 from pathlib import Path
 from tierlite.data import list_image_folder
 from tierlite.tools.federate import split_sites
 src, out, sites, alpha, limit, calib = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+public = int(sys.argv[7])
 paths, labels, classes = list_image_folder(src)
 order = np.random.default_rng(123).permutation(len(paths))
 cal = out / "calib"            # the cloud's held-out frames (never a site's)
@@ -30,11 +34,16 @@ pool = out / "pool"            # the rest, split over the sites
 for i in order[calib:calib + limit]:
     d = pool / classes[labels[i]]; d.mkdir(parents=True, exist_ok=True)
     if not (d / paths[i].name).exists(): (d / paths[i].name).symlink_to(paths[i].resolve())
+for i in order[calib + limit:calib + limit + public]:  # the cloud's public frames, disjoint from all the above
+    d = out / "public" / classes[labels[i]]; d.mkdir(parents=True, exist_ok=True)
+    if not (d / paths[i].name).exists(): (d / paths[i].name).symlink_to(paths[i].resolve())
 dirs = split_sites(pool, out / "sites", sites, None if alpha == "iid" else float(alpha), seed=0)
 for d in dirs:
     print(d, {c.name: len(list(c.iterdir())) for c in sorted(d.iterdir())})
 PY
+[ -n "${SPLIT_ONLY:-}" ] && exit 0
 SETS=()
+[ -n "${INIT_FROM:-}" ] && SETS+=(--init-from "$INIT_FROM")
 [ -n "$PERSONAL" ] && SETS+=(--personal "$PERSONAL")
 [ -n "$LR" ] && SETS+=(--lr "$LR")
 [ -n "${STEPS:-}" ] && SETS+=(--local-steps "$STEPS")

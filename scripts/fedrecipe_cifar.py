@@ -5,12 +5,17 @@ math (tierlite.federated), round after round, in one process.
 
     python3 scripts/fedrecipe_cifar.py SITES_DIR --rounds 3 --epochs 1 --lr 0.1 --schedule cycle \
         [--central] [--server-momentum 0.9 --server-lr 1] [--set batch_size=16] [--test-limit 2000]
-        [--seed S] [--fedbn] [--calib-dir DIR]
+        [--seed S] [--fedbn] [--calib-dir DIR] [--init-from WORKDIR] [--only-site I] [--mu MU]
 
 --seed S: the model's initialisation and every site's batch order / augmentation (seed 0 is what
 the earlier runs used). --fedbn: each site keeps its BatchNorm layers (FedBN). Every run reports
 the global model twice: with the averaged BatchNorm statistics ("test_float") and with statistics
 recomputed on the cloud's held-out frames (--calib-dir, default SITES_DIR/../calib: "test_float_bn").
+
+--init-from WORKDIR: start from a pretrained checkpoint (`tierlite train`/`convert --workdir`; the cloud's
+public frames), as `tierlite federate server --init-from` does. --only-site I: local-only, site I alone
+(its training split, the same schedule and samples per site as FedAvg). --mu: FedProx's proximal term.
+--rounds 0: evaluate the initial (e.g. pretrained) model only.
 
 --central trains one model on the union of the sites' training splits for rounds x epochs epochs
 (the centralised upper bound with the same loss, augmentation and schedule).
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tierlite.converters import build_federated_model, exit_accuracy, load_folder_cached, load_splits
-from tierlite.converters import local_train, model_weights, recompute_batchnorm, set_model_weights
+from tierlite.converters import load_checkpoint, local_train, model_weights, recompute_batchnorm, set_model_weights
 from tierlite.converters.cli import parse_sets
 from tierlite.federated import is_batchnorm, server_step, weighted_average
 
@@ -50,10 +55,16 @@ def main() -> None:
     p.add_argument("--every-round", action="store_true", help="evaluate after every round (default: the last)")
     p.add_argument("--fedbn", action="store_true", help="sites keep their BatchNorm layers (FedBN)")
     p.add_argument("--calib-dir", type=Path, help="the cloud's held-out frames (default SITES_DIR/../calib)")
+    p.add_argument("--init-from", type=Path, help="checkpoint workdir of a pretrained model (same architecture)")
+    p.add_argument("--only-site", type=int, help="local-only: train site I alone")
+    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term")
     p.add_argument("--json", type=Path, help="append the result as one JSON line here")
     a = p.parse_args()
     overrides = {"flip": True, **parse_sets(a.set)}
     model, arch, tc = build_federated_model("small", 10, a.seed, **overrides)
+    if a.init_from:
+        pretrained, meta = load_checkpoint(a.init_from)
+        set_model_weights(model, model_weights(pretrained), who=str(a.init_from))
     sites = []
     for d in sorted(x for x in a.sites_dir.iterdir() if x.is_dir()):
         sp = load_splits(d, arch.input_size, tc.val_fraction, 0, None, a.cache / d.name)
@@ -62,6 +73,8 @@ def main() -> None:
         sites.append((sp.train.images, index[sp.train.labels]))
     test = load_folder_cached(a.test_dir, arch.input_size, a.cache / "test", a.test_limit, 0)
     calib = load_folder_cached(a.calib_dir or a.sites_dir.parent / "calib", arch.input_size, a.cache / "calib")
+    if a.only_site is not None:
+        sites = [sites[a.only_site]]
     if a.central:
         sites = [(np.concatenate([s[0] for s in sites]), np.concatenate([s[1] for s in sites]))]
     current = model_weights(model)
@@ -77,7 +90,7 @@ def main() -> None:
                 set_model_weights(model, kept_bn[i], partial=True)
             res = local_train(model, x, y, tc, epochs=a.epochs, lr=a.lr, seed=1000 * i + rnd + 100_000 * a.seed,
                               schedule=(rnd, a.rounds) if a.schedule == "cycle" else None,
-                              weight_decay=a.weight_decay, steps=a.local_steps)
+                              weight_decay=a.weight_decay, steps=a.local_steps, proximal_mu=a.mu)
             outs.append(model_weights(model))
             if a.fedbn:
                 kept_bn[i] = {k: v for k, v in outs[-1].items() if is_batchnorm(k)}
@@ -92,6 +105,9 @@ def main() -> None:
         history.append(acc)
         print(f"round {rnd}: test float end/edge/cloud {'/'.join(f'{v:.3f}' for v in acc)} "
               f"(lr {res['lr'][0]:.3f}->{res['lr'][1]:.3f}, {time.process_time() - t0:.0f} CPU s)", flush=True)
+    if not history:  # --rounds 0: the initial model
+        history.append(exit_accuracy(model, test.images, test.labels))
+        print(f"initial model: test float end/edge/cloud {'/'.join(f'{v:.3f}' for v in history[-1])}", flush=True)
     recompute_batchnorm(model, calib.images)
     acc_bn = exit_accuracy(model, test.images, test.labels)
     print(f"final, BatchNorm statistics recomputed on {len(calib.labels)} held-out frames: "

@@ -89,7 +89,10 @@ def initial_weights(out: Path, preset: str, classes: list[str], seed: int, overr
     out.mkdir(parents=True, exist_ok=True)
     (out / "initial.npz").write_bytes(dumps(weights))
     (out / "model.json").write_text(json.dumps({"preset": preset, "arch": arch.to_json(), "classes": classes,
-                                                "seed": seed, "overrides": overrides, "preset_lr": tc.lr}, indent=2) + "\n")
+                                                "seed": seed, "overrides": overrides, "preset_lr": tc.lr,
+                                                # provenance: which pretrained body the federation started from
+                                                "init_from": str(Path(init_from).resolve()) if init_from else None},
+                                               indent=2) + "\n")
     return weights
 
 
