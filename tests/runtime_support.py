@@ -50,8 +50,17 @@ class Watcher:
         self.client = MqttClient(config, f"test-{name}-{os.getpid()}-{time.monotonic_ns()}")
         for f in filters:
             self.client.subscribe(f, self._on, 1)
+        # Subscribed last: once a message on it comes back, the broker has taken every filter above
+        # (it handles one connection's SUBSCRIBEs in order), so nothing published next is missed.
+        # Anonymous watchers only: an identity's ACL would deny the probe topic (best effort, 5 s).
+        probe, echoed = f"tierlite-test-probe/{self.client.client_id}", threading.Event()
+        if broker is None:
+            self.client.subscribe(probe, lambda t, p: echoed.set(), 1)
         self.client.start()
         assert self.client.wait_connected(10), "test watcher could not connect"
+        deadline = time.monotonic() + 5
+        while broker is None and not echoed.wait(0.1) and time.monotonic() < deadline:
+            self.client.publish(probe, b"", 0)
 
     def _on(self, topic: str, payload: bytes) -> None:
         with self._lock:
