@@ -98,9 +98,10 @@ def int8_stack(tmp_path_factory, broker, small_bundle_dir, frames):
 
 def test_frames_end_at_the_right_tier_with_offline_labels(tmp_path, int8_stack, broker, small_bundle_dir, frames):
     frame_dir, thresholds, expected = frames
-    # Audits on (a share of confident frames also reaches the cloud): the store marks them apart.
+    # Audits on (confident frames also reach the cloud): the store marks them apart. Every confident
+    # frame: at 0.2 the ~12 of them gave no audit at all in 7 % of runs (the node's draw is unseeded).
     cfg = device_config(tmp_path / "node.yaml", small_bundle_dir, broker.port, frame_dir, thresholds[0],
-                        audit_rate=0.2)
+                        audit_rate=1.0)
     watcher = Watcher(broker.port, [f"{PREFIX}/cam1/result", f"{PREFIX}/cam1/status"], "results")
     device = Proc(["device", "--config", str(cfg)], tmp_path / "device.log")
     assert device.wait(60) == 0, device.log()[-3000:]
