@@ -251,7 +251,10 @@ def run_calibrate(args) -> int:
     print(f"report: {prefix.with_suffix('.json')}  plot: {prefix.with_suffix('.png')}")
     if args.statistics_out is not None:
         stats = calibrate.exit_statistics(logits, data.labels, **_statistics_identity(b), site=args.site)
-        _write_json(args.statistics_out, stats)
+        try:
+            calibrate.write_report(args.statistics_out, stats)
+        except OSError as e:
+            raise ConfigError(f"{args.statistics_out}: cannot write ({e.strerror})") from None
         print(f"site statistics: {len(stats['cells'])} cells of {stats['frames']} frames -> {args.statistics_out}")
     if args.write:
         manifest = dict(b.manifest)
@@ -282,14 +285,6 @@ def _statistics_identity(b) -> dict:
             "segments": {s["tier"]: s.get("sha256") for s in b.manifest["segments"]},
             "feature_encoding": b.encoding.to_manifest(),
             "test_time_augmentation": b.segment("end").test_time_augmentation or "none"}
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc) + "\n")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def _calibrate_from_site_statistics(b, args) -> int:
