@@ -11,6 +11,8 @@
 # PUBLIC=N: also link the next N frames (after CALIB + LIMIT: no site's, calibration or test frame) to
 # OUT/public, the cloud's own labelled data for a shared pretrained body; INIT_FROM=WORKDIR: start the
 # federation from that checkpoint (`tierlite federate server --init-from`); SPLIT_ONLY=1: split, then stop.
+# SEED: the federation's seed (the sites' batch order and augmentation; the split stays the same);
+# NO_EVALUATE=1: no per-round evaluation at the sites (saves a ClientApp start per site and round).
 set -euo pipefail
 DATA=${DATA:-/work/shared/datasets/cifar10-jpeg}
 OUT=${OUT:?set OUT}; SITES=${SITES:-4}; ALPHA=${ALPHA:-0.5}; LIMIT=${LIMIT:-10000}; CALIB=${CALIB:-1000}
@@ -49,9 +51,10 @@ SETS=()
 [ -n "${STEPS:-}" ] && SETS+=(--local-steps "$STEPS")
 [ -n "${SECAGG:-}" ] && SETS+=(--secagg)
 [ -n "${AVERAGED_BN:-}" ] && SETS+=(--averaged-bn)
+[ -n "${NO_EVALUATE:-}" ] && SETS+=(--no-evaluate)
 for kv in ${SETS_EXTRA:-}; do SETS+=(--set "$kv"); done
 python3 -m tierlite federate server "$OUT/out" --sites "$SITES" --rounds "$ROUNDS" --local-epochs "$EPOCHS" \
-    --lr-schedule "$SCHEDULE" --server-lr "$SERVER_LR" --server-momentum "$SERVER_MOMENTUM" --proximal-mu "$MU" --preset "$PRESET" --set flip=true --calib-dir "$OUT/calib" --insecure \
+    --lr-schedule "$SCHEDULE" --server-lr "$SERVER_LR" --server-momentum "$SERVER_MOMENTUM" --proximal-mu "$MU" --preset "$PRESET" --seed "${SEED:-0}" --set flip=true --calib-dir "$OUT/calib" --insecure \
     --port "$PORT" --export "${SETS[@]}" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 sleep 20

@@ -356,6 +356,7 @@ def test_two_sites_two_rounds_aggregate_is_the_weighted_average_and_exports(tmp_
     # the aggregated model, exported through the converters, is served by the runtime
     bundle = Bundle.load(tmp_path / "out" / "bundle")
     assert bundle.manifest["training"]["federated"] and bundle.manifest["training"]["sites"] == ["a", "b"]
+    assert bundle.manifest["training"]["init_from"] is None  # this federation started from scratch
     test = load_image_folder(digits_dir / "test", (32, 32), limit=8)
     end, edge, cloud = (Segment(bundle, t) for t in ("end", "edge", "cloud"))
     for img in test.images:

@@ -429,5 +429,6 @@ def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | 
                                       "calibration_folder": str(Path(calib_dir).resolve()),
                                       "batchnorm_statistics": "calibration folder" if recompute_bn
                                       else "sites' average",
+                                      "init_from": meta.get("init_from"),
                                       **({"personalised_for": site} if site else {})}})
     return bundle

@@ -487,7 +487,9 @@ def _write_markdown(rep: Report, r: dict[str, Any]) -> None:
             ("drift_esc", "drifted escalated by end %", None), ("clean_esc", "clean escalated by end %", None),
             ("drift_sys", "system, drifted %", None), ("clean_sys", "system, clean %", None)]
     s = r["scenario"]
-    rep.add_markdown(f"Low light (gain {s['gain']}) + sensor noise (sigma {s['noise_sigma']}) + JPEG, "
+    drift = (f"Corruption {s['corruption']}" if s.get("corruption")
+             else f"Low light (gain {s['gain']}) + sensor noise (sigma {s['noise_sigma']})")
+    rep.add_markdown(f"{drift} + JPEG, "
                      f"{s['nodes']} nodes, {s['fleet_frames']} fleet frames, {s['eval_frames']} held-out frames, "
                      f"privacy `{s['privacy']}`.\n")
     rep.add_markdown(markdown_table(cols, rows))
