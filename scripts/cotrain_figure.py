@@ -50,11 +50,17 @@ def main() -> None:
     p.add_argument("jsonl", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    try:
+        summaries = {f: summarise(f) for f in args.jsonl}
+    except OSError as e:
+        p.error(f"cannot read {e.filename}: {e.strerror}")
+    except (ValueError, KeyError, IndexError) as e:
+        p.error(f"not `fedrecipe_cifar.py --json` lines ({type(e).__name__}: {e})")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f.stem, split, arms) for f in args.jsonl for split, arms in sorted(summarise(f).items())]
+    panels = [(f.stem, split, arms) for f, summary in summaries.items() for split, arms in sorted(summary.items())]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True)
     for ax, (name, split, arms) in zip([axes] if len(panels) == 1 else axes, panels):
         names = [k for k in ARMS if k in arms]
