@@ -61,14 +61,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     panels = [(f.stem, split, arms) for f, summary in summaries.items() for split, arms in sorted(summary.items())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True)
-    for ax, (name, split, arms) in zip([axes] if len(panels) == 1 else axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (name, split, arms) in zip(axes[0], panels):
         names = [k for k in ARMS if k in arms]
         bars = ax.bar(range(len(names)), [arms[k] for k in names], color=["#999", "#c66", "#36c", "#393"][:len(names)])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(names)), [k.replace(" (", "\n(") for k in names], fontsize=7)
         ax.set_title(f"{name}, {split}", fontsize=9)
-    (axes[0] if len(panels) > 1 else axes).set_ylabel("cloud exit, top-1 % (float, 10,000 test frames)")
+    axes[0, 0].set_ylabel("cloud exit, top-1 % (float, 10,000 test frames)")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)
