@@ -57,3 +57,12 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path):
         initial_weights(tmp_path / "b", "small", CLASSES, 0, {}, init_from=tmp_path / "wider")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "b" / "initial.npz").exists()
+
+
+def test_export_of_a_folder_that_is_no_federation_is_one_line(tmp_path):
+    from tierlite.cloud.federated.server import export_global
+
+    with pytest.raises(ConfigError, match="not a federation's output folder") as e:
+        export_global(tmp_path / "missing", tmp_path / "calib")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "missing" / "bundle").exists()

@@ -406,6 +406,8 @@ def export_global(out_dir: str | Path, calib_dir: str | Path, bundle_dir: str | 
     if site is not None and weights_file is None:
         raise ConfigError(f"a bundle for site {site} needs that site's weights (--weights: the global body "
                           "with its personal heads)")
+    if not (out / "model.json").is_file():
+        raise ConfigError(f"{out}: not a federation's output folder (no model.json: `tierlite federate server OUT` writes it)")
     meta = json.loads((out / "model.json").read_text())
     model, arch, tc = build_federated_model(meta["preset"], len(meta["classes"]), meta["seed"], **meta["overrides"])
     weights = loads(Path(weights_file or out / "global.npz").read_bytes())
